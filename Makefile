@@ -1,0 +1,45 @@
+# FoldServe: `make run` serves the default models, `make test` runs lint, types and tests.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+HOST ?= 127.0.0.1
+PORT ?= 8000
+REPOSITORY ?= models
+DEFAULT_MODELS := digits_cnn breast_cancer_mlp resnet_bench
+
+.PHONY: setup run models serve test lint typecheck pytest bench clean
+
+setup: $(STAMP)
+
+# torch first from the pinned CPU wheel, so no CUDA build is downloaded.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[serve,train,dev]'
+	touch $(STAMP)
+
+# Train and export each default model that the repository lacks.
+models: $(STAMP)
+	$(BIN)/python -m training defaults --repository $(REPOSITORY) --runs runs
+
+serve: $(STAMP)
+	$(BIN)/python -m service --repository $(REPOSITORY) --host $(HOST) --port $(PORT)
+
+run: models serve
+
+lint: $(STAMP)
+	$(BIN)/ruff check training service tests bench
+	$(BIN)/ruff format --check training service tests bench
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+pytest: $(STAMP)
+	$(BIN)/python -m pytest
+
+test: lint typecheck pytest
+
+clean:
+	rm -rf $(VENV) runs .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,1 @@
+"""FoldServe inference service (never imports torch)."""

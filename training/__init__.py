@@ -1,0 +1,1 @@
+"""FoldServe training side: data, BN model zoo, training, folding and ONNX export (needs torch)."""

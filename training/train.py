@@ -1,0 +1,215 @@
+"""The training loop: seeded, per-epoch validation, best checkpoint kept.
+
+A run directory holds ``model.pt`` (a state_dict, loadable with
+``weights_only=True``), ``config.json`` (model, dataset and training settings:
+enough to rebuild the network) and ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from tqdm import tqdm
+
+from training.data import Dataset
+from training.zoo import ModelConfig, build_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    optimizer: Literal["sgd", "adamw"] = "adamw"
+    lr: float = 3e-3
+    schedule: Literal["cosine", "constant"] = "cosine"
+    epochs: int = 10
+    batch_size: int = 64
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    seed: int = 0
+    device: str = "auto"
+
+
+@dataclass
+class DatasetSpec:
+    """How the dataset was obtained, so a run can be rebuilt and re-evaluated."""
+
+    name: str
+    seed: int = 0
+    path: str | None = None
+    label_column: str | None = None
+    shape: list[int] | None = None
+    num_classes: int | None = None
+    n_samples: int | None = None
+
+
+@dataclass
+class TrainResult:
+    model: nn.Sequential  # best checkpoint, eval mode, on CPU
+    metrics: dict[str, Any]
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, X: np.ndarray, y: np.ndarray, device: torch.device,
+             batch_size: int = 512) -> tuple[float, float]:
+    """Return ``(mean cross-entropy, accuracy)`` of ``model`` in eval mode."""
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    for i in range(0, len(X), batch_size):
+        xb = torch.from_numpy(X[i:i + batch_size]).to(device)
+        yb = torch.from_numpy(y[i:i + batch_size]).to(device)
+        logits = model(xb)
+        loss_sum += float(nn.functional.cross_entropy(logits, yb, reduction="sum"))
+        correct += int((logits.argmax(1) == yb).sum())
+    return loss_sum / len(X), correct / len(X)
+
+
+def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                               weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}; choose 'sgd' or 'adamw'")
+
+
+def train(
+    model_cfg: ModelConfig,
+    data: Dataset,
+    cfg: TrainConfig,
+    *,
+    progress: bool = True,
+) -> TrainResult:
+    """Train a zoo model on ``data``; keep the epoch with the best validation accuracy.
+
+    The last partial batch is dropped when it would hold a single sample, since
+    BN cannot normalize one value per channel in training mode.
+    Metrics: ``test_accuracy``, ``val_accuracy``, ``train_accuracy``, ``epochs``,
+    ``seconds``, ``best_epoch``, ``diverged`` and the per-epoch ``history``.
+    """
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    mean, std = data.standardization()
+    model = build_model(model_cfg, mean, std).to(device)
+    opt = _optimizer(model, cfg)
+    sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.epochs, 1))
+             if cfg.schedule == "cosine" else None)
+    ds = TensorDataset(torch.from_numpy(data.X_train), torch.from_numpy(data.y_train))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, generator=gen,
+                        drop_last=len(ds) % cfg.batch_size == 1)
+    best_acc, best_state, best_epoch = -1.0, copy.deepcopy(model.state_dict()), 0
+    history: list[dict[str, float]] = []
+    diverged = False
+    start = time.perf_counter()
+    bar = tqdm(range(1, cfg.epochs + 1), disable=not progress, desc="train", unit="epoch")
+    for epoch in bar:
+        model.train()
+        loss_sum, correct, seen = 0.0, 0, 0
+        for xb, yb in loader:
+            xb, yb = xb.to(device), yb.to(device)
+            logits = model(xb)
+            loss = nn.functional.cross_entropy(logits, yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += float(loss.detach()) * len(xb)
+            correct += int((logits.argmax(1) == yb).sum())
+            seen += len(xb)
+        if sched is not None:
+            sched.step()
+        train_loss = loss_sum / max(seen, 1)
+        val_loss, val_acc = evaluate(model, data.X_val, data.y_val, device)
+        history.append({"epoch": epoch, "train_loss": train_loss,
+                        "train_accuracy": correct / max(seen, 1),
+                        "val_loss": val_loss, "val_accuracy": val_acc,
+                        "seconds": time.perf_counter() - start})
+        bar.set_postfix(loss=f"{train_loss:.4f}", val_acc=f"{val_acc:.4f}")
+        if not np.isfinite(train_loss):
+            diverged = True
+            log.warning("training diverged at epoch %d (loss %s)", epoch, train_loss)
+            break
+        if val_acc > best_acc:
+            best_acc, best_epoch = val_acc, epoch
+            best_state = copy.deepcopy(model.state_dict())
+    seconds = time.perf_counter() - start
+    model.load_state_dict(best_state)
+    _, test_acc = evaluate(model, data.X_test, data.y_test, device)
+    _, train_acc = evaluate(model, data.X_train, data.y_train, device)
+    metrics: dict[str, Any] = {
+        "test_accuracy": test_acc, "val_accuracy": max(best_acc, 0.0),
+        "train_accuracy": train_acc, "epochs": len(history), "best_epoch": best_epoch,
+        "seconds": seconds, "diverged": diverged, "device": str(device), "history": history,
+    }
+    return TrainResult(model.cpu().eval(), metrics, history)
+
+
+def save_run(out: Path, result: TrainResult, model_cfg: ModelConfig, data_spec: DatasetSpec,
+             cfg: TrainConfig, labels: list[str]) -> None:
+    """Write ``model.pt``, ``config.json`` and ``metrics.json`` into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(result.model.state_dict(), out / "model.pt")
+    config = {"model": model_cfg.to_dict(), "dataset": asdict(data_spec),
+              "train": asdict(cfg), "labels": labels}
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    (out / "metrics.json").write_text(json.dumps(result.metrics, indent=2))
+
+
+@dataclass
+class Run:
+    """A trained run loaded from disk."""
+
+    path: Path
+    model: nn.Sequential
+    model_cfg: ModelConfig
+    config: dict[str, Any]
+    metrics: dict[str, Any]
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.config.get("labels", []))
+
+
+class RunError(ValueError):
+    """A run directory that is missing files or cannot be rebuilt."""
+
+
+def load_run(path: str | Path) -> Run:
+    """Rebuild a run's model from ``config.json`` and load ``model.pt`` (eval mode)."""
+    p = Path(path)
+    for f in ("model.pt", "config.json"):
+        if not (p / f).is_file():
+            raise RunError(f"{p}: not a run directory (missing {f}); "
+                           "create one with `python -m training train --out DIR`")
+    config = json.loads((p / "config.json").read_text())
+    model_cfg = ModelConfig.from_dict(config["model"])
+    model = build_model(model_cfg)
+    state = torch.load(p / "model.pt", map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    metrics_file = p / "metrics.json"
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+    return Run(p, model.eval(), model_cfg, config, metrics)
