@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Annotated
 
+import torch
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from training.data import DatasetError, load_dataset, parse_shape
-from training.train import DatasetSpec, RunError, TrainConfig, load_run, save_run, train
+from training.train import DatasetSpec, Run, RunError, TrainConfig, load_run, save_run, train
 from training.zoo import (
     MODEL_DESCRIPTIONS,
     ModelConfig,
@@ -22,8 +22,11 @@ from training.zoo import (
     count_parameters,
 )
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Train BN networks, fold BN, export folded and unfolded ONNX.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Train BN networks, fold BN, export folded and unfolded ONNX.",
+)
 console = Console()
 log = logging.getLogger("training")
 
@@ -36,8 +39,10 @@ def fail(message: str) -> None:
 
 @app.callback()
 def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
 
 
 @app.command("list-models")
@@ -56,23 +61,34 @@ def list_models(
             continue
         bn = build_model(ModelConfig(name, shape, num_classes))
         plain = build_model(ModelConfig(name, shape, num_classes, norm=False))
-        table.add_row(name, desc, f"{count_parameters(bn):,}", f"{count_parameters(plain):,}",
-                      str(count_batchnorms(bn)))
+        table.add_row(
+            name,
+            desc,
+            f"{count_parameters(bn):,}",
+            f"{count_parameters(plain):,}",
+            str(count_batchnorms(bn)),
+        )
     console.print(table)
 
 
 @app.command("train")
 def train_cmd(
     model: Annotated[str, typer.Option(help="zoo model: mlp, cnn, resnet, mobilenet")] = "cnn",
-    dataset: Annotated[str, typer.Option(help="digits, breast_cancer, wine, synthetic, file")] = "digits",
+    dataset: Annotated[
+        str, typer.Option(help="digits, breast_cancer, wine, synthetic, file")
+    ] = "digits",
     out: Annotated[Path, typer.Option(help="run directory to write")] = Path("runs/digits_cnn"),
     data: Annotated[Path | None, typer.Option(help=".npz (X, y) or .csv user data")] = None,
     label_column: Annotated[str | None, typer.Option(help="label column of a CSV")] = None,
     shape: Annotated[str, typer.Option(help="synthetic input shape, e.g. 3x32x32")] = "3x32x32",
     num_classes: Annotated[int, typer.Option(help="synthetic classes")] = 10,
     n_samples: Annotated[int, typer.Option(help="synthetic samples")] = 2000,
-    norm: Annotated[bool, typer.Option("--norm/--no-norm", help="BN model or its no-BN twin")] = True,
-    bn_position: Annotated[str, typer.Option(help="BN 'before' or 'after' the activation")] = "before",
+    norm: Annotated[
+        bool, typer.Option("--norm/--no-norm", help="BN model or its no-BN twin")
+    ] = True,
+    bn_position: Annotated[
+        str, typer.Option(help="BN 'before' or 'after' the activation")
+    ] = "before",
     depth: Annotated[int | None, typer.Option()] = None,
     width: Annotated[int | None, typer.Option()] = None,
     activation: Annotated[str, typer.Option()] = "relu",
@@ -95,35 +111,164 @@ def train_cmd(
         fail("--epochs must be >= 1 and --batch-size >= 2 (BN needs 2+ samples per batch)")
     try:
         syn_shape = parse_shape(shape)
-        ds = load_dataset(dataset, seed=seed, path=data, label_column=label_column,
-                          shape=syn_shape, num_classes=num_classes, n_samples=n_samples)
-        mcfg = ModelConfig(model, ds.input_shape, ds.num_classes, norm=norm,
-                           bn_position=bn_position,  # type: ignore[arg-type]
-                           depth=depth, width=width, activation=activation, dropout=dropout)
+        ds = load_dataset(
+            dataset,
+            seed=seed,
+            path=data,
+            label_column=label_column,
+            shape=syn_shape,
+            num_classes=num_classes,
+            n_samples=n_samples,
+        )
+        mcfg = ModelConfig(
+            model,
+            ds.input_shape,
+            ds.num_classes,
+            norm=norm,
+            bn_position=bn_position,  # type: ignore[arg-type]
+            depth=depth,
+            width=width,
+            activation=activation,
+            dropout=dropout,
+        )
         build_model(mcfg)  # validate the architecture before training starts
     except (DatasetError, ZooError) as err:
         fail(str(err))
-    tcfg = TrainConfig(optimizer=optimizer, lr=lr, schedule=schedule,  # type: ignore[arg-type]
-                       epochs=epochs, batch_size=batch_size, weight_decay=weight_decay,
-                       seed=seed, device=device)
+    tcfg = TrainConfig(
+        optimizer=optimizer,  # type: ignore[arg-type]
+        lr=lr,
+        schedule=schedule,  # type: ignore[arg-type]
+        epochs=epochs,
+        batch_size=batch_size,
+        weight_decay=weight_decay,
+        seed=seed,
+        device=device,
+    )
     result = train(mcfg, ds, tcfg)
-    spec = DatasetSpec(dataset if data is None else "file", seed,
-                       None if data is None else str(data), label_column,
-                       list(syn_shape) if dataset == "synthetic" else None,
-                       num_classes if dataset == "synthetic" else None,
-                       n_samples if dataset == "synthetic" else None)
+    spec = DatasetSpec(
+        dataset if data is None else "file",
+        seed,
+        None if data is None else str(data),
+        label_column,
+        list(syn_shape) if dataset == "synthetic" else None,
+        num_classes if dataset == "synthetic" else None,
+        n_samples if dataset == "synthetic" else None,
+    )
     save_run(out, result, mcfg, spec, tcfg, ds.labels)
     m = result.metrics
-    console.print(f"{model} on {ds.name}: test_accuracy={m['test_accuracy']:.4f} "
-                  f"val_accuracy={m['val_accuracy']:.4f} epochs={m['epochs']} "
-                  f"seconds={m['seconds']:.1f} -> {out}", highlight=False)
+    console.print(
+        f"{model} on {ds.name}: test_accuracy={m['test_accuracy']:.4f} "
+        f"val_accuracy={m['val_accuracy']:.4f} epochs={m['epochs']} "
+        f"seconds={m['seconds']:.1f} -> {out}",
+        highlight=False,
+    )
 
 
-def _load(run: Path):  # type: ignore[no-untyped-def]
+def _load(run: Path) -> Run:
     try:
         return load_run(run)
     except RunError as err:
         fail(str(err))
+        raise  # unreachable: fail() exits
+
+
+RunOption = Annotated[Path, typer.Option("--run", help="run directory written by `train`")]
+
+
+@app.command("fold")
+def fold_cmd(run: RunOption) -> None:
+    """Fold the run's BN layers and print the fold report (what was folded, what was kept)."""
+    from training.fold import fold_batchnorm
+
+    r = _load(run)
+    x = torch.zeros((2, *r.model_cfg.input_shape))
+    folded, report = fold_batchnorm(r.model, x)
+    console.print(report.table())
+    with torch.no_grad():
+        xr = torch.randn((64, *r.model_cfg.input_shape))
+        diff = float((folded(xr) - r.model(xr)).abs().max())
+    console.print(f"max abs diff folded vs unfolded (64 random inputs): {diff:.3g}")
+
+
+@app.command("export")
+def export_cmd(
+    run: RunOption,
+    repository: Annotated[Path, typer.Option(help="model repository root")] = Path("models"),
+    name: Annotated[str, typer.Option(help="model name in the repository")] = "",
+    dtype: Annotated[str, typer.Option(help="float32 or float16")] = "float32",
+) -> None:
+    """Export folded and unfolded ONNX with metadata as the next version of --name."""
+    from training.export import ExportError, export_run
+
+    dtypes = {"float32": torch.float32, "float16": torch.float16}
+    if dtype not in dtypes:
+        fail(f"unknown dtype {dtype!r}; choose {', '.join(dtypes)}")
+    try:
+        result = export_run(_load(run), repository, name or run.name, dtypes[dtype])
+    except ExportError as err:
+        fail(str(err))
+        return
+    md = result.metadata
+    console.print(result.report.table())
+    console.print(
+        f"wrote {result.path}: BN nodes folded={md['bn_nodes']['folded']} "
+        f"unfolded={md['bn_nodes']['unfolded']}, max abs diff folded vs unfolded "
+        f"{md['parity']['max_abs_diff']:.3g}",
+        highlight=False,
+    )
+
+
+@app.command("bench-torch")
+def bench_torch_cmd(
+    run: RunOption,
+    batch_size: Annotated[int, typer.Option(min=1, max=4096)] = 8,
+    iterations: Annotated[int, typer.Option(min=10, max=100000)] = 200,
+    warmup: Annotated[int, typer.Option(min=0, max=10000)] = 20,
+) -> None:
+    """Eager PyTorch latency, folded vs unfolded, interleaved, on CPU (and CUDA if present)."""
+    from training.bench_torch import bench_folding
+
+    r = _load(run)
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    table = Table(title=f"eager PyTorch, {run}, batch {batch_size}, {iterations} interleaved runs")
+    for col in ("device", "unfolded p50 ms", "folded p50 ms", "speedup (95% CI)", "max abs diff"):
+        table.add_column(col)
+    for dev in devices:
+        b = bench_folding(
+            r.model,
+            r.model_cfg.input_shape,
+            batch_size=batch_size,
+            iterations=iterations,
+            warmup=warmup,
+            device=dev,
+        )
+        s = b.speedup
+        table.add_row(
+            dev,
+            f"{b.unfolded.p50_ms:.3f}",
+            f"{b.folded.p50_ms:.3f}",
+            f"{s.ratio:.3f}x [{s.ci_low:.3f}, {s.ci_high:.3f}]",
+            f"{b.max_abs_diff:.2g}",
+        )
+    console.print(table)
+
+
+@app.command("defaults")
+def defaults_cmd(
+    repository: Annotated[Path, typer.Option()] = Path("models"),
+    runs: Annotated[Path, typer.Option()] = Path("runs"),
+) -> None:
+    """Train and export digits_cnn, breast_cancer_mlp and resnet_bench where missing."""
+    from training.defaults import ensure_default_models
+
+    for result in ensure_default_models(repository, runs):
+        md = result.metadata
+        console.print(
+            f"{md['name']} v{result.version}: test_accuracy="
+            f"{md['training'].get('test_accuracy', float('nan')):.4f}, BN nodes "
+            f"{md['bn_nodes']['unfolded']} -> {md['bn_nodes']['folded']}",
+            highlight=False,
+        )
 
 
 if __name__ == "__main__":

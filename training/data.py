@@ -75,20 +75,33 @@ def parse_shape(text: str) -> tuple[int, ...]:
 
 
 def _split(
-    name: str, X: np.ndarray, y: np.ndarray, labels: list[str], seed: int,
-    val_fraction: float = 0.15, test_fraction: float = 0.2,
+    name: str,
+    X: np.ndarray,
+    y: np.ndarray,
+    labels: list[str],
+    seed: int,
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.2,
 ) -> Dataset:
     X_rest, X_test, y_rest, y_test = train_test_split(
         X, y, test_size=test_fraction, random_state=seed, stratify=y
     )
     X_train, X_val, y_train, y_val = train_test_split(
-        X_rest, y_rest, test_size=val_fraction / (1 - test_fraction),
-        random_state=seed, stratify=y_rest,
+        X_rest,
+        y_rest,
+        test_size=val_fraction / (1 - test_fraction),
+        random_state=seed,
+        stratify=y_rest,
     )
     return Dataset(
-        name, X_train.astype(np.float32), y_train.astype(np.int64),
-        X_val.astype(np.float32), y_val.astype(np.int64),
-        X_test.astype(np.float32), y_test.astype(np.int64), labels,
+        name,
+        X_train.astype(np.float32),
+        y_train.astype(np.int64),
+        X_val.astype(np.float32),
+        y_val.astype(np.int64),
+        X_test.astype(np.float32),
+        y_test.astype(np.int64),
+        labels,
     )
 
 

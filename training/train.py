@@ -74,14 +74,15 @@ def resolve_device(name: str) -> torch.device:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, X: np.ndarray, y: np.ndarray, device: torch.device,
-             batch_size: int = 512) -> tuple[float, float]:
+def evaluate(
+    model: nn.Module, X: np.ndarray, y: np.ndarray, device: torch.device, batch_size: int = 512
+) -> tuple[float, float]:
     """Return ``(mean cross-entropy, accuracy)`` of ``model`` in eval mode."""
     model.eval()
     loss_sum, correct = 0.0, 0
     for i in range(0, len(X), batch_size):
-        xb = torch.from_numpy(X[i:i + batch_size]).to(device)
-        yb = torch.from_numpy(y[i:i + batch_size]).to(device)
+        xb = torch.from_numpy(X[i : i + batch_size]).to(device)
+        yb = torch.from_numpy(y[i : i + batch_size]).to(device)
         logits = model(xb)
         loss_sum += float(nn.functional.cross_entropy(logits, yb, reduction="sum"))
         correct += int((logits.argmax(1) == yb).sum())
@@ -90,8 +91,9 @@ def evaluate(model: nn.Module, X: np.ndarray, y: np.ndarray, device: torch.devic
 
 def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                               weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(
+            model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}; choose 'sgd' or 'adamw'")
@@ -116,12 +118,20 @@ def train(
     mean, std = data.standardization()
     model = build_model(model_cfg, mean, std).to(device)
     opt = _optimizer(model, cfg)
-    sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.epochs, 1))
-             if cfg.schedule == "cosine" else None)
+    sched = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.epochs, 1))
+        if cfg.schedule == "cosine"
+        else None
+    )
     ds = TensorDataset(torch.from_numpy(data.X_train), torch.from_numpy(data.y_train))
     gen = torch.Generator().manual_seed(cfg.seed)
-    loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, generator=gen,
-                        drop_last=len(ds) % cfg.batch_size == 1)
+    loader = DataLoader(
+        ds,
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        generator=gen,
+        drop_last=len(ds) % cfg.batch_size == 1,
+    )
     best_acc, best_state, best_epoch = -1.0, copy.deepcopy(model.state_dict()), 0
     history: list[dict[str, float]] = []
     diverged = False
@@ -135,7 +145,7 @@ def train(
             logits = model(xb)
             loss = nn.functional.cross_entropy(logits, yb)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             opt.step()
             loss_sum += float(loss.detach()) * len(xb)
             correct += int((logits.argmax(1) == yb).sum())
@@ -144,10 +154,16 @@ def train(
             sched.step()
         train_loss = loss_sum / max(seen, 1)
         val_loss, val_acc = evaluate(model, data.X_val, data.y_val, device)
-        history.append({"epoch": epoch, "train_loss": train_loss,
-                        "train_accuracy": correct / max(seen, 1),
-                        "val_loss": val_loss, "val_accuracy": val_acc,
-                        "seconds": time.perf_counter() - start})
+        history.append(
+            {
+                "epoch": epoch,
+                "train_loss": train_loss,
+                "train_accuracy": correct / max(seen, 1),
+                "val_loss": val_loss,
+                "val_accuracy": val_acc,
+                "seconds": time.perf_counter() - start,
+            }
+        )
         bar.set_postfix(loss=f"{train_loss:.4f}", val_acc=f"{val_acc:.4f}")
         if not np.isfinite(train_loss):
             diverged = True
@@ -161,20 +177,36 @@ def train(
     _, test_acc = evaluate(model, data.X_test, data.y_test, device)
     _, train_acc = evaluate(model, data.X_train, data.y_train, device)
     metrics: dict[str, Any] = {
-        "test_accuracy": test_acc, "val_accuracy": max(best_acc, 0.0),
-        "train_accuracy": train_acc, "epochs": len(history), "best_epoch": best_epoch,
-        "seconds": seconds, "diverged": diverged, "device": str(device), "history": history,
+        "test_accuracy": test_acc,
+        "val_accuracy": max(best_acc, 0.0),
+        "train_accuracy": train_acc,
+        "epochs": len(history),
+        "best_epoch": best_epoch,
+        "seconds": seconds,
+        "diverged": diverged,
+        "device": str(device),
+        "history": history,
     }
     return TrainResult(model.cpu().eval(), metrics, history)
 
 
-def save_run(out: Path, result: TrainResult, model_cfg: ModelConfig, data_spec: DatasetSpec,
-             cfg: TrainConfig, labels: list[str]) -> None:
+def save_run(
+    out: Path,
+    result: TrainResult,
+    model_cfg: ModelConfig,
+    data_spec: DatasetSpec,
+    cfg: TrainConfig,
+    labels: list[str],
+) -> None:
     """Write ``model.pt``, ``config.json`` and ``metrics.json`` into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     torch.save(result.model.state_dict(), out / "model.pt")
-    config = {"model": model_cfg.to_dict(), "dataset": asdict(data_spec),
-              "train": asdict(cfg), "labels": labels}
+    config = {
+        "model": model_cfg.to_dict(),
+        "dataset": asdict(data_spec),
+        "train": asdict(cfg),
+        "labels": labels,
+    }
     (out / "config.json").write_text(json.dumps(config, indent=2))
     (out / "metrics.json").write_text(json.dumps(result.metrics, indent=2))
 
@@ -203,8 +235,10 @@ def load_run(path: str | Path) -> Run:
     p = Path(path)
     for f in ("model.pt", "config.json"):
         if not (p / f).is_file():
-            raise RunError(f"{p}: not a run directory (missing {f}); "
-                           "create one with `python -m training train --out DIR`")
+            raise RunError(
+                f"{p}: not a run directory (missing {f}); "
+                "create one with `python -m training train --out DIR`"
+            )
     config = json.loads((p / "config.json").read_text())
     model_cfg = ModelConfig.from_dict(config["model"])
     model = build_model(model_cfg)

@@ -32,6 +32,9 @@ class ZooError(ValueError):
 class Standardize(nn.Module):
     """``(x - mean) / std`` with fixed buffers; shapes broadcast over ``(N, *input_shape)``."""
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, mean: np.ndarray | torch.Tensor, std: np.ndarray | torch.Tensor) -> None:
         super().__init__()
         self.register_buffer("mean", torch.as_tensor(np.asarray(mean), dtype=torch.float32))
@@ -76,7 +79,9 @@ def _act(name: str) -> nn.Module:
 
 def _unit(layer: nn.Module, bn: nn.Module, act: nn.Module | None, pos: BNPosition) -> nn.Sequential:
     """layer -> BN -> act, or layer -> act -> BN."""
-    parts = [layer, bn] if act is None else [layer, bn, act] if pos == "before" else [layer, act, bn]
+    parts = (
+        [layer, bn] if act is None else [layer, bn, act] if pos == "before" else [layer, act, bn]
+    )
     return nn.Sequential(*parts)
 
 
@@ -91,8 +96,14 @@ def build_mlp(cfg: ModelConfig) -> list[nn.Module]:
     features = int(np.prod(cfg.input_shape))
     layers: list[nn.Module] = [nn.Flatten()]
     for _ in range(depth):
-        layers.append(_unit(nn.Linear(features, width, bias=True), _bn(1, width, cfg.norm),
-                            _act(cfg.activation), cfg.bn_position))
+        layers.append(
+            _unit(
+                nn.Linear(features, width, bias=True),
+                _bn(1, width, cfg.norm),
+                _act(cfg.activation),
+                cfg.bn_position,
+            )
+        )
         if cfg.dropout > 0:
             layers.append(nn.Dropout(cfg.dropout))
         features = width
@@ -125,8 +136,14 @@ def build_cnn(cfg: ModelConfig) -> list[nn.Module]:
     for stage in range(depth):
         out = width * 2**stage
         for _ in range(2):
-            layers.append(_unit(nn.Conv2d(c, out, 3, padding=1, bias=not cfg.norm),
-                                _bn(2, out, cfg.norm), _act(cfg.activation), cfg.bn_position))
+            layers.append(
+                _unit(
+                    nn.Conv2d(c, out, 3, padding=1, bias=not cfg.norm),
+                    _bn(2, out, cfg.norm),
+                    _act(cfg.activation),
+                    cfg.bn_position,
+                )
+            )
             c = out
         if min(h, w) >= 4:
             layers.append(nn.MaxPool2d(2))
@@ -135,15 +152,23 @@ def build_cnn(cfg: ModelConfig) -> list[nn.Module]:
 
 
 class BasicBlock(nn.Module):
-    """ResNet basic block: two bias-free 3x3 convs with BN; conv1x1+BN shortcut on a shape change."""
+    """ResNet basic block: two bias-free 3x3 convs with BN; conv1x1+BN shortcut on reshape."""
 
     def __init__(self, cin: int, cout: int, stride: int, cfg: ModelConfig) -> None:
         super().__init__()
         self.body = nn.Sequential(
-            _unit(nn.Conv2d(cin, cout, 3, stride, 1, bias=not cfg.norm), _bn(2, cout, cfg.norm),
-                  _act(cfg.activation), cfg.bn_position),
-            _unit(nn.Conv2d(cout, cout, 3, 1, 1, bias=not cfg.norm), _bn(2, cout, cfg.norm),
-                  None, cfg.bn_position),
+            _unit(
+                nn.Conv2d(cin, cout, 3, stride, 1, bias=not cfg.norm),
+                _bn(2, cout, cfg.norm),
+                _act(cfg.activation),
+                cfg.bn_position,
+            ),
+            _unit(
+                nn.Conv2d(cout, cout, 3, 1, 1, bias=not cfg.norm),
+                _bn(2, cout, cfg.norm),
+                None,
+                cfg.bn_position,
+            ),
         )
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or cin != cout:
@@ -153,7 +178,8 @@ class BasicBlock(nn.Module):
         self.act = _act(cfg.activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.body(x) + self.shortcut(x))
+        out: torch.Tensor = self.act(self.body(x) + self.shortcut(x))
+        return out
 
 
 def build_resnet(cfg: ModelConfig) -> list[nn.Module]:
@@ -161,8 +187,12 @@ def build_resnet(cfg: ModelConfig) -> list[nn.Module]:
     c, h, w = _need_image(cfg)
     depth, width = cfg.depth or 3, cfg.width or 16
     layers: list[nn.Module] = [
-        _unit(nn.Conv2d(c, width, 3, 1, 1, bias=not cfg.norm), _bn(2, width, cfg.norm),
-              _act(cfg.activation), cfg.bn_position)
+        _unit(
+            nn.Conv2d(c, width, 3, 1, 1, bias=not cfg.norm),
+            _bn(2, width, cfg.norm),
+            _act(cfg.activation),
+            cfg.bn_position,
+        )
     ]
     c = width
     for stage in range(depth):
@@ -187,8 +217,14 @@ def build_mobilenet(cfg: ModelConfig) -> list[nn.Module]:
         out = width * 2 ** (stage + 1)
         stride = 2 if min(h, w) >= 4 else 1
         h, w = h // stride, w // stride
-        layers.append(_unit(nn.Conv2d(c, c, 3, stride, 1, groups=c, bias=not norm),
-                            _bn(2, c, norm), _act(act), pos))
+        layers.append(
+            _unit(
+                nn.Conv2d(c, c, 3, stride, 1, groups=c, bias=not norm),
+                _bn(2, c, norm),
+                _act(act),
+                pos,
+            )
+        )
         layers.append(_unit(nn.Conv2d(c, out, 1, bias=not norm), _bn(2, out, norm), _act(act), pos))
         c = out
     return layers + _head(c, cfg)
