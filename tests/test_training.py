@@ -18,7 +18,7 @@ from training.zoo import ModelConfig, build_model, count_batchnorms
     [
         ("cnn", "digits", TrainConfig(epochs=10), 0.98),
         ("mlp", "breast_cancer", TrainConfig(epochs=30, batch_size=32, lr=1e-3), 0.95),
-        ("mlp", "wine", TrainConfig(epochs=30, batch_size=32, lr=1e-3), 0.95),
+        ("mlp", "wine", TrainConfig(epochs=50, batch_size=16, lr=3e-3), 0.95),
     ],
 )
 def test_quality_bars(model, dataset, cfg, bar):

@@ -23,6 +23,8 @@ from onnxscript.rewriter.rules import common as rules_common
 from torch import nn
 
 log = logging.getLogger(__name__)
+# torch warns on every export that torchvision's ops are not registered; we use none of them.
+logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 
 _BN_FUSION_RULES = (
     rules_common.fuse_batchnorm_into_conv_rule,

@@ -1,0 +1,85 @@
+"""create_app(settings): the FastAPI application with every part wired in.
+
+The repository loads in the background after startup, so liveness answers at
+once and readiness turns true when every model has been loaded (or skipped
+with its reason); with ``poll_interval`` > 0 the repository is then rescanned
+periodically (hot reload without an explicit load call).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
+from swagger_ui_bundle import swagger_ui_path
+
+from service.errors import install_error_handlers
+from service.metrics import ServiceMetrics
+from service.middleware import RequestContextMiddleware
+from service.repository import ModelRepository
+from service.routes import docs, health, infer, models, repository
+from service.routes.models import server_version
+from service.runtime import SessionFactory
+from service.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+
+def build_repository(settings: Settings) -> ModelRepository:
+    factory = SessionFactory(settings.providers, settings.threads, settings.io_binding)
+    return ModelRepository(settings.repository, factory)
+
+
+async def load_and_poll(repo: ModelRepository, interval: float) -> None:
+    """Load the repository once, then rescan every ``interval`` seconds (0: never)."""
+    await asyncio.to_thread(repo.load_all)
+    while interval > 0:
+        await asyncio.sleep(interval)
+        try:
+            await asyncio.to_thread(repo.refresh)
+        except OSError as err:  # a repository on a flaky volume: try again next time
+            log.warning("repository rescan failed: %s", err)
+
+
+def create_app(settings: Settings | None = None, repo: ModelRepository | None = None) -> FastAPI:
+    """The service for ``settings`` (default: the environment); ``repo`` replaces the default."""
+    settings = settings or get_settings()
+    repo = repo or build_repository(settings)
+    service_metrics = ServiceMetrics()
+    service_metrics.models_ready.set_function(
+        lambda: sum(len(entry.ready_versions()) for entry in repo.entries())
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        loader = asyncio.create_task(load_and_poll(repo, settings.poll_interval))
+        yield
+        loader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await loader
+
+    app = FastAPI(
+        title="FoldServe",
+        version=server_version(),
+        description="Folded BatchNorm models over the Open Inference Protocol (KServe V2).",
+        docs_url=None,
+        redoc_url=None,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.repository = repo
+    app.state.metrics = service_metrics
+    install_error_handlers(app)
+    app.add_middleware(
+        RequestContextMiddleware,
+        max_request_bytes=settings.max_request_bytes,
+        access_log=settings.access_log,
+    )
+    app.mount(docs.SWAGGER_STATIC, StaticFiles(directory=swagger_ui_path), name="swagger-ui")
+    for router in (health.router, models.router, infer.router, repository.router, docs.router):
+        app.include_router(router)
+    return app

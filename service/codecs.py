@@ -1,0 +1,312 @@
+"""V2 tensor codecs: request bodies to numpy, numpy to response bodies (pure functions).
+
+A request is either all JSON, or a JSON header of ``Inference-Header-Content-Length``
+bytes followed by raw little-endian tensors, one per input whose
+``parameters.binary_data_size`` says how many bytes it takes, in input order.
+JSON ``data`` goes to numpy in one call (no per-element validation); every
+problem raises :class:`~service.errors.BadRequest` naming the tensor and what
+was expected.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from service.errors import BadRequest
+from service.protocol import NUMPY_DTYPES
+
+JSON_KINDS = {"b": "booleans", "i": "integers", "u": "integers", "f": "numbers"}
+
+
+@dataclass(frozen=True)
+class InputTensor:
+    name: str
+    datatype: str  # as sent (V2 name)
+    array: np.ndarray  # reshaped to the sent shape, dtype of ``datatype``
+
+
+@dataclass(frozen=True)
+class RequestedOutput:
+    name: str
+    binary: bool | None  # None: follow the request-level binary_data_output
+    classification: int  # top-K; 0 means the raw tensor
+
+
+@dataclass(frozen=True)
+class DecodedRequest:
+    id: str | None
+    inputs: list[InputTensor]
+    outputs: list[RequestedOutput] | None  # None: every model output
+    binary_output: bool
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    name: str
+    datatype: str
+    array: np.ndarray  # BYTES: object array of ``bytes``
+    binary: bool
+
+
+@dataclass(frozen=True)
+class EncodedResponse:
+    body: bytes
+    header_length: int | None  # set when binary tensors follow the JSON header
+
+
+def parse_json_object(raw: bytes | memoryview, what: str) -> dict[str, Any]:
+    """``raw`` as a JSON object, or BadRequest saying why not."""
+    try:
+        value = json.loads(bytes(raw))
+    except (ValueError, RecursionError) as err:
+        raise BadRequest(f"{what} is not valid JSON: {err}") from err
+    if not isinstance(value, dict):
+        raise BadRequest(f"{what} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _shape(value: Any, where: str) -> tuple[int, ...]:
+    if not isinstance(value, list) or not all(type(d) is int and d >= 0 for d in value):
+        raise BadRequest(f"{where}: 'shape' must be a list of non-negative integers, got {value!r}")
+    return tuple(value)
+
+
+def _dtype(datatype: Any, where: str) -> np.dtype[Any]:
+    if datatype == "BYTES":
+        raise BadRequest(f"{where}: datatype BYTES is not supported; these models take numbers")
+    if not isinstance(datatype, str) or datatype not in NUMPY_DTYPES:
+        raise BadRequest(
+            f"{where}: unknown datatype {datatype!r}; use one of {', '.join(NUMPY_DTYPES)}"
+        )
+    return NUMPY_DTYPES[datatype]
+
+
+def _parameters(value: Any, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise BadRequest(f"{where}: 'parameters' must be a JSON object")
+    return value
+
+
+def json_array(data: Any, datatype: str, where: str) -> np.ndarray:
+    """JSON values (a list, nested or flat) as an array of ``datatype``, in their own shape.
+
+    Numbers become floats freely (JSON decimals are approximations anyway);
+    integer and BOOL tensors must hold integers and booleans that fit.
+    """
+    dtype = _dtype(datatype, where)
+    if not isinstance(data, list):
+        raise BadRequest(f"{where}: data must be a list, got {type(data).__name__}")
+    try:
+        parsed = np.asarray(data)
+    except ValueError as err:
+        raise BadRequest(f"{where}: data is ragged (nested lists of unequal length)") from err
+    if parsed.size == 0:
+        return parsed.astype(dtype)
+    wanted = {"b": "b", "i": "iu", "u": "iu", "f": "iuf"}[dtype.kind]
+    if parsed.dtype.kind not in wanted:
+        got = JSON_KINDS.get(parsed.dtype.kind, "non-numeric values")
+        raise BadRequest(f"{where}: {datatype} data must hold {JSON_KINDS[dtype.kind]}, got {got}")
+    if dtype.kind == "f":
+        with np.errstate(over="ignore"):
+            array = parsed.astype(dtype)
+        if not np.array_equal(np.isfinite(array), np.isfinite(parsed)):
+            raise BadRequest(f"{where}: a value is out of range for {datatype}")
+        return array
+    converted = cast_exact(parsed, dtype)
+    if converted is None:
+        raise BadRequest(f"{where}: a value is out of range for {datatype}")
+    return converted
+
+
+def decode_json_data(name: str, datatype: str, shape: tuple[int, ...], data: Any) -> np.ndarray:
+    """JSON ``data`` (flat or nested, row-major) as an array of ``datatype`` and ``shape``."""
+    array = json_array(data, datatype, f"input '{name}'")
+    size = math.prod(shape)
+    if array.size != size:
+        raise BadRequest(
+            f"input '{name}': shape {list(shape)} needs {size} values, got {array.size}"
+        )
+    return array.reshape(shape)
+
+
+def decode_binary_data(
+    name: str, datatype: str, shape: tuple[int, ...], raw: memoryview
+) -> np.ndarray:
+    """Raw little-endian bytes as a (read-only, zero-copy) array of ``shape``."""
+    dtype = _dtype(datatype, f"input '{name}'").newbyteorder("<")
+    needed = math.prod(shape) * dtype.itemsize
+    if len(raw) != needed:
+        raise BadRequest(
+            f"input '{name}': binary data has {len(raw)} bytes, "
+            f"shape {list(shape)} of {datatype} needs {needed}"
+        )
+    return np.frombuffer(raw, dtype=dtype).reshape(shape)
+
+
+def cast_exact(array: np.ndarray, dtype: np.dtype[Any]) -> np.ndarray | None:
+    """``array`` as ``dtype`` when every value survives the round trip, else None."""
+    if array.dtype == dtype:
+        return array
+    with np.errstate(all="ignore"):
+        out = array.astype(dtype)
+        back = out.astype(array.dtype)
+    same = np.array_equal(back, array, equal_nan=array.dtype.kind == "f")
+    return out if same else None
+
+
+def _requested_outputs(value: Any) -> list[RequestedOutput] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise BadRequest("'outputs' must be a list of {'name': ...} objects")
+    outputs = []
+    for i, item in enumerate(value):
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise BadRequest(f"outputs[{i}] must be an object with a string 'name'")
+        where = f"output '{item['name']}'"
+        params = _parameters(item.get("parameters"), where)
+        binary = params.get("binary_data")
+        if binary is not None and not isinstance(binary, bool):
+            raise BadRequest(f"{where}: parameters.binary_data must be true or false")
+        k = params.get("classification", 0)
+        if type(k) is not int or k < 0:
+            raise BadRequest(f"{where}: parameters.classification must be a positive integer")
+        outputs.append(RequestedOutput(item["name"], binary, k))
+    return outputs
+
+
+def decode_infer_request(body: bytes, header_length: str | None) -> DecodedRequest:
+    """Decode a V2 inference body; ``header_length`` is the Inference-Header-Content-Length."""
+    view = memoryview(body)
+    if header_length is None:
+        json_end = len(body)
+    else:
+        try:
+            json_end = int(header_length)
+        except ValueError as err:
+            raise BadRequest(
+                f"Inference-Header-Content-Length must be an integer, got {header_length!r}"
+            ) from err
+        if not 0 < json_end <= len(body):
+            raise BadRequest(
+                f"Inference-Header-Content-Length {json_end} is outside the body of "
+                f"{len(body)} bytes"
+            )
+    try:
+        request = parse_json_object(view[:json_end], "request body")
+    except BadRequest as err:
+        if header_length is None and "Extra data" in err.message:
+            raise BadRequest(
+                f"{err.message}; binary tensors after the JSON need the "
+                "Inference-Header-Content-Length header"
+            ) from err
+        raise
+    params = _parameters(request.get("parameters"), "request")
+    binary_output = params.get("binary_data_output", False)
+    if not isinstance(binary_output, bool):
+        raise BadRequest("parameters.binary_data_output must be true or false")
+    raw_inputs = request.get("inputs")
+    if not isinstance(raw_inputs, list) or not raw_inputs:
+        raise BadRequest("'inputs' must be a non-empty list of tensors")
+    request_id = request.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise BadRequest("'id' must be a string")
+    offset, inputs = json_end, []
+    for i, item in enumerate(raw_inputs):
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise BadRequest(f"inputs[{i}] must be an object with a string 'name'")
+        name = item["name"]
+        where = f"input '{name}'"
+        shape = _shape(item.get("shape"), where)
+        datatype = item.get("datatype")
+        tensor_params = _parameters(item.get("parameters"), where)
+        if "shared_memory_region" in tensor_params:
+            raise BadRequest(f"{where}: shared memory is not supported; send the data")
+        size = tensor_params.get("binary_data_size")
+        if size is None:
+            if "data" not in item:
+                raise BadRequest(f"{where}: needs 'data' or parameters.binary_data_size")
+            array = decode_json_data(name, str(datatype), shape, item["data"])
+        else:
+            if header_length is None:
+                raise BadRequest(
+                    f"{where}: binary_data_size needs the Inference-Header-Content-Length header"
+                )
+            if type(size) is not int or size < 0 or offset + size > len(body):
+                raise BadRequest(
+                    f"{where}: binary_data_size {size!r} exceeds the "
+                    f"{len(body) - offset} bytes left in the body"
+                )
+            array = decode_binary_data(name, str(datatype), shape, view[offset : offset + size])
+            offset += size
+        inputs.append(InputTensor(name, str(datatype), array))
+    if offset != len(body):
+        raise BadRequest(
+            f"{len(body) - offset} bytes after the binary tensors belong to no input "
+            "(check each binary_data_size)"
+        )
+    return DecodedRequest(
+        request_id, inputs, _requested_outputs(request.get("outputs")), binary_output
+    )
+
+
+def serialize_bytes_tensor(array: np.ndarray) -> bytes:
+    """BYTES on the wire: each element as a 4-byte little-endian length, then its bytes."""
+    parts = []
+    for item in array.ravel():
+        raw = item if isinstance(item, bytes) else str(item).encode()
+        parts.append(len(raw).to_bytes(4, "little"))
+        parts.append(raw)
+    return b"".join(parts)
+
+
+def _tensor_bytes(tensor: OutputTensor) -> bytes:
+    if tensor.datatype == "BYTES":
+        return serialize_bytes_tensor(tensor.array)
+    little = tensor.array.dtype.newbyteorder("<")
+    return np.ascontiguousarray(tensor.array, dtype=little).tobytes()
+
+
+def _json_data(tensor: OutputTensor) -> list[Any]:
+    if tensor.datatype == "BYTES":
+        return [item.decode("utf-8", "replace") for item in tensor.array.ravel()]
+    data: list[Any] = tensor.array.ravel().tolist()
+    return data
+
+
+def encode_infer_response(
+    model_name: str, model_version: str, request_id: str, outputs: list[OutputTensor]
+) -> EncodedResponse:
+    """The V2 response body; binary outputs follow the JSON header in output order."""
+    entries: list[dict[str, Any]] = []
+    blobs: list[bytes] = []
+    for tensor in outputs:
+        entry: dict[str, Any] = {
+            "name": tensor.name,
+            "datatype": tensor.datatype,
+            "shape": list(tensor.array.shape),
+        }
+        if tensor.binary:
+            blob = _tensor_bytes(tensor)
+            entry["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            entry["data"] = _json_data(tensor)
+        entries.append(entry)
+    header = {
+        "model_name": model_name,
+        "model_version": model_version,
+        "id": request_id,
+        "outputs": entries,
+    }
+    head = json.dumps(header, separators=(",", ":")).encode()
+    if not blobs:
+        return EncodedResponse(head, None)
+    return EncodedResponse(b"".join([head, *blobs]), len(head))

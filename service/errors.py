@@ -1,0 +1,107 @@
+"""Domain errors that carry their HTTP status, and the one place they become responses.
+
+Code raises these where a problem is detected, with a message a client can act
+on; :func:`install_error_handlers` turns them (and the framework's own errors)
+into ``{"error": "..."}`` bodies, the shape Triton and KServe clients read.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
+
+
+class ServiceError(Exception):
+    """Base of all errors a request can cause; ``status_code`` is the HTTP status."""
+
+    status_code = 500
+
+    def __init__(self, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = headers
+
+
+class BadRequest(ServiceError):
+    """Malformed body, unknown tensor name, wrong shape or datatype."""
+
+    status_code = 400
+
+
+class Unauthorized(ServiceError):
+    """A protected route called without the configured API key."""
+
+    status_code = 401
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
+
+
+class ModelNotFound(ServiceError):
+    """No such model, or no such version of a model."""
+
+    status_code = 404
+
+
+class PayloadTooLarge(ServiceError):
+    """The request body exceeds ``max_request_bytes``."""
+
+    status_code = 413
+
+
+class UnsupportedMediaType(ServiceError):
+    """A Content-Encoding the service cannot decode."""
+
+    status_code = 415
+
+
+class ModelNotReady(ServiceError):
+    """The model (or the whole repository) exists but cannot serve yet."""
+
+    status_code = 503
+
+
+def error_response(
+    status_code: int, message: str, headers: Mapping[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status_code, headers=headers)
+
+
+def _validation_message(err: RequestValidationError) -> str:
+    parts = []
+    for item in err.errors():
+        where = ".".join(str(p) for p in item.get("loc", ()))
+        parts.append(f"{where}: {item.get('msg', 'invalid')}")
+    return "invalid request: " + "; ".join(parts)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Map every error to ``{"error": ...}`` with its status; log unexpected ones."""
+
+    async def on_service_error(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, ServiceError)
+        return error_response(exc.status_code, exc.message, exc.headers)
+
+    async def on_validation_error(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        return error_response(422, _validation_message(exc))
+
+    async def on_http_error(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        return error_response(exc.status_code, str(exc.detail), exc.headers)
+
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return error_response(500, f"internal server error: {type(exc).__name__}")
+
+    app.add_exception_handler(ServiceError, on_service_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(Exception, on_unexpected)

@@ -1,0 +1,204 @@
+"""Open Inference Protocol (KServe V2) types: datatypes and the HTTP bodies.
+
+Responses and metadata are pydantic models. Inference requests are decoded by
+hand in :mod:`service.codecs` (big tensors must go straight to numpy), so the
+request models here exist to document the API in OpenAPI only.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+# V2 datatype name -> numpy dtype (little-endian on the wire). BYTES has no fixed dtype.
+NUMPY_DTYPES: dict[str, np.dtype[Any]] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype(np.uint8),
+    "UINT16": np.dtype(np.uint16),
+    "UINT32": np.dtype(np.uint32),
+    "UINT64": np.dtype(np.uint64),
+    "INT8": np.dtype(np.int8),
+    "INT16": np.dtype(np.int16),
+    "INT32": np.dtype(np.int32),
+    "INT64": np.dtype(np.int64),
+    "FP16": np.dtype(np.float16),
+    "FP32": np.dtype(np.float32),
+    "FP64": np.dtype(np.float64),
+}
+V2_DATATYPES: dict[np.dtype[Any], str] = {dt: name for name, dt in NUMPY_DTYPES.items()}
+
+# ONNX Runtime's type strings for the same tensors.
+ORT_DATATYPES: dict[str, str] = {
+    "tensor(bool)": "BOOL",
+    "tensor(uint8)": "UINT8",
+    "tensor(uint16)": "UINT16",
+    "tensor(uint32)": "UINT32",
+    "tensor(uint64)": "UINT64",
+    "tensor(int8)": "INT8",
+    "tensor(int16)": "INT16",
+    "tensor(int32)": "INT32",
+    "tensor(int64)": "INT64",
+    "tensor(float16)": "FP16",
+    "tensor(float)": "FP32",
+    "tensor(double)": "FP64",
+}
+
+PLATFORM = "onnxruntime_onnx"
+SERVER_EXTENSIONS = ["binary_tensor_data", "classification", "model_repository"]
+
+ModelState = Literal["READY", "UNAVAILABLE"]
+
+
+class ErrorResponse(BaseModel):
+    error: str = Field(description="what was wrong, in words a client can act on")
+
+
+class LiveResponse(BaseModel):
+    live: bool
+
+
+class ReadyResponse(BaseModel):
+    ready: bool
+
+
+class ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class TensorMetadata(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int] = Field(description="-1 marks the dynamic batch axis")
+
+
+class KeptBatchNorm(BaseModel):
+    bn: str
+    reason: str
+
+
+class FoldReportSummary(BaseModel):
+    folded: int = Field(description="BN layers folded into a neighbouring layer")
+    kept: list[KeptBatchNorm] = Field(description="BN layers left in place, and why")
+
+
+class ModelMetadata(BaseModel):
+    """V2 model metadata plus FoldServe's fields (provider, BN counts, fold summary, labels)."""
+
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
+    version: str = Field(description="the version these details describe")
+    provider: str = Field(description="ONNX Runtime execution provider actually used")
+    io_binding: bool
+    bn_nodes: dict[str, int]
+    fold_report: FoldReportSummary
+    labels: list[str]
+
+
+class ModelReady(BaseModel):
+    name: str
+    version: str | None
+    ready: bool
+    reason: str = ""
+
+
+class RepositoryEntry(BaseModel):
+    name: str
+    version: str | None = None
+    state: ModelState
+    reason: str = ""
+
+
+class LoadResult(BaseModel):
+    name: str
+    versions: list[RepositoryEntry]
+
+
+class RequestInput(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: dict[str, Any] | None = Field(
+        None, description="binary_data_size: bytes of this tensor after the JSON header"
+    )
+    data: list[Any] | None = Field(None, description="row-major values, flat or nested")
+
+
+class RequestOutput(BaseModel):
+    name: str
+    parameters: dict[str, Any] | None = Field(
+        None, description="binary_data: bool; classification: top-K as 'score:index:label'"
+    )
+
+
+class InferRequest(BaseModel):
+    """Documentation of the V2 request body (decoded by hand at runtime)."""
+
+    id: str | None = None
+    parameters: dict[str, Any] | None = Field(
+        None, description="binary_data_output: answer every output in binary"
+    )
+    inputs: list[RequestInput]
+    outputs: list[RequestOutput] | None = None
+
+
+class ResponseOutput(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+    parameters: dict[str, Any] | None = None
+    data: list[Any] | None = None
+
+
+class InferResponse(BaseModel):
+    model_name: str
+    model_version: str
+    id: str
+    outputs: list[ResponseOutput]
+
+
+class PredictRequest(BaseModel):
+    """V1 body: one entry of ``instances`` per sample of a single-input model."""
+
+    instances: list[Any]
+
+
+class PredictResponse(BaseModel):
+    predictions: list[Any]
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` entries for the error statuses a route can give."""
+    return {code: {"model": ErrorResponse} for code in codes}
+
+
+def _inline_refs(schema: Any, defs: dict[str, Any]) -> Any:
+    if isinstance(schema, dict):
+        ref = schema.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#/$defs/"):
+            return _inline_refs(defs[ref.rsplit("/", 1)[1]], defs)
+        return {k: _inline_refs(v, defs) for k, v in schema.items() if k != "$defs"}
+    if isinstance(schema, list):
+        return [_inline_refs(v, defs) for v in schema]
+    return schema
+
+
+def request_body_openapi(model: type[BaseModel], *, binary: bool = False) -> dict[str, Any]:
+    """``openapi_extra`` documenting the body of a route that reads its body by hand."""
+    schema = model.model_json_schema()
+    content: dict[str, Any] = {
+        "application/json": {"schema": _inline_refs(schema, schema.get("$defs", {}))}
+    }
+    if binary:
+        content["application/octet-stream"] = {
+            "schema": {"type": "string", "format": "binary"},
+            "description": "binary tensor extension: a JSON header of "
+            "Inference-Header-Content-Length bytes, then the raw little-endian tensors",
+        }
+    return {"requestBody": {"required": True, "content": content}}

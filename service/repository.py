@@ -1,0 +1,332 @@
+"""ModelRepository: scan ``models/``, validate and load versions, serve, hot-swap.
+
+A version is served only after it passed every check: ``metadata.json`` parses,
+the sha256 of the folded file matches, the ONNX Runtime session's inputs and
+outputs agree with the metadata, and the reference batch reproduces the
+expected outputs within ``reference.atol`` (that run is also the warm-up). A
+version that fails is kept as UNAVAILABLE with its reason; it never takes the
+server down and never replaces a version that is serving.
+
+Readers take no lock: each (re)scan builds new immutable entries and swaps the
+whole name -> entry mapping in one assignment. Scans are serialized by a lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from service.errors import ModelNotFound, ModelNotReady
+from service.metadata import (
+    ModelVersionError,
+    VersionPolicy,
+    read_metadata,
+    read_version_policy,
+    verified_bytes,
+)
+from service.protocol import ORT_DATATYPES, ModelState
+from service.runtime import LoadedModel, SessionFactory
+
+log = logging.getLogger(__name__)
+
+VERSION_DIR = re.compile(r"[1-9][0-9]*")
+Fingerprint = tuple[tuple[str, int, int, int], ...]
+
+
+@dataclass(frozen=True)
+class VersionStatus:
+    version: int
+    state: ModelState
+    reason: str = ""
+    model: LoadedModel | None = None
+    fingerprint: Fingerprint | None = None  # the files this status was computed from
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One model directory's versions as of its last scan (never mutated)."""
+
+    name: str
+    versions: dict[int, VersionStatus] = field(default_factory=dict)
+    reason: str = ""  # why the model as a whole cannot serve, when it cannot
+    unloaded: bool = False
+
+    def default(self) -> VersionStatus | None:
+        """The highest READY version: what an unversioned request gets."""
+        ready = [s for s in self.versions.values() if s.model is not None]
+        return max(ready, key=lambda s: s.version, default=None)
+
+    def ready_versions(self) -> list[int]:
+        return sorted(v for v, s in self.versions.items() if s.model is not None)
+
+    def why_not_ready(self) -> str:
+        if self.reason:
+            return self.reason
+        if not self.versions:
+            return "no version directories"
+        return "; ".join(f"version {v}: {s.reason}" for v, s in sorted(self.versions.items()))
+
+
+def _fingerprint(version_dir: Path) -> Fingerprint:
+    files = []
+    for path in sorted(version_dir.iterdir()):
+        st = path.stat()
+        files.append((path.name, st.st_mtime_ns, st.st_size, st.st_ino))
+    return tuple(files)
+
+
+def _check_io(model: LoadedModel) -> None:
+    session = model.session()
+    for kind, specs, actual in (
+        ("input", model.inputs, session.get_inputs()),
+        ("output", model.outputs, session.get_outputs()),
+    ):
+        found = {a.name: ORT_DATATYPES.get(a.type, a.type) for a in actual}
+        for spec in specs:
+            if spec.name not in found:
+                raise ModelVersionError(
+                    f"metadata {kind} '{spec.name}' is not in model.onnx ({', '.join(found)})"
+                )
+            if found[spec.name] != spec.datatype:
+                raise ModelVersionError(
+                    f"{kind} '{spec.name}': metadata says {spec.datatype}, "
+                    f"model.onnx has {found[spec.name]}"
+                )
+        if kind == "input" and len(found) != len(specs):
+            raise ModelVersionError("model.onnx has inputs that metadata.json does not list")
+
+
+def _check_reference(model: LoadedModel) -> float:
+    """Run the reference batch (the warm-up); return the largest output difference."""
+    ref = model.metadata.reference
+    feeds = {spec.name: ref.inputs[spec.name].astype(spec.dtype) for spec in model.inputs}
+    results = model.run(feeds)
+    worst = 0.0
+    for name, expected in ref.outputs.items():
+        got = results[name]
+        if got.shape != expected.shape:
+            raise ModelVersionError(
+                f"reference batch: output '{name}' has shape {list(got.shape)}, "
+                f"metadata expects {list(expected.shape)}"
+            )
+        diff = float(np.max(np.abs(got.astype(np.float64) - expected), initial=0.0))
+        if not diff <= ref.atol:
+            raise ModelVersionError(
+                f"reference batch: output '{name}' differs from metadata by {diff:.3g} "
+                f"> atol {ref.atol:g}"
+            )
+        worst = max(worst, diff)
+    return worst
+
+
+def _plain_name(name: str) -> bool:
+    return bool(name) and not name.startswith(".") and "/" not in name and "\\" not in name
+
+
+class ModelRepository:
+    """The models under ``root``, each version validated, loaded and warmed up."""
+
+    def __init__(self, root: Path, factory: SessionFactory) -> None:
+        self.root = root
+        self.factory = factory
+        self._models: dict[str, ModelEntry] = {}
+        self._scan_lock = threading.Lock()
+        self._loaded = threading.Event()
+
+    @property
+    def ready(self) -> bool:
+        """True once the first full scan has finished."""
+        return self._loaded.is_set()
+
+    # -- reading (lock-free) -------------------------------------------------
+
+    def entries(self) -> list[ModelEntry]:
+        models = self._models
+        return [models[name] for name in sorted(models)]
+
+    def entry(self, name: str) -> ModelEntry:
+        found = self._models.get(name)
+        if found is not None:
+            return found
+        if not self.ready:
+            raise ModelNotReady("the model repository is still loading")
+        known = ", ".join(sorted(self._models)) or "none"
+        raise ModelNotFound(f"unknown model '{name}'; models: {known}")
+
+    def metric_label(self, name: str) -> str:
+        """``name`` when the repository knows it, else ``unknown`` (bounded label values)."""
+        return name if name in self._models else "unknown"
+
+    def resolve(self, name: str, version: str | None) -> tuple[ModelEntry, VersionStatus | None]:
+        """The entry and the addressed version (None: the default one, which may not exist)."""
+        entry = self.entry(name)
+        if version is None:
+            return entry, entry.default()
+        number = int(version) if VERSION_DIR.fullmatch(version) else None
+        if number is None or number not in entry.versions:
+            known = ", ".join(str(v) for v in sorted(entry.versions)) or "none"
+            raise ModelNotFound(f"unknown version '{version}' of model '{name}'; versions: {known}")
+        return entry, entry.versions[number]
+
+    def get(self, name: str, version: str | None = None) -> LoadedModel:
+        """The model to run; 404 for unknown names or versions, 503 when not ready."""
+        entry, status = self.resolve(name, version)
+        if status is not None and status.model is not None:
+            return status.model
+        if status is None:
+            raise ModelNotReady(f"model '{name}' has no ready version: {entry.why_not_ready()}")
+        raise ModelNotReady(f"model '{name}' version {version} is not ready: {status.reason}")
+
+    # -- scanning (serialized) -----------------------------------------------
+
+    def load_all(self) -> None:
+        """The first scan: every model directory; marks the repository ready at the end."""
+        try:
+            self.refresh()
+        except OSError as err:  # the repository itself is unreadable: serve nothing, say why
+            log.error("cannot scan the model repository %s: %s", self.root, err)
+        finally:
+            self._loaded.set()
+        log.info(
+            "repository %s: %d model(s), %d ready",
+            self.root,
+            len(self._models),
+            sum(1 for e in self._models.values() if e.default() is not None),
+        )
+
+    def refresh(self) -> None:
+        """Rescan every model not explicitly unloaded; new files only are validated."""
+        with self._scan_lock:
+            if not self.root.is_dir():  # e.g. a volume not mounted (yet): keep what serves
+                log.warning("model repository %s is not a directory", self.root)
+                return
+            on_disk = set(self._model_dirs())
+            for gone in set(self._models) - on_disk:
+                log.info("model %s: directory removed; no longer served", gone)
+                self._publish_without(gone)
+            for name in sorted(on_disk):
+                previous = self._models.get(name)
+                if previous is not None and previous.unloaded:
+                    continue
+                self._publish(self._scan_model(name, previous, retry_failed=False))
+
+    def load(self, name: str) -> ModelEntry:
+        """Rescan one model (new versions load, failed ones are retried), then swap it in."""
+        with self._scan_lock:
+            if not _plain_name(name) or not (self.root / name).is_dir():
+                self._publish_without(name)
+                raise ModelNotFound(f"no model directory '{name}' in the repository")
+            previous = self._models.get(name)
+            if previous is not None and previous.unloaded:
+                previous = None
+            entry = self._scan_model(name, previous, retry_failed=True)
+            self._publish(entry)
+            return entry
+
+    def unload(self, name: str) -> ModelEntry:
+        """Stop serving every version of ``name`` (until the next explicit load)."""
+        with self._scan_lock:
+            entry = self.entry(name)
+            statuses = {v: VersionStatus(v, "UNAVAILABLE", "unloaded") for v in entry.versions}
+            unloaded = ModelEntry(name, statuses, reason="unloaded", unloaded=True)
+            self._publish(unloaded)
+            log.info("model %s: unloaded", name)
+            return unloaded
+
+    def _publish(self, entry: ModelEntry) -> None:
+        self._models = {**self._models, entry.name: entry}
+
+    def _publish_without(self, name: str) -> None:
+        if name in self._models:
+            self._models = {k: v for k, v in self._models.items() if k != name}
+
+    def _model_dirs(self) -> list[str]:
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and _plain_name(p.name))
+
+    def _scan_model(
+        self, name: str, previous: ModelEntry | None, *, retry_failed: bool
+    ) -> ModelEntry:
+        model_dir = self.root / name
+        try:
+            policy = read_version_policy(model_dir)
+        except ModelVersionError as err:
+            log.warning("model %s: %s; keeping what was served", name, err)
+            kept = previous.versions if previous is not None else {}
+            return ModelEntry(name, kept, reason=f"config.json: {err}" if not kept else "")
+        try:
+            numbers = sorted(
+                (
+                    int(p.name)
+                    for p in model_dir.iterdir()
+                    if VERSION_DIR.fullmatch(p.name) and p.is_dir()
+                ),
+                reverse=True,
+            )
+        except OSError as err:
+            return ModelEntry(name, {}, reason=f"unreadable: {err}")
+        statuses: dict[int, VersionStatus] = {}
+        ready = 0
+        for number in numbers:
+            skip = self._policy_skip(policy, number, ready)
+            if skip:
+                statuses[number] = VersionStatus(number, "UNAVAILABLE", skip)
+                continue
+            status = self._version_status(model_dir / str(number), previous, retry_failed)
+            ready += status.model is not None
+            statuses[number] = status
+        return ModelEntry(name, statuses)
+
+    @staticmethod
+    def _policy_skip(policy: VersionPolicy, number: int, ready: int) -> str:
+        selected = (
+            policy.kind == "all"
+            or (policy.kind == "latest" and ready < policy.latest)
+            or (policy.kind == "specific" and number in policy.versions)
+        )
+        return "" if selected else f"not selected by version policy {policy.describe()}"
+
+    def _version_status(
+        self, version_dir: Path, previous: ModelEntry | None, retry_failed: bool
+    ) -> VersionStatus:
+        number = int(version_dir.name)
+        try:
+            fingerprint = _fingerprint(version_dir)
+        except OSError as err:
+            return VersionStatus(number, "UNAVAILABLE", f"unreadable: {err}")
+        old = previous.versions.get(number) if previous is not None else None
+        if old is not None and old.fingerprint == fingerprint:
+            if old.model is not None or not retry_failed:
+                return old
+        return self._load_version(version_dir, fingerprint)
+
+    def _load_version(self, version_dir: Path, fingerprint: Fingerprint) -> VersionStatus:
+        name, number = version_dir.parent.name, int(version_dir.name)
+        try:
+            metadata = read_metadata(version_dir)
+            data = verified_bytes(version_dir, metadata.folded_file, metadata.sha256)
+            model = LoadedModel(metadata, version_dir, self.factory.create(data), self.factory)
+            _check_io(model)
+            diff = _check_reference(model)
+        except ModelVersionError as err:
+            log.warning("model %s version %d not served: %s", name, number, err)
+            return VersionStatus(number, "UNAVAILABLE", str(err), None, fingerprint)
+        except Exception as err:  # ONNX Runtime's own errors: corrupt graph, failing kernel
+            reason = f"onnxruntime: {type(err).__name__}: {err}".splitlines()[0]
+            log.warning("model %s version %d not served: %s", name, number, reason)
+            return VersionStatus(number, "UNAVAILABLE", reason, None, fingerprint)
+        log.info(
+            "model %s version %d ready: provider %s, %d threads, io_binding %s, "
+            "reference max abs diff %.3g",
+            name,
+            number,
+            model.provider,
+            model.threads,
+            model.io_binding,
+            diff,
+        )
+        return VersionStatus(number, "READY", "", model, fingerprint)

@@ -1,0 +1,1 @@
+"""Thin HTTP routers: validate, call one service function, return a typed answer."""

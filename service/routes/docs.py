@@ -1,0 +1,50 @@
+"""Offline API docs (Swagger UI from the swagger_ui_bundle package), the index, metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from service.routes.deps import MetricsDep
+
+SWAGGER_STATIC = "/static/swagger-ui"
+
+router = APIRouter()
+
+
+@router.get("/", tags=["docs"])
+async def index(request: Request) -> dict[str, Any]:
+    """Where to go next."""
+    return {
+        "name": "foldserve",
+        "links": {
+            "docs": "/docs",
+            "openapi": request.app.openapi_url,
+            "server_metadata": "/v2",
+            "live": "/v2/health/live",
+            "ready": "/v2/health/ready",
+            "repository_index": "/v2/repository/index",
+            "metrics": "/metrics",
+        },
+    }
+
+
+@router.get("/docs", include_in_schema=False)
+async def swagger_ui(request: Request) -> HTMLResponse:
+    return get_swagger_ui_html(
+        openapi_url=str(request.app.openapi_url),
+        title="FoldServe API",
+        swagger_js_url=f"{SWAGGER_STATIC}/swagger-ui-bundle.js",
+        swagger_css_url=f"{SWAGGER_STATIC}/swagger-ui.css",
+        swagger_favicon_url=f"{SWAGGER_STATIC}/favicon-32x32.png",
+    )
+
+
+@router.get("/metrics", tags=["metrics"], response_class=Response)
+async def metrics(service_metrics: MetricsDep) -> Response:
+    """Prometheus text format."""
+    return Response(service_metrics.render(), media_type=CONTENT_TYPE_LATEST)

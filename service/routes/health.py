@@ -1,0 +1,24 @@
+"""Liveness and readiness (V2 health routes, used as Kubernetes probes)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+
+from service.protocol import LiveResponse, ReadyResponse
+from service.routes.deps import RepositoryDep
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/v2/health/live")
+async def live() -> LiveResponse:
+    """The process answers HTTP."""
+    return LiveResponse(live=True)
+
+
+@router.get("/v2/health/ready", responses={503: {"model": ReadyResponse}})
+async def ready(repository: RepositoryDep, response: Response) -> ReadyResponse:
+    """True once the repository's first scan has loaded (or skipped) every model; 503 before."""
+    if not repository.ready:
+        response.status_code = 503
+    return ReadyResponse(ready=repository.ready)

@@ -1,0 +1,109 @@
+"""Server and model metadata, model readiness (V2), and the V1 model status."""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as package_version
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from service.protocol import (
+    PLATFORM,
+    SERVER_EXTENSIONS,
+    FoldReportSummary,
+    KeptBatchNorm,
+    ModelMetadata,
+    ModelReady,
+    ServerMetadata,
+    TensorMetadata,
+    error_responses,
+)
+from service.repository import ModelRepository
+from service.routes.deps import RepositoryDep
+
+router = APIRouter(tags=["models"])
+
+
+def server_version() -> str:
+    try:
+        return package_version("foldserve")
+    except PackageNotFoundError:
+        return "0.0.0"
+
+
+@router.get("/v2")
+async def server_metadata() -> ServerMetadata:
+    """Server name, version and the protocol extensions it supports."""
+    return ServerMetadata(name="foldserve", version=server_version(), extensions=SERVER_EXTENSIONS)
+
+
+def describe(repository: ModelRepository, name: str, version: str | None) -> ModelMetadata:
+    model = repository.get(name, version)
+    entry = repository.entry(name)
+    meta = model.metadata
+    return ModelMetadata(
+        name=name,
+        versions=[str(v) for v in entry.ready_versions()],
+        platform=PLATFORM,
+        inputs=[
+            TensorMetadata(name=s.name, datatype=s.datatype, shape=list(s.shape))
+            for s in model.inputs
+        ],
+        outputs=[
+            TensorMetadata(name=s.name, datatype=s.datatype, shape=list(s.shape))
+            for s in model.outputs
+        ],
+        version=str(model.version),
+        provider=model.provider,
+        io_binding=model.io_binding,
+        bn_nodes=meta.bn_nodes,
+        fold_report=FoldReportSummary(
+            folded=meta.folded_layers, kept=[KeptBatchNorm(**k) for k in meta.kept_layers]
+        ),
+        labels=model.labels,
+    )
+
+
+@router.get("/v2/models/{name}", responses=error_responses(404, 503))
+async def model_metadata(name: str, repository: RepositoryDep) -> ModelMetadata:
+    """Metadata of the version an unversioned request is served by (the highest ready one)."""
+    return describe(repository, name, None)
+
+
+@router.get("/v2/models/{name}/versions/{version}", responses=error_responses(404, 503))
+async def model_version_metadata(
+    name: str, version: str, repository: RepositoryDep
+) -> ModelMetadata:
+    return describe(repository, name, version)
+
+
+def readiness(repository: ModelRepository, name: str, version: str | None) -> JSONResponse:
+    entry, status = repository.resolve(name, version)
+    if status is not None and status.model is not None:
+        body = ModelReady(name=name, version=str(status.version), ready=True)
+    else:
+        reason = status.reason if status is not None else entry.why_not_ready()
+        body = ModelReady(name=name, version=version, ready=False, reason=reason)
+    return JSONResponse(body.model_dump(), status_code=200 if body.ready else 503)
+
+
+@router.get("/v2/models/{name}/ready", response_model=ModelReady, responses=error_responses(404))
+async def model_ready(name: str, repository: RepositoryDep) -> JSONResponse:
+    """200 with ready=true when the model can serve, 503 with the reason when it cannot."""
+    return readiness(repository, name, None)
+
+
+@router.get(
+    "/v2/models/{name}/versions/{version}/ready",
+    response_model=ModelReady,
+    responses=error_responses(404),
+)
+async def model_version_ready(name: str, version: str, repository: RepositoryDep) -> JSONResponse:
+    return readiness(repository, name, version)
+
+
+@router.get("/v1/models/{name}", response_model=ModelReady, responses=error_responses(404))
+async def v1_model_status(name: str, repository: RepositoryDep) -> JSONResponse:
+    """KServe V1 model status."""
+    return readiness(repository, name, None)

@@ -1,0 +1,70 @@
+"""Service configuration: one pydantic-settings class, read once.
+
+Values come, in rising priority, from defaults, a ``.env`` file, ``FOLDSERVE_*``
+environment variables and the keyword arguments given to :class:`Settings`
+(``python -m service`` passes its command-line flags that way).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ProviderChoice = Literal["auto", "cuda", "cpu"]
+IOBindingChoice = Literal["auto", "on", "off"]
+LogFormat = Literal["text", "json"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+
+class Settings(BaseSettings):
+    """Everything the service reads from its environment."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="FOLDSERVE_", env_file=".env", extra="ignore", frozen=True
+    )
+
+    repository: Path = Field(default=Path("models"), description="model repository directory")
+    host: str = Field(default="127.0.0.1", description="address to bind")
+    port: int = Field(default=8000, ge=0, le=65535, description="TCP port (0: any free port)")
+    providers: ProviderChoice = Field(
+        default="auto",
+        description="ONNX Runtime provider: auto (CUDA when it really runs), cuda, cpu",
+    )
+    threads: int = Field(
+        default=0,
+        ge=0,
+        description="ONNX Runtime intra-op threads per session (0: CPUs usable here)",
+    )
+    io_binding: IOBindingChoice = Field(
+        default="auto", description="ONNX Runtime IO binding: auto (on with CUDA), on, off"
+    )
+    max_request_bytes: int = Field(
+        default=64 * 1024 * 1024,
+        gt=0,
+        description="largest accepted request body in bytes (413 beyond)",
+    )
+    api_key: SecretStr | None = Field(
+        default=None, description="when set, repository load/unload need this key"
+    )
+    log_format: LogFormat = Field(default="text", description="log line format: text or json")
+    log_level: LogLevel = Field(default="info", description="root log level")
+    access_log: bool = Field(default=True, description="log one line per HTTP request")
+    poll_interval: float = Field(
+        default=0.0, ge=0.0, description="seconds between repository rescans (0: off)"
+    )
+
+    @field_validator("api_key", mode="after")
+    @classmethod
+    def _empty_key_is_no_key(cls, value: SecretStr | None) -> SecretStr | None:
+        # FOLDSERVE_API_KEY= (empty) must not become a key that an empty header matches.
+        return value if value is not None and value.get_secret_value() else None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings from the environment (cached: read once)."""
+    return Settings()

@@ -1,0 +1,276 @@
+"""Fixtures for the service tests: real trained models, hand-built ONNX models, live servers.
+
+Only these fixtures import training (and so torch); the service under test never does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import uvicorn
+from fastapi import FastAPI
+from onnx import TensorProto, helper, numpy_helper
+
+from service.app import create_app
+from service.settings import Settings
+
+API_KEY = "test-key"
+MAX_REQUEST_BYTES = 1 << 20  # small, so 413 is cheap to provoke
+
+
+# -- models ------------------------------------------------------------------
+
+
+def linear_model(in_dim: int, out_dim: int, seed: int = 0) -> onnx.ModelProto:
+    """x (N, in_dim) -> x @ W + b (N, out_dim), FP32."""
+    rng = np.random.default_rng(seed)
+    w = rng.normal(size=(in_dim, out_dim)).astype(np.float32)
+    b = rng.normal(size=out_dim).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "W", "b"], ["scores"])],
+        "linear",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", in_dim])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", out_dim])],
+        [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "b")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+
+
+def two_io_model() -> onnx.ModelProto:
+    """a, b (N, 3) FP32 -> sum = a + b, product = a * b."""
+    spec = [("a", TensorProto.FLOAT), ("b", TensorProto.FLOAT)]
+    graph = helper.make_graph(
+        [
+            helper.make_node("Add", ["a", "b"], ["sum"]),
+            helper.make_node("Mul", ["a", "b"], ["product"]),
+        ],
+        "two_io",
+        [helper.make_tensor_value_info(n, t, ["N", 3]) for n, t in spec],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", 3]) for n in ("sum", "product")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+
+
+def _tensor(array: np.ndarray) -> dict[str, Any]:
+    return {"datatype": "FP32", "shape": list(array.shape), "data": array.ravel().tolist()}
+
+
+def write_version(
+    repo: Path,
+    name: str,
+    version: int,
+    model: onnx.ModelProto,
+    *,
+    labels: list[str] | None = None,
+    edit: Callable[[dict[str, Any]], None] | None = None,
+) -> Path:
+    """Write a complete version the way the training side does (temp dir, then rename).
+
+    ``edit`` may change the metadata before it is written (to break it on purpose).
+    The unfolded file is the same graph (tests only need it to exist and match).
+    """
+    data = model.SerializeToString()
+    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(version)
+    ref_in = {
+        i.name: rng.normal(size=(3, *i.shape[1:])).astype(np.float32) for i in session.get_inputs()
+    }
+    ref_out = dict(
+        zip([o.name for o in session.get_outputs()], session.run(None, ref_in), strict=True)
+    )
+    meta: dict[str, Any] = {
+        "format": "foldserve-model/1",
+        "name": name,
+        "version": version,
+        "files": {"folded": "model.onnx", "unfolded": "model.unfolded.onnx"},
+        "sha256": {
+            f: hashlib.sha256(data).hexdigest() for f in ("model.onnx", "model.unfolded.onnx")
+        },
+        "inputs": [
+            {"name": i.name, "datatype": "FP32", "shape": [-1, *i.shape[1:]]}
+            for i in session.get_inputs()
+        ],
+        "outputs": [
+            {"name": o.name, "datatype": "FP32", "shape": [-1, *o.shape[1:]]}
+            for o in session.get_outputs()
+        ],
+        "labels": labels or [],
+        "fold_report": {"folded": [], "kept": [{"bn": "bn0", "reason": "test model"}]},
+        "bn_nodes": {"folded": 0, "unfolded": 0},
+        "reference": {
+            "inputs": {k: _tensor(v) for k, v in ref_in.items()},
+            "outputs": {k: _tensor(v) for k, v in ref_out.items()},
+            "atol": 1e-5,
+        },
+    }
+    if edit is not None:
+        edit(meta)
+    tmp = repo / name / f".tmp-{version}"
+    tmp.mkdir(parents=True)
+    (tmp / "model.onnx").write_bytes(data)
+    (tmp / "model.unfolded.onnx").write_bytes(data)
+    (tmp / "metadata.json").write_text(json.dumps(meta))
+    final = repo / name / str(version)
+    tmp.rename(final)
+    return final
+
+
+@dataclass
+class ModelStore:
+    """A repository of real models trained and exported once per test session."""
+
+    root: Path
+    runs: dict[str, Path]
+
+    def copy_to(self, target: Path) -> Path:
+        shutil.copytree(self.root, target)
+        return target
+
+
+@pytest.fixture(scope="session")
+def model_store(tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
+    from training.data import load_dataset
+    from training.export import export_run
+    from training.train import DatasetSpec, TrainConfig, save_run, train
+    from training.zoo import ModelConfig
+
+    base = tmp_path_factory.mktemp("store")
+    root, runs = base / "models", {}
+    for name, model, dataset, width in (
+        ("digits_cnn", "cnn", "digits", 8),
+        ("breast_cancer_mlp", "mlp", "breast_cancer", 16),
+    ):
+        ds = load_dataset(dataset, seed=0)
+        mcfg = ModelConfig(model, ds.input_shape, ds.num_classes, width=width)
+        tcfg = TrainConfig(epochs=1, seed=0)
+        run_dir = base / "runs" / name
+        save_run(
+            run_dir,
+            train(mcfg, ds, tcfg, progress=False),
+            mcfg,
+            DatasetSpec(dataset),
+            tcfg,
+            ds.labels,
+        )
+        export_run(run_dir, root, name)
+        runs[name] = run_dir
+    write_version(root, "two_io", 1, two_io_model())
+    write_version(root, "linear", 1, linear_model(4, 5), labels=["a", "b", "c", "d", "e"])
+    return ModelStore(root, runs)
+
+
+# -- live servers ------------------------------------------------------------
+
+
+@dataclass
+class LiveServer:
+    url: str
+    port: int
+    app: FastAPI
+    repository: Path
+
+    def client(self, **kwargs: Any) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=10.0, **kwargs)
+
+
+@contextmanager
+def live_server(settings: Settings, wait_ready: bool = True) -> Iterator[LiveServer]:
+    """A real uvicorn server on 127.0.0.1 (an ephemeral port) in a background thread."""
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=0, log_config=None, access_log=False, lifespan="on"
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    live = LiveServer(f"http://127.0.0.1:{port}", port, app, settings.repository)
+    try:
+        if wait_ready:
+            with live.client() as client:
+                while client.get("/v2/health/ready").status_code != 200:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("repository did not become ready")
+                    time.sleep(0.02)
+        yield live
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def server_settings(repository: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "repository": repository,
+        "providers": "cpu",
+        "threads": 1,
+        "max_request_bytes": MAX_REQUEST_BYTES,
+        "api_key": API_KEY,
+        "access_log": True,
+        **overrides,
+    }
+    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+@pytest.fixture(scope="session")
+def server(
+    model_store: ModelStore, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LiveServer]:
+    """The shared server: read-only use (tests that change the repository use fresh_server)."""
+    repo = model_store.copy_to(tmp_path_factory.mktemp("shared") / "models")
+    with live_server(server_settings(repo)) as live:
+        yield live
+
+
+@pytest.fixture
+def client(server: LiveServer) -> Iterator[httpx.Client]:
+    with server.client() as c:
+        yield c
+
+
+@pytest.fixture
+def fresh_server(model_store: ModelStore, tmp_path: Path) -> Callable[..., Any]:
+    """A factory: ``with fresh_server(repo=None, **settings) as live`` runs a server of its own,
+    over ``repo`` or else a private copy of the store."""
+
+    @contextmanager
+    def start(
+        repo: Path | None = None, wait_ready: bool = True, **overrides: Any
+    ) -> Iterator[LiveServer]:
+        repo = repo or model_store.copy_to(tmp_path / "models")
+        with live_server(server_settings(repo, **overrides), wait_ready) as live:
+            yield live
+
+    return start
+
+
+@dataclass(frozen=True)
+class Builders:
+    """Hand-built ONNX models and the repository writer, for tests that need no training."""
+
+    write_version: Callable[..., Path] = write_version
+    linear_model: Callable[..., onnx.ModelProto] = linear_model
+    two_io_model: Callable[[], onnx.ModelProto] = two_io_model
+
+
+@pytest.fixture(scope="session")
+def build() -> Builders:
+    return Builders()
