@@ -271,5 +271,23 @@ def defaults_cmd(
         )
 
 
+@app.command("experiment")
+def experiment_cmd(
+    names: Annotated[list[str], typer.Argument(help="experiment names, or 'all'")],
+    quick: Annotated[bool, typer.Option(help="seconds-long smoke run")] = False,
+    out: Annotated[Path, typer.Option(help="report directory")] = Path("docs"),
+    seeds: Annotated[int | None, typer.Option(min=2, help="seeds per configuration")] = None,
+) -> None:
+    """Test BN's common claims against its no-BN twin; write the report, JSON and plots."""
+    from training.experiments import ExperimentError, run_experiments
+
+    try:
+        report = run_experiments(names, quick=quick, out_dir=out, seeds=seeds, progress=True)
+    except ExperimentError as err:
+        fail(str(err))
+        return
+    console.print(f"wrote {report}", highlight=False)
+
+
 if __name__ == "__main__":
     app()
