@@ -17,11 +17,13 @@ from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 from swagger_ui_bundle import swagger_ui_path
 
+from service.batching import BatcherRegistry
 from service.errors import install_error_handlers
+from service.latency import FoldLatencyLab
 from service.metrics import ServiceMetrics
 from service.middleware import RequestContextMiddleware
 from service.repository import ModelRepository
-from service.routes import docs, health, infer, models, repository
+from service.routes import docs, health, infer, latency, models, repository, ui
 from service.routes.models import server_version
 from service.runtime import SessionFactory
 from service.settings import Settings, get_settings
@@ -69,11 +71,17 @@ def create_app(settings: Settings | None = None, repo: ModelRepository | None = 
         docs_url=None,
         redoc_url=None,
         lifespan=lifespan,
+        # FoldServe reports through its own Prometheus metrics; FastAPI's OpenTelemetry hook
+        # would otherwise look up the global providers on every request.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.settings = settings
     app.state.repository = repo
     app.state.metrics = service_metrics
+    app.state.batchers = BatcherRegistry(settings, service_metrics)
+    app.state.fold_latency = FoldLatencyLab(settings.fold_latency_max_seconds)
     install_error_handlers(app)
+    app.add_middleware(infer.InferenceLane)  # inside RequestContextMiddleware: added first
     app.add_middleware(
         RequestContextMiddleware,
         max_request_bytes=settings.max_request_bytes,
@@ -82,4 +90,6 @@ def create_app(settings: Settings | None = None, repo: ModelRepository | None = 
     app.mount(docs.SWAGGER_STATIC, StaticFiles(directory=swagger_ui_path), name="swagger-ui")
     for router in (health.router, models.router, infer.router, repository.router, docs.router):
         app.include_router(router)
+    app.include_router(latency.router)
+    app.include_router(ui.router)
     return app

@@ -1,17 +1,22 @@
 """Inference on a loaded model: check the request against the model, run, shape the answer.
 
-Blocking work (decoding, ONNX Runtime, encoding) happens here, off the event
-loop: routes call these functions in a worker thread.
+The request is decoded and checked, queued on the model version's dynamic
+batcher (:mod:`service.batching`), which runs ONNX Runtime in a worker thread,
+and its own rows are encoded. Decoding and encoding run on the event loop for
+small bodies (cheaper than a thread hop) and in a worker thread for large ones,
+so a big JSON body never stalls the loop for long.
 """
 
 from __future__ import annotations
 
-import json
-import time
+import asyncio
+import weakref
+from collections.abc import Callable
+from typing import TypeVar
 
 import numpy as np
-from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
+from service.batching import BatcherRegistry, Outputs, Receive
 from service.codecs import (
     DecodedRequest,
     EncodedResponse,
@@ -20,15 +25,21 @@ from service.codecs import (
     RequestedOutput,
     cast_exact,
     decode_infer_request,
+    dump_json,
     encode_infer_response,
     json_array,
     parse_json_object,
 )
 from service.errors import BadRequest
-from service.metrics import RequestRecord, ServiceMetrics
+from service.metrics import RequestRecord
 from service.protocol import V2_DATATYPES
 from service.repository import ModelRepository
 from service.runtime import LoadedModel
+
+# Per loaded model, the outputs of a request that names none (read-only; weakly keyed).
+_EVERY_OUTPUT: weakref.WeakKeyDictionary[LoadedModel, list[RequestedOutput]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def _names(items: list[str]) -> str:
@@ -37,7 +48,7 @@ def _names(items: list[str]) -> str:
 
 def prepare_feeds(model: LoadedModel, inputs: list[InputTensor]) -> dict[str, np.ndarray]:
     """Inputs checked against the model (names, shapes, lossless datatype conversion)."""
-    specs = {spec.name: spec for spec in model.inputs}
+    specs = model.input_specs
     feeds: dict[str, np.ndarray] = {}
     for tensor in inputs:
         spec = specs.get(tensor.name)
@@ -64,16 +75,20 @@ def prepare_feeds(model: LoadedModel, inputs: list[InputTensor]) -> dict[str, np
     missing = [name for name in specs if name not in feeds]
     if missing:
         raise BadRequest(f"missing input(s) {_names(missing)} of model '{model.name}'")
-    batches = {feeds[s.name].shape[0] for s in model.inputs if s.shape[:1] == (-1,)}
-    if len(batches) > 1:
-        raise BadRequest(f"inputs disagree on the batch size: {sorted(batches)}")
+    if len(feeds) > 1:
+        batches = {feeds[s.name].shape[0] for s in model.inputs if s.shape[:1] == (-1,)}
+        if len(batches) > 1:
+            raise BadRequest(f"inputs disagree on the batch size: {sorted(batches)}")
     return feeds
 
 
 def select_outputs(model: LoadedModel, request: DecodedRequest) -> list[RequestedOutput]:
     """The outputs to return: those asked for (checked), else all of them."""
     if request.outputs is None:
-        return [RequestedOutput(name, None, 0) for name in model.output_names]
+        every = _EVERY_OUTPUT.get(model)
+        if every is None:
+            every = _EVERY_OUTPUT[model] = [RequestedOutput(n, None, 0) for n in model.output_names]
+        return every
     seen: set[str] = set()
     for wanted in request.outputs:
         if wanted.name not in model.output_names:
@@ -105,61 +120,83 @@ def classify(scores: np.ndarray, k: int, labels: list[str]) -> np.ndarray:
     return out.reshape((*scores.shape[:-1], k))
 
 
-def run_model(
-    model: LoadedModel, feeds: dict[str, np.ndarray], names: list[str], metrics: ServiceMetrics
-) -> dict[str, np.ndarray]:
-    """ONNX Runtime call, timed; a shape the runtime rejects is the client's error."""
-    start = time.perf_counter()
-    try:
-        results = model.run(feeds, names)
-    except InvalidArgument as err:
-        raise BadRequest(f"the model rejected the inputs: {str(err).splitlines()[0]}") from err
-    batch = next(iter(feeds.values())).shape[0] if feeds else 0
-    metrics.observe_inference(model.name, str(model.version), time.perf_counter() - start, batch)
-    return results
+# Bodies (bytes) and outputs (elements) up to these sizes are handled on the event loop.
+INLINE_BODY_BYTES = 64 * 1024
+INLINE_OUTPUT_ELEMENTS = 16 * 1024
+
+T = TypeVar("T")
 
 
-def infer_v2(
-    repository: ModelRepository,
-    metrics: ServiceMetrics,
-    record: RequestRecord,
-    target: tuple[str, str | None],
-    body: bytes,
-    header_length: str | None,
+async def _off_loop_if(large: bool, work: Callable[[], T]) -> T:
+    return await asyncio.to_thread(work) if large else work()
+
+
+def _parse_v2(
+    model: LoadedModel, body: bytes, header_length: str | None
+) -> tuple[DecodedRequest, dict[str, np.ndarray], list[RequestedOutput]]:
+    request = decode_infer_request(body, header_length)
+    return request, prepare_feeds(model, request.inputs), select_outputs(model, request)
+
+
+def _encode_v2(
+    model: LoadedModel,
+    request: DecodedRequest,
+    wanted: list[RequestedOutput],
+    results: Outputs,
     request_id: str,
 ) -> EncodedResponse:
-    """Answer one V2 infer request for ``target`` = (model name, version or None)."""
-    model = repository.get(*target)
-    record.version = str(model.version)
-    request = decode_infer_request(body, header_length)
-    feeds = prepare_feeds(model, request.inputs)
-    wanted = select_outputs(model, request)
-    results = run_model(model, feeds, [w.name for w in wanted], metrics)
     outputs = []
     for w in wanted:
         binary = request.binary_output if w.binary is None else w.binary
         array = results[w.name]
         if w.classification:
-            outputs.append(
-                OutputTensor(
-                    w.name, "BYTES", classify(array, w.classification, model.labels), binary
-                )
-            )
+            top = classify(array, w.classification, model.labels)
+            outputs.append(OutputTensor(w.name, "BYTES", top, binary))
         else:
             outputs.append(OutputTensor(w.name, V2_DATATYPES[array.dtype], array, binary))
     return encode_infer_response(model.name, str(model.version), request.id or request_id, outputs)
 
 
-def predict_v1(
+def _output_elements(results: Outputs) -> int:
+    total = 0
+    for array in results.values():
+        total += array.size
+    return total
+
+
+async def infer_v2(
     repository: ModelRepository,
-    metrics: ServiceMetrics,
+    batchers: BatcherRegistry,
     record: RequestRecord,
-    name: str,
+    target: tuple[str, str | None],
     body: bytes,
-) -> bytes:
-    """V1 ``{"instances": [...]}`` -> ``{"predictions": [...]}``: one instance per sample."""
-    model = repository.get(name)
+    header_length: str | None,
+    request_id: str,
+    receive: Receive | None = None,
+) -> EncodedResponse:
+    """Answer one V2 infer request for ``target`` = (model name, version or None).
+
+    ``receive`` (the request's ASGI receive, body already read) lets a client
+    that disconnects take its queued request with it.
+    """
+    model = repository.get(*target)
     record.version = str(model.version)
+    large = len(body) > INLINE_BODY_BYTES
+    request, feeds, wanted = await _off_loop_if(
+        large, lambda: _parse_v2(model, body, header_length)
+    )
+    batcher = batchers.batcher(model, repository.batching(model.name))
+    timeout = request.timeout_us / 1e6 if request.timeout_us else batchers.timeout_s
+    results = await batcher.run(
+        model, feeds, [w.name for w in wanted], timeout_s=timeout, receive=receive
+    )
+    return await _off_loop_if(
+        _output_elements(results) > INLINE_OUTPUT_ELEMENTS,
+        lambda: _encode_v2(model, request, wanted, results, request_id),
+    )
+
+
+def _parse_v1(model: LoadedModel, name: str, body: bytes) -> np.ndarray:
     if len(model.inputs) != 1:
         raise BadRequest(
             f"V1 predict serves single-input models; '{name}' takes {len(model.inputs)} "
@@ -180,11 +217,36 @@ def predict_v1(
                 f"got {list(array.shape[1:])}"
             )
         array = array.reshape((array.shape[0], *sample))
-    results = run_model(model, {spec.name: array}, model.output_names, metrics)
+    return array
+
+
+def _encode_v1(model: LoadedModel, results: Outputs, samples: int) -> bytes:
     if len(results) == 1:
-        predictions = next(iter(results.values())).tolist()
+        predictions: object = next(iter(results.values()))
     else:
-        predictions = [
-            {n: results[n][i].tolist() for n in model.output_names} for i in range(len(array))
-        ]
-    return json.dumps({"predictions": predictions}, separators=(",", ":")).encode()
+        predictions = [{n: results[n][i] for n in model.output_names} for i in range(samples)]
+    return dump_json({"predictions": predictions}, results.values())
+
+
+async def predict_v1(
+    repository: ModelRepository,
+    batchers: BatcherRegistry,
+    record: RequestRecord,
+    name: str,
+    body: bytes,
+    receive: Receive | None = None,
+) -> bytes:
+    """V1 ``{"instances": [...]}`` -> ``{"predictions": [...]}``: one instance per sample."""
+    model = repository.get(name)
+    record.version = str(model.version)
+    large = len(body) > INLINE_BODY_BYTES
+    array = await _off_loop_if(large, lambda: _parse_v1(model, name, body))
+    spec = model.inputs[0]
+    batcher = batchers.batcher(model, repository.batching(model.name))
+    results = await batcher.run(
+        model, {spec.name: array}, model.output_names, timeout_s=batchers.timeout_s, receive=receive
+    )
+    return await _off_loop_if(
+        _output_elements(results) > INLINE_OUTPUT_ELEMENTS,
+        lambda: _encode_v1(model, results, len(array)),
+    )

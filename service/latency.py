@@ -1,127 +1,391 @@
-"""Folded-vs-unfolded latency on the live runtime: two ORT sessions in, a report out.
+"""Folded-vs-unfolded latency on the live runtime: a loaded model in, a report out.
 
-Both sessions run on the same provider and thread settings, on the same inputs,
-interleaved (A B A B ..., with the order alternating each round) after warm-up, so
-that machine noise hits both variants alike.
+Both variants run on the same provider and thread settings (the sessions come
+from the model's own :class:`SessionFactory`), on the same random inputs drawn
+from the model's input spec, interleaved after warm-up: run ``i`` of the folded
+and of the unfolded session are back to back, their order alternating each
+round, so that machine noise hits both variants alike and the pair can be
+resampled together (see :mod:`service.stats`).
+
+:class:`FoldLatencyLab` adds what the HTTP route needs around one measurement:
+one at a time, off the event loop, and the last report per model kept.
 """
 
 from __future__ import annotations
 
-import os
-import platform
-import subprocess
+import logging
+import math
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields, replace
+from datetime import UTC, datetime
 from typing import Any
 
+import anyio
 import numpy as np
+import onnx
 import onnxruntime as ort
 
-from service.stats import paired_speedup, summarize
+from service.bn_graph import batchnorm_after_ort, batchnorm_inputs, batchnorm_nodes
+from service.errors import ServiceError
+from service.machine import machine_facts
+from service.metadata import ModelVersionError, TensorSpec, verified_bytes
+from service.runtime import LoadedModel
+from service.stats import LatencySummary, Speedup, paired_speedup, summarize
 
-# ORT fuses Conv+BatchNormalization itself at its BASIC level, not Gemm+BatchNormalization.
-_CASE_DEFAULT = (
-    "ONNX Runtime graph optimizations ON ({level}): what a user gets. ORT already fuses "
-    "Conv+BatchNormalization itself, so for a CNN the unfolded file is folded by the runtime "
-    "and little gain is expected; it does not fuse Gemm+BatchNormalization (Linear followed by "
-    "BatchNorm1d), where folding still pays."
-)
-_CASE_ISOLATED = (
-    "ONNX Runtime graph optimizations DISABLED in both sessions: this isolates what folding "
-    "itself buys (every BatchNormalization node of the unfolded file really runs)."
-)
-NP_TYPES = {
-    "tensor(float)": np.float32,
-    "tensor(float16)": np.float16,
-    "tensor(double)": np.float64,
-    "tensor(int64)": np.int64,
-    "tensor(int32)": np.int32,
-    "tensor(uint8)": np.uint8,
-    "tensor(bool)": np.bool_,
-}
+log = logging.getLogger(__name__)
+
+# The ops after which ONNX Runtime fuses a BatchNormalization node by itself (ConvBNFusion).
+ORT_FUSES_AFTER = frozenset({"Conv"})
+
+
+class MeasurementBusy(ServiceError):
+    """Another fold-latency measurement is running (one at a time: they share the CPUs)."""
+
+    status_code = 429
+
+
+class NotMeasurable(ServiceError):
+    """The version cannot be measured: its unfolded file is missing or changed on disk,
+    or its inputs have dynamic axes with no size to draw."""
+
+    status_code = 409
+
+
+class NoReportYet(ServiceError):
+    """``cached=true`` for a model that has not been measured since the server started."""
+
+    status_code = 404
 
 
 @dataclass(frozen=True)
 class LatencyParams:
+    """What to measure; ``max_seconds`` stops the timed loop early (``time_limited``)."""
+
     batch_size: int = 1
     iterations: int = 200
     warmup: int = 20
     isolate: bool = False
     seed: int = 0
+    max_seconds: float = math.inf
 
 
-def random_feeds(session: ort.InferenceSession, batch_size: int, seed: int) -> dict[str, Any]:
-    """Random inputs drawn from the session's input spec; the batch axis set to ``batch_size``."""
+class Progress:
+    """The fraction of a measurement done, written by the measuring thread only."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.fraction = 0.0
+
+    def seconds_left(self, limit: float) -> float:
+        """A guess of the time left: from the pace so far, at most until ``limit`` seconds
+        after the start (where timing stops)."""
+        elapsed = time.monotonic() - self.started
+        by_limit = max(0.0, limit - elapsed)
+        if self.fraction <= 0.0:
+            return by_limit
+        return min(by_limit, elapsed * (1.0 - self.fraction) / self.fraction)
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Per-call wall times in seconds, pair ``i`` = run ``i`` of each variant."""
+
+    folded_s: np.ndarray
+    unfolded_s: np.ndarray
+    max_abs_diff: float | None  # None: an output was NaN/inf in one variant
+    seconds: float  # wall time of warm-up plus timed runs
+    time_limited: bool
+
+
+@dataclass(frozen=True)
+class VariantReport:
+    file: str
+    bn_nodes: int
+    latency: LatencySummary
+
+
+@dataclass(frozen=True)
+class FoldLatencyReport:
+    """The body of ``GET /v2/models/{name}/fold-latency`` (see ``docs/latency.md``)."""
+
+    model_name: str
+    model_version: str
+    measured_at: str
+    case: str
+    case_description: str
+    isolate: bool
+    graph_optimization_level: str
+    provider: str
+    providers: list[str]
+    threads: int
+    batch_size: int
+    iterations: int
+    iterations_completed: int
+    warmup: int
+    seed: int
+    seconds: float
+    time_limited: bool
+    folded: VariantReport
+    unfolded: VariantReport
+    speedup: Speedup
+    verdict: str
+    max_abs_diff: float | None
+    bn_nodes: dict[str, int]
+    unfolded_bn_inputs: dict[str, int]
+    unfolded_bn_nodes_after_ort: int | None
+    machine: dict[str, Any]
+    samples_ms: dict[str, list[float]] = field(default_factory=dict)
+
+    def to_dict(self, *, samples: bool = False) -> dict[str, Any]:
+        """JSON-ready; ``samples`` adds the per-run latencies (ms) of both variants."""
+        body = {f.name: getattr(self, f.name) for f in fields(self)}
+        body["speedup"] = self.speedup.to_dict()
+        for name in ("folded", "unfolded"):
+            variant: VariantReport = body[name]
+            body[name] = {
+                "file": variant.file,
+                "bn_nodes": variant.bn_nodes,
+                **variant.latency.to_dict(),
+            }
+        body["samples_ms"] = self.samples_ms if samples else None
+        return body
+
+
+# -- inputs, graphs, machine ----------------------------------------------------
+
+
+def random_feeds(
+    specs: list[TensorSpec],
+    batch_size: int,
+    seed: int,
+    reference_shapes: dict[str, tuple[int, ...]] | None = None,
+) -> dict[str, np.ndarray]:
+    """Random inputs for ``specs``: axis 0 is ``batch_size``; other dynamic axes (-1)
+    take the size of the reference batch's input. Floats ~ N(0, 1), integers in
+    [0, 10), booleans fair coins.
+
+    Raises ``ValueError`` when a dynamic axis has no reference size.
+    """
     rng = np.random.default_rng(seed)
-    feeds: dict[str, Any] = {}
-    for arg in session.get_inputs():
-        dims = [batch_size if i == 0 else d for i, d in enumerate(arg.shape)]
-        if any(not isinstance(d, int) for d in dims):
-            raise ValueError(f"input {arg.name!r} has symbolic non-batch dims {arg.shape}")
-        dtype = NP_TYPES.get(arg.type)
-        if dtype is None:
-            raise ValueError(f"input {arg.name!r} has unsupported type {arg.type}")
-        feeds[arg.name] = rng.normal(size=dims).astype(dtype)
+    feeds: dict[str, np.ndarray] = {}
+    for spec in specs:
+        ref = (reference_shapes or {}).get(spec.name, ())
+        dims = []
+        for axis, size in enumerate(spec.shape):
+            if axis == 0:
+                dims.append(batch_size)
+            elif size >= 0:
+                dims.append(size)
+            elif axis < len(ref):
+                dims.append(ref[axis])
+            else:
+                raise ValueError(f"input '{spec.name}' axis {axis} is dynamic; no size to use")
+        kind = spec.dtype.kind
+        if kind == "f":
+            feeds[spec.name] = rng.standard_normal(dims).astype(spec.dtype)
+        elif kind in "iu":
+            feeds[spec.name] = rng.integers(0, 10, size=dims).astype(spec.dtype)
+        else:
+            feeds[spec.name] = rng.random(dims) < 0.5
     return feeds
 
 
-def machine_facts(providers: list[str]) -> dict[str, Any]:
-    facts: dict[str, Any] = {
-        "cpu_count": os.cpu_count(),
-        "machine": platform.machine(),
-        "onnxruntime": ort.__version__,
-        "gpu": None,
-    }
-    if "CUDAExecutionProvider" in providers:
-        try:
-            out = subprocess.run(
-                ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                capture_output=True,
-                text=True,
-                timeout=5,
-                check=False,
-            )
-            facts["gpu"] = out.stdout.strip().splitlines()[0] if out.stdout.strip() else None
-        except (OSError, subprocess.SubprocessError):
-            facts["gpu"] = "unknown CUDA device"
-    return facts
-
-
-def measure(
-    folded: ort.InferenceSession, unfolded: ort.InferenceSession, params: LatencyParams
-) -> dict[str, Any]:
-    """Time both sessions interleaved; return the report body (ms, samples/s, speedup CI)."""
-    feeds = random_feeds(folded, params.batch_size, params.seed)
-    out_f = folded.run(None, feeds)
-    out_u = unfolded.run(None, feeds)
-    diff = max(
-        float(np.abs(a.astype(np.float64) - b).max()) for a, b in zip(out_f, out_u, strict=True)
+def describe_case(isolate: bool, bn_inputs: dict[str, int], after_ort: int | None) -> str:
+    """The measured case in words: what the numbers mean and what to expect."""
+    fusable = sum(n for op, n in bn_inputs.items() if op in ORT_FUSES_AFTER)
+    other = sum(bn_inputs.values()) - fusable
+    if isolate:
+        return (
+            "ONNX Runtime graph optimizations disabled (ORT_DISABLE_ALL) in both sessions: "
+            f"all {fusable + other} BatchNormalization nodes of the unfolded file run as "
+            "written, so this isolates what folding itself buys."
+        )
+    left = "" if after_ort is None else f" After ORT's optimization {after_ort} remain."
+    return (
+        "ONNX Runtime graph optimizations on (ORT_ENABLE_ALL), as served: what a user gets. "
+        "ORT fuses Conv+BatchNormalization by itself but not Gemm+BatchNormalization "
+        f"(Linear followed by BatchNorm1d). The unfolded file has {fusable} BN node(s) after "
+        f"a Conv, which ORT folds on its own, and {other} elsewhere, which it does not.{left} "
+        "Folding pays here only for the ones ORT leaves."
     )
+
+
+def verdict(speedup: Speedup) -> str:
+    ratio, low, high = speedup.ratio, speedup.ci_low, speedup.ci_high
+    interval = f"(95% CI {low:.3f}-{high:.3f})"
+    if low > 1.0:
+        return f"folded is {ratio:.2f}x as fast as unfolded {interval}"
+    if high < 1.0:
+        return f"folded is slower: {ratio:.2f}x {interval}"
+    return f"no difference resolved: {ratio:.2f}x {interval} includes 1"
+
+
+# -- timing ---------------------------------------------------------------------
+
+
+def _max_abs_diff(a: list[Any], b: list[Any]) -> float | None:
+    worst = 0.0
+    for x, y in zip(a, b, strict=True):
+        diff = np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))
+        if diff.size and not np.isfinite(diff).all():
+            return None
+        worst = max(worst, float(diff.max(initial=0.0)))
+    return worst
+
+
+def time_interleaved(
+    folded: ort.InferenceSession,
+    unfolded: ort.InferenceSession,
+    feeds: dict[str, np.ndarray],
+    params: LatencyParams,
+    progress: Progress | None = None,
+) -> Timings:
+    """Warm up, then time ``params.iterations`` interleaved pairs of ``session.run`` calls.
+
+    Stops after the pair that crosses ``params.max_seconds`` (from the start,
+    warm-up included), keeping at least two pairs.
+    """
+    start = time.perf_counter()
+    diff = _max_abs_diff(folded.run(None, feeds), unfolded.run(None, feeds))
     for _ in range(params.warmup):
         folded.run(None, feeds)
         unfolded.run(None, feeds)
     tf, tu = np.empty(params.iterations), np.empty(params.iterations)
     clock = time.perf_counter
+    deadline = start + params.max_seconds
+    done = 0
     for i in range(params.iterations):
         order = ((folded, tf), (unfolded, tu)) if i % 2 == 0 else ((unfolded, tu), (folded, tf))
-        for sess, times in order:
+        for session, times in order:
             t0 = clock()
-            sess.run(None, feeds)
+            session.run(None, feeds)
             times[i] = clock() - t0
-    level = "ORT_DISABLE_ALL" if params.isolate else "ORT_ENABLE_ALL"
-    providers = folded.get_providers()
-    return {
-        "folded": summarize(tf, params.batch_size).to_dict(),
-        "unfolded": summarize(tu, params.batch_size).to_dict(),
-        "speedup": paired_speedup(tu, tf).to_dict(),
-        "max_abs_diff": diff,
-        "provider": providers[0],
-        "providers": providers,
-        "graph_optimization_level": level,
-        "isolate": params.isolate,
-        "case": (_CASE_ISOLATED if params.isolate else _CASE_DEFAULT.format(level=level)),
-        "batch_size": params.batch_size,
-        "iterations": params.iterations,
-        "warmup": params.warmup,
-        "machine": machine_facts(providers),
+        done = i + 1
+        if progress is not None:
+            progress.fraction = done / params.iterations
+        if done >= 2 and clock() > deadline:
+            break
+    return Timings(
+        tf[:done], tu[:done], diff, clock() - start, time_limited=done < params.iterations
+    )
+
+
+def measure_model(
+    model: LoadedModel, params: LatencyParams, progress: Progress | None = None
+) -> FoldLatencyReport:
+    """Measure ``model``'s folded against its unfolded file (blocking; call it off the loop).
+
+    Raises :class:`service.metadata.ModelVersionError` when a file is missing or
+    no longer matches its sha256, :class:`NotMeasurable` for inputs it cannot draw.
+    """
+    meta = model.metadata
+    optimized = not params.isolate
+    folded = model.session("folded", optimized=optimized)
+    unfolded = model.session("unfolded", optimized=optimized)
+    reference = {name: a.shape for name, a in meta.reference.inputs.items()}
+    try:
+        feeds = random_feeds(model.inputs, params.batch_size, params.seed, reference)
+    except ValueError as err:
+        raise NotMeasurable(f"model '{model.name}' cannot be measured: {err}") from err
+    timings = time_interleaved(folded, unfolded, feeds, params, progress)
+
+    folded_bytes = verified_bytes(model.version_dir, meta.folded_file, meta.sha256)
+    unfolded_bytes = verified_bytes(model.version_dir, meta.unfolded_file, meta.sha256)
+    unfolded_graph = onnx.load_model_from_string(unfolded_bytes)
+    bn = {
+        "folded": batchnorm_nodes(onnx.load_model_from_string(folded_bytes)),
+        "unfolded": batchnorm_nodes(unfolded_graph),
     }
+    bn_inputs = batchnorm_inputs(unfolded_graph)
+    provider = folded.get_providers()[0]
+    after_ort = None if params.isolate else batchnorm_after_ort(unfolded_bytes, provider)
+    tf, tu, batch = timings.folded_s, timings.unfolded_s, params.batch_size
+    speedup = paired_speedup(tu, tf, seed=params.seed)
+    return FoldLatencyReport(
+        model_name=model.name,
+        model_version=str(model.version),
+        measured_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        case="isolated" if params.isolate else "ort_default",
+        case_description=describe_case(params.isolate, bn_inputs, after_ort),
+        isolate=params.isolate,
+        graph_optimization_level="ORT_DISABLE_ALL" if params.isolate else "ORT_ENABLE_ALL",
+        provider=provider,
+        providers=list(folded.get_providers()),
+        threads=model.threads,
+        batch_size=params.batch_size,
+        iterations=params.iterations,
+        iterations_completed=int(timings.folded_s.size),
+        warmup=params.warmup,
+        seed=params.seed,
+        seconds=timings.seconds,
+        time_limited=timings.time_limited,
+        folded=VariantReport(meta.folded_file, bn["folded"], summarize(tf, batch)),
+        unfolded=VariantReport(meta.unfolded_file, bn["unfolded"], summarize(tu, batch)),
+        speedup=speedup,
+        verdict=verdict(speedup),
+        max_abs_diff=timings.max_abs_diff,
+        bn_nodes=bn,
+        unfolded_bn_inputs=bn_inputs,
+        unfolded_bn_nodes_after_ort=after_ort,
+        machine=machine_facts(provider),
+        samples_ms={
+            "folded": (timings.folded_s * 1e3).round(6).tolist(),
+            "unfolded": (timings.unfolded_s * 1e3).round(6).tolist(),
+        },
+    )
+
+
+# -- the service's lab: one at a time, last report per model --------------------
+
+
+class FoldLatencyLab:
+    """Runs measurements for the HTTP route: one at a time, in a worker thread of its own.
+
+    Its state is touched from the event loop only (the worker writes just its
+    :class:`Progress`), so it needs no lock beyond the one that admits a measurement.
+    """
+
+    def __init__(self, max_seconds: float = 60.0) -> None:
+        self.max_seconds = max_seconds
+        self._busy = threading.Lock()
+        self._progress: Progress | None = None
+        self._reports: dict[str, FoldLatencyReport] = {}
+        # A limiter of its own: a measurement never takes a thread token from inference.
+        self._limiter = anyio.CapacityLimiter(1)
+
+    def last(self, name: str) -> FoldLatencyReport:
+        """The last report of model ``name``; :class:`NoReportYet` when there is none."""
+        found = self._reports.get(name)
+        if found is None:
+            raise NoReportYet(
+                f"no fold-latency report for model '{name}' yet: "
+                f"GET /v2/models/{name}/fold-latency (without cached=true) measures one"
+            )
+        return found
+
+    async def measure(self, model: LoadedModel, params: LatencyParams) -> FoldLatencyReport:
+        """Measure ``model`` off the event loop; :class:`MeasurementBusy` (429) while another
+        measurement runs, with a Retry-After guessed from its pace."""
+        if not self._busy.acquire(blocking=False):
+            progress = self._progress
+            wait = progress.seconds_left(self.max_seconds) if progress else 1.0
+            raise MeasurementBusy(
+                "a fold-latency measurement is already running (one at a time); retry later",
+                headers={"Retry-After": str(max(1, math.ceil(wait)))},
+            )
+        try:
+            self._progress = progress = Progress()
+            bounded = replace(params, max_seconds=min(params.max_seconds, self.max_seconds))
+            report = await anyio.to_thread.run_sync(
+                measure_model, model, bounded, progress, limiter=self._limiter
+            )
+        except ModelVersionError as err:
+            raise NotMeasurable(
+                f"model '{model.name}' version {model.version} cannot be measured: {err}"
+            ) from err
+        finally:
+            self._progress = None
+            self._busy.release()
+        self._reports[model.name] = report
+        return report

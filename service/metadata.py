@@ -40,9 +40,12 @@ class TensorSpec:
         return NUMPY_DTYPES[self.datatype]
 
     def accepts(self, shape: tuple[int, ...]) -> bool:
-        return len(shape) == len(self.shape) and all(
-            want in (-1, got) for want, got in zip(self.shape, shape, strict=True)
-        )
+        if len(shape) != len(self.shape):
+            return False
+        for want, got in zip(self.shape, shape, strict=True):  # a loop: runs per request
+            if want != got and want != -1:
+                return False
+        return True
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,24 @@ class VersionPolicy:
         if self.kind == "specific":
             return f"specific {list(self.versions)}"
         return "all"
+
+
+@dataclass(frozen=True)
+class BatchingOverrides:
+    """A model's own batching settings from ``config.json``; None: the server's setting."""
+
+    enabled: bool | None = None
+    max_batch_size: int | None = None
+    max_queue_delay_us: int | None = None
+    max_queue_size: int | None = None
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What a model directory's optional ``config.json`` says."""
+
+    policy: VersionPolicy = VersionPolicy()
+    batching: BatchingOverrides = BatchingOverrides()
 
 
 def _require(condition: bool, message: str) -> None:
@@ -205,17 +226,47 @@ def _policy(value: Any) -> VersionPolicy:
     )
 
 
-def read_version_policy(model_dir: Path) -> VersionPolicy:
-    """The version policy of ``model_dir/config.json`` (all versions when absent)."""
+def _count(value: Any, key: str, least: int) -> int | None:
+    if value is None:
+        return None
+    _require(type(value) is int and value >= least, f"{key} must be an integer >= {least}")
+    return int(value)
+
+
+def _batching(config: dict[str, Any]) -> BatchingOverrides:
+    dynamic = config.get("dynamic_batching")
+    size = _count(config.get("max_batch_size"), "max_batch_size", 1)
+    if dynamic is None or isinstance(dynamic, bool):
+        return BatchingOverrides(enabled=dynamic, max_batch_size=size)
+    _require(
+        isinstance(dynamic, dict), "dynamic_batching must be true, false or an object of settings"
+    )
+    known = {"max_queue_delay_microseconds", "max_queue_size"}
+    unknown = sorted(set(dynamic) - known)
+    _require(not unknown, f"dynamic_batching: unknown key(s) {unknown}; known: {sorted(known)}")
+    return BatchingOverrides(
+        enabled=True,
+        max_batch_size=size,
+        max_queue_delay_us=_count(
+            dynamic.get("max_queue_delay_microseconds"),
+            "dynamic_batching.max_queue_delay_microseconds",
+            0,
+        ),
+        max_queue_size=_count(dynamic.get("max_queue_size"), "dynamic_batching.max_queue_size", 1),
+    )
+
+
+def read_model_config(model_dir: Path) -> ModelConfig:
+    """``model_dir/config.json``: version policy and batching (defaults when absent)."""
     path = model_dir / CONFIG_FILE
     if not path.is_file():
-        return VersionPolicy()
+        return ModelConfig()
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise ModelVersionError(f"{CONFIG_FILE} is unreadable: {err}") from err
     _require(isinstance(config, dict), f"{CONFIG_FILE} is not a JSON object")
-    return _policy(config.get("version_policy"))
+    return ModelConfig(_policy(config.get("version_policy")), _batching(config))
 
 
 def verified_bytes(version_dir: Path, filename: str, sha256: dict[str, str]) -> bytes:

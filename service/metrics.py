@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
+from types import TracebackType
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -28,9 +27,26 @@ LATENCY_BUCKETS = (
     10.0,
 )
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+QUEUE_BUCKETS = (
+    0.00005,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    5.0,
+)
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestRecord:
     """What an inference request resolved to; filled in while it is handled."""
 
@@ -38,8 +54,50 @@ class RequestRecord:
     version: str = ""
 
 
+@dataclass(frozen=True)
+class BatcherMetrics:
+    """One model version's queue collectors, label lookups done once (they run per batch)."""
+
+    queue_depth: Gauge
+    queue_wait: Histogram
+    batch_size: Histogram
+    batch_requests: Histogram
+    inference_seconds: Histogram
+    dropped: dict[str, Counter]  # by reason: queue_full, timeout, disconnect
+
+
+class RequestTracker:
+    """``with metrics.track_request(model) as record``: a class, not a generator (it runs
+    per request)."""
+
+    __slots__ = ("_metrics", "_record", "_start")
+
+    def __init__(self, metrics: ServiceMetrics, record: RequestRecord) -> None:
+        self._metrics = metrics
+        self._record = record
+        self._start = 0.0
+
+    def __enter__(self) -> RequestRecord:
+        self._start = time.perf_counter()
+        return self._record
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if kind is None:
+            status = 200
+        elif isinstance(error, ServiceError):
+            status = error.status_code
+        else:
+            status = 500
+        self._metrics.count_request(self._record, status, time.perf_counter() - self._start)
+
+
 class ServiceMetrics:
-    """Requests by model/version/status, request and inference latency, batch sizes."""
+    """Requests by model/version/status, request and inference latency, batch sizes, queues."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -70,31 +128,77 @@ class ServiceMetrics:
             buckets=BATCH_BUCKETS,
             registry=self.registry,
         )
+        self.batch_requests = Histogram(
+            "foldserve_batch_requests",
+            "Requests gathered into one inference call by the dynamic batcher",
+            ["model", "version"],
+            buckets=BATCH_BUCKETS,
+            registry=self.registry,
+        )
+        self.queue_depth = Gauge(
+            "foldserve_queue_depth",
+            "Requests waiting in a model version's batching queue",
+            ["model", "version"],
+            registry=self.registry,
+        )
+        self.queue_wait_seconds = Histogram(
+            "foldserve_queue_wait_seconds",
+            "Time a request waited in the batching queue before its inference call started",
+            ["model", "version"],
+            buckets=QUEUE_BUCKETS,
+            registry=self.registry,
+        )
+        self.dropped = Counter(
+            "foldserve_requests_dropped",
+            "Requests that left the queue without running: queue_full (503), "
+            "timeout (504), disconnect (client gone)",
+            ["model", "version", "reason"],
+            registry=self.registry,
+        )
+        self._request_counters: dict[tuple[str, str, int], Counter] = {}
+        self._request_timers: dict[str, Histogram] = {}
         self.models_ready = Gauge(
             "foldserve_model_versions_ready",
             "Model versions currently ready to serve",
             registry=self.registry,
         )
 
-    @contextmanager
-    def track_request(self, model: str) -> Iterator[RequestRecord]:
-        """Count and time one inference request; the status comes from the error raised, if any."""
-        record = RequestRecord(model)
-        start = time.perf_counter()
-        status = 500
-        try:
-            yield record
-            status = 200
-        except ServiceError as err:
-            status = err.status_code
-            raise
-        finally:
-            self.requests.labels(record.model, record.version, str(status)).inc()
-            self.request_seconds.labels(record.model).observe(time.perf_counter() - start)
+    def track_request(self, model: str) -> RequestTracker:
+        """Count and time one inference request (``with``): the status comes from the error
+        raised, if any."""
+        return RequestTracker(self, RequestRecord(model))
+
+    def count_request(self, record: RequestRecord, status: int, seconds: float) -> None:
+        # Labelled children are cached: labels() costs more than the update itself.
+        key = (record.model, record.version, status)
+        counter = self._request_counters.get(key)
+        if counter is None:
+            counter = self.requests.labels(record.model, record.version, str(status))
+            self._request_counters[key] = counter
+        counter.inc()
+        timer = self._request_timers.get(record.model)
+        if timer is None:
+            timer = self.request_seconds.labels(record.model)
+            self._request_timers[record.model] = timer
+        timer.observe(seconds)
 
     def observe_inference(self, model: str, version: str, seconds: float, batch: int) -> None:
         self.inference_seconds.labels(model, version).observe(seconds)
         self.batch_size.labels(model, version).observe(batch)
+
+    def batcher(self, model: str, version: str) -> BatcherMetrics:
+        """The collectors of one model version's batching queue."""
+        return BatcherMetrics(
+            queue_depth=self.queue_depth.labels(model, version),
+            queue_wait=self.queue_wait_seconds.labels(model, version),
+            batch_size=self.batch_size.labels(model, version),
+            batch_requests=self.batch_requests.labels(model, version),
+            inference_seconds=self.inference_seconds.labels(model, version),
+            dropped={
+                reason: self.dropped.labels(model, version, reason)
+                for reason in ("queue_full", "timeout", "disconnect")
+            },
+        )
 
     def render(self) -> bytes:
         """The Prometheus text exposition of this app's registry."""

@@ -23,10 +23,12 @@ import numpy as np
 
 from service.errors import ModelNotFound, ModelNotReady
 from service.metadata import (
+    BatchingOverrides,
+    ModelConfig,
     ModelVersionError,
     VersionPolicy,
     read_metadata,
-    read_version_policy,
+    read_model_config,
     verified_bytes,
 )
 from service.protocol import ORT_DATATYPES, ModelState
@@ -55,11 +57,17 @@ class ModelEntry:
     versions: dict[int, VersionStatus] = field(default_factory=dict)
     reason: str = ""  # why the model as a whole cannot serve, when it cannot
     unloaded: bool = False
+    config: ModelConfig = ModelConfig()  # from config.json as of this scan
+    _default: VersionStatus | None = field(init=False, repr=False, compare=False, default=None)
+
+    def __post_init__(self) -> None:
+        # Computed once: every unversioned request asks for it.
+        ready = [s for s in self.versions.values() if s.model is not None]
+        object.__setattr__(self, "_default", max(ready, key=lambda s: s.version, default=None))
 
     def default(self) -> VersionStatus | None:
         """The highest READY version: what an unversioned request gets."""
-        ready = [s for s in self.versions.values() if s.model is not None]
-        return max(ready, key=lambda s: s.version, default=None)
+        return self._default
 
     def ready_versions(self) -> list[int]:
         return sorted(v for v, s in self.versions.items() if s.model is not None)
@@ -182,6 +190,11 @@ class ModelRepository:
             raise ModelNotReady(f"model '{name}' has no ready version: {entry.why_not_ready()}")
         raise ModelNotReady(f"model '{name}' version {version} is not ready: {status.reason}")
 
+    def batching(self, name: str) -> BatchingOverrides:
+        """The batching settings of ``name``'s ``config.json`` (no overrides when unknown)."""
+        entry = self._models.get(name)
+        return entry.config.batching if entry is not None else BatchingOverrides()
+
     # -- scanning (serialized) -----------------------------------------------
 
     def load_all(self) -> None:
@@ -253,11 +266,15 @@ class ModelRepository:
     ) -> ModelEntry:
         model_dir = self.root / name
         try:
-            policy = read_version_policy(model_dir)
+            config = read_model_config(model_dir)
         except ModelVersionError as err:
             log.warning("model %s: %s; keeping what was served", name, err)
             kept = previous.versions if previous is not None else {}
-            return ModelEntry(name, kept, reason=f"config.json: {err}" if not kept else "")
+            old = previous.config if previous is not None else ModelConfig()
+            return ModelEntry(
+                name, kept, reason=f"config.json: {err}" if not kept else "", config=old
+            )
+        policy = config.policy
         try:
             numbers = sorted(
                 (
@@ -279,7 +296,7 @@ class ModelRepository:
             status = self._version_status(model_dir / str(number), previous, retry_failed)
             ready += status.model is not None
             statuses[number] = status
-        return ModelEntry(name, statuses)
+        return ModelEntry(name, statuses, config=config)
 
     @staticmethod
     def _policy_skip(policy: VersionPolicy, number: int, ready: int) -> str:

@@ -117,6 +117,7 @@ class LoadedModel:
         }
         self._lock = threading.Lock()
         self.output_names = [spec.name for spec in metadata.outputs]
+        self.input_specs = {spec.name: spec for spec in metadata.inputs}
 
     @property
     def inputs(self) -> list[TensorSpec]:

@@ -53,8 +53,41 @@ class Settings(BaseSettings):
     log_format: LogFormat = Field(default="text", description="log line format: text or json")
     log_level: LogLevel = Field(default="info", description="root log level")
     access_log: bool = Field(default=True, description="log one line per HTTP request")
+    fold_latency_max_seconds: float = Field(
+        default=60.0,
+        gt=0.0,
+        le=3600.0,
+        description="a fold-latency measurement stops timing after this many seconds",
+    )
     poll_interval: float = Field(
         default=0.0, ge=0.0, description="seconds between repository rescans (0: off)"
+    )
+    workers: int = Field(
+        default=0,
+        ge=0,
+        description="server processes (0: one per usable CPU, at most 8)",
+    )
+    batching: bool = Field(
+        default=True,
+        description="dynamic batching: gather concurrent requests into one ONNX Runtime call",
+    )
+    max_batch_size: int = Field(
+        default=32, ge=1, description="most samples in one batched ONNX Runtime call"
+    )
+    max_queue_delay_us: int = Field(
+        default=0,
+        ge=0,
+        description="microseconds a partial batch may wait for more requests while the "
+        "model is idle (requests that arrive while it runs batch up anyway)",
+    )
+    max_queue_size: int = Field(
+        default=512, ge=1, description="requests waiting per model version (503 beyond)"
+    )
+    request_timeout_ms: float = Field(
+        default=0.0,
+        ge=0.0,
+        description="default per-request deadline from queueing to result, 504 past it "
+        "(0: none; a request's parameters.timeout in microseconds overrides it)",
     )
 
     @field_validator("api_key", mode="after")

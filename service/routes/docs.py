@@ -23,6 +23,7 @@ async def index(request: Request) -> dict[str, Any]:
         "name": "foldserve",
         "links": {
             "docs": "/docs",
+            "ui": "/ui",
             "openapi": request.app.openapi_url,
             "server_metadata": "/v2",
             "live": "/v2/health/live",

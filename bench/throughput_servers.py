@@ -1,0 +1,202 @@
+"""The servers bench/throughput.py compares: how each is started, probed and stopped.
+
+Every server runs as its own process on 127.0.0.1, serves the same model
+files from the same repository at ``/v2/models/{name}/infer``, runs ONNX
+Runtime on the CPU, and writes no access log. KServe runs from its own
+virtual environment (it pins its own FastAPI, uvicorn and pydantic), which
+:func:`kserve_python` creates on first use.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import venv
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+PEERS = BENCH / "peers"
+KSERVE_VENV = BENCH / ".venv-kserve"
+KSERVE_PACKAGES = ["kserve", "onnxruntime-gpu", "numpy"]
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    """One row kind of the table: a name, and the command that serves the repository."""
+
+    key: str
+    label: str
+    command: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class RunningServer:
+    spec: ServerSpec
+    port: int
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def cpu_seconds(self) -> float:
+        """User+system CPU of the server process and its children (workers) so far."""
+        pids = [self.process.pid]
+        try:
+            children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
+            pids += [int(p) for p in children.read_text().split()]
+        except OSError:
+            pass
+        total = 0.0
+        for pid in pids:
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return total
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def kserve_python(log: IO[str]) -> Path:
+    """The interpreter of bench/.venv-kserve, created with ``pip install kserve ...`` if absent."""
+    python = KSERVE_VENV / "bin" / "python"
+    if python.exists():
+        return python
+    print(f"creating {KSERVE_VENV} (pip install {' '.join(KSERVE_PACKAGES)}) ...", file=log)
+    venv.create(KSERVE_VENV, with_pip=True)
+    subprocess.run(
+        [str(python), "-m", "pip", "install", "--quiet", *KSERVE_PACKAGES],
+        check=True,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    return python
+
+
+def server_specs(
+    repository: Path, workers: int, peer_workers: int, with_kserve: bool, log: IO[str]
+) -> list[ServerSpec]:
+    """The servers of the table, in row order: FoldServe and the floor with ``workers``
+    processes, the naive server and KServe with ``peer_workers``."""
+    repo = str(repository)
+    fold_env = {"FOLDSERVE_ACCESS_LOG": "false", "FOLDSERVE_LOG_LEVEL": "warning"}
+    fold = [sys.executable, "-m", "service", "--repository", repo, "--providers", "cpu"]
+    fold += ["--workers", str(workers)]
+    processes = ["--workers", str(workers)]
+    specs = [
+        ServerSpec(
+            "floor",
+            "HTTP floor (FastAPI constant)",
+            [sys.executable, str(PEERS / "floor.py"), *processes],
+        ),
+        ServerSpec(
+            "naive",
+            "naive FastAPI+pydantic+ORT",
+            [sys.executable, str(PEERS / "naive.py"), "--repository", repo]
+            + ["--workers", str(peer_workers)],
+        ),
+    ]
+    if with_kserve:
+        kserve = [str(kserve_python(log)), str(PEERS / "kserve_onnx.py"), "--repository", repo]
+        kserve += ["--enable_grpc", "false", "--configure_logging", "false"]
+        kserve += ["--enable_latency_logging", "false", "--workers", str(peer_workers)]
+        specs.append(ServerSpec("kserve", "KServe ModelServer", kserve))
+    specs += [
+        ServerSpec("fold-off", "FoldServe JSON, batching off", [*fold, "--no-batching"], fold_env),
+        ServerSpec("fold", "FoldServe JSON, batching on", fold, fold_env),
+    ]
+    return specs
+
+
+def port_flags(spec: ServerSpec, port: int) -> list[str]:
+    if spec.key == "kserve":
+        return ["--http_port", str(port)]
+    return ["--port", str(port)]
+
+
+def start(spec: ServerSpec, log_dir: Path) -> RunningServer:
+    port = free_port()
+    log_path = log_dir / f"{spec.key}.log"
+    env = {**os.environ, **spec.env, "PYTHONPATH": str(ROOT)}
+    with log_path.open("wb") as out:
+        process = subprocess.Popen(
+            [*spec.command, *port_flags(spec, port)],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    return RunningServer(spec, port, process, log_path)
+
+
+def post(url: str, body: bytes, headers: dict[str, str], timeout: float = 30.0) -> bytes:
+    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        data: bytes = response.read()
+        return data
+
+
+def wait_ready(
+    server: RunningServer, path: str, body: bytes, headers: dict[str, str], limit: float = 120.0
+) -> None:
+    """Until ``path`` answers 200 to a real request (the models are loaded)."""
+    deadline = time.monotonic() + limit
+    while True:
+        if server.process.poll() is not None:
+            raise RuntimeError(
+                f"{server.spec.label} exited with {server.process.returncode}; "
+                f"log: {server.log_path}\n{server.log_path.read_text()[-2000:]}"
+            )
+        try:
+            post(server.url + path, body, headers, timeout=10.0)
+            return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"{server.spec.label} not ready; log: {server.log_path}"
+                ) from None
+            time.sleep(0.3)
+
+
+def json_outputs(answer: bytes) -> dict[str, Any]:
+    """The first output of a V2 JSON answer, by name."""
+    body = json.loads(answer)
+    return {o["name"]: o for o in body["outputs"]}
+
+
+def stop(server: RunningServer) -> None:
+    if server.process.poll() is None:
+        server.process.terminate()
+        try:
+            server.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            server.process.kill()
+            server.process.wait()
+
+
+def pip_version(python: Path, package: str) -> str:
+    """The version of ``package`` installed for the interpreter ``python``."""
+    done = subprocess.run(
+        [str(python), "-c", f"import importlib.metadata as m; print(m.version({package!r}))"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return done.stdout.strip() or "unknown"

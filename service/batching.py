@@ -1,0 +1,403 @@
+"""The dynamic batcher: concurrent requests to one model version, run as one ONNX Runtime call.
+
+Each served model version has a FIFO queue and at most one inference call in
+flight. When the model is free, the dispatcher takes the oldest request and
+every queued request with the same input signature (input names, datatypes,
+shapes past the batch axis, requested outputs), up to ``max_batch_size``
+samples, concatenates them along the batch axis, runs them as one call in a
+worker thread (ONNX Runtime releases the GIL, so the event loop keeps reading
+requests meanwhile) and hands each request its own rows of the outputs.
+Requests that arrive while a call runs batch up by themselves;
+``max_queue_delay_us`` > 0 also holds a partial batch that long for more
+requests when the model is idle (Triton's ``max_queue_delay_microseconds``).
+With batching off each request is its own call, through the same queue.
+
+ONNX Runtime computes each sample of a batch independently, so a request gets
+the same bits batched or alone (tested). A request over ``max_batch_size``
+samples runs alone, whole.
+
+Back-pressure: a full queue refuses new requests (:class:`QueueFull`, 503 with
+Retry-After). A request that times out (:class:`RequestTimeout`, 504) leaves
+the queue at once and never runs. So does one whose client disconnects, once
+it has waited ``WATCH_AFTER_S`` (its connection is watched from then on: most
+requests are answered sooner, and watching each from the start would cost a
+task per request). A request already running finishes and its rows are dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import weakref
+from collections import deque
+from collections.abc import Awaitable, Callable, Hashable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
+
+from service.errors import BadRequest, ServiceError
+from service.metadata import BatchingOverrides
+from service.metrics import BatcherMetrics, ServiceMetrics
+from service.runtime import LoadedModel
+from service.settings import Settings
+
+Receive = Callable[[], Awaitable[Mapping[str, Any]]]
+WATCH_AFTER_S = 0.05  # a queued request's connection is watched once it has waited this long
+Outputs = dict[str, np.ndarray]
+
+
+class QueueFull(ServiceError):
+    """The model version's queue holds ``max_queue_size`` requests: retry later."""
+
+    status_code = 503
+
+
+class RequestTimeout(ServiceError):
+    """The request's deadline passed before its result was ready."""
+
+    status_code = 504
+
+
+class ClientDisconnected(ServiceError):
+    """The client went away while its request waited (nginx's 499: never seen by anyone)."""
+
+    status_code = 499
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    """How one model version batches; the server's settings, then its ``config.json``."""
+
+    enabled: bool
+    max_batch_size: int  # samples per call
+    max_queue_delay_us: int  # how long an idle model holds a partial batch
+    max_queue_size: int  # requests waiting, beyond which 503
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> BatchingConfig:
+        return cls(
+            settings.batching,
+            settings.max_batch_size,
+            settings.max_queue_delay_us,
+            settings.max_queue_size,
+        )
+
+    def merged(self, overrides: BatchingOverrides) -> BatchingConfig:
+        """This config with a model's ``config.json`` values put over it."""
+
+        def pick(mine: Any, theirs: Any) -> Any:
+            return mine if theirs is None else theirs
+
+        return BatchingConfig(
+            pick(self.enabled, overrides.enabled),
+            pick(self.max_batch_size, overrides.max_batch_size),
+            pick(self.max_queue_delay_us, overrides.max_queue_delay_us),
+            pick(self.max_queue_size, overrides.max_queue_size),
+        )
+
+
+@dataclass(eq=False, slots=True)
+class _Pending:
+    """A queued request: its checked inputs and the future its handler awaits."""
+
+    model: LoadedModel
+    feeds: dict[str, np.ndarray]
+    names: list[str]  # outputs to compute
+    rows: int  # samples (the batch axis), 1 for a model without one
+    key: Hashable | None  # requests with equal keys can share a call; None: never
+    enqueued: float
+    future: asyncio.Future[Outputs] = field(repr=False)
+    watcher: asyncio.Task[None] | None = field(default=None, repr=False)
+
+
+def _signature(feeds: dict[str, np.ndarray], names: list[str]) -> Hashable:
+    """Requests with equal signatures can be concatenated along the batch axis."""
+    if len(feeds) == 1:
+        [(name, array)] = feeds.items()
+        return name, array.dtype, array.shape[1:], *names
+    inputs = tuple(sorted((n, a.dtype.str, a.shape[1:]) for n, a in feeds.items()))
+    return inputs, tuple(names)
+
+
+def _batchable(model: LoadedModel) -> bool:
+    """Every input and output has the dynamic batch axis first."""
+    return all(spec.shape[:1] == (-1,) for spec in (*model.inputs, *model.outputs))
+
+
+def _run_one(model: LoadedModel, feeds: dict[str, np.ndarray], names: list[str]) -> Outputs:
+    try:
+        return model.run(feeds, names)
+    except InvalidArgument as err:  # e.g. a shape the graph cannot take: the client's error
+        raise BadRequest(f"the model rejected the inputs: {str(err).splitlines()[0]}") from err
+
+
+def _run_batch(batch: list[_Pending]) -> tuple[list[Outputs | BaseException], float]:
+    """One call for the whole batch (in a worker thread); each request's rows, and seconds.
+
+    When a batch of several is rejected, each request runs alone so that only
+    the request at fault gets the error.
+    """
+    head = batch[0]
+    start = time.perf_counter()
+    if len(batch) == 1:
+        try:
+            return [_run_one(head.model, head.feeds, head.names)], time.perf_counter() - start
+        except Exception as err:
+            return [err], time.perf_counter() - start
+    feeds = {n: np.concatenate([p.feeds[n] for p in batch]) for n in head.feeds}  # (B, ...)
+    try:
+        outputs = _run_one(head.model, feeds, head.names)
+    except BadRequest:
+        return [_run_batch([p])[0][0] for p in batch], time.perf_counter() - start
+    except Exception as err:
+        return [err] * len(batch), time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    answers: list[Outputs | BaseException] = []
+    offset = 0
+    for p in batch:
+        answers.append({n: array[offset : offset + p.rows] for n, array in outputs.items()})
+        offset += p.rows
+    return answers, seconds
+
+
+class DynamicBatcher:
+    """The queue and dispatcher of one model version (lives on the event loop)."""
+
+    def __init__(
+        self, label: str, batchable: bool, config: BatchingConfig, metrics: BatcherMetrics
+    ) -> None:
+        self.label = label  # "model 'name' version N", for messages
+        self.batchable = batchable
+        self.config = config
+        self.overrides: BatchingOverrides | None = None  # what ``config`` was merged from
+        self.metrics = metrics
+        self._queue: deque[_Pending] = deque()
+        self._rows = 0  # samples queued
+        self._dispatcher: asyncio.Task[None] | None = None
+        self._wakeup: asyncio.Future[None] | None = None  # set while holding a partial batch
+        # Its own thread: a shared pool would queue the model's calls behind other work
+        # (large bodies decoded off the loop) while the model idles. The thread ends with
+        # the batcher.
+        self._runner = ThreadPoolExecutor(1, thread_name_prefix="foldserve-ort")
+        me = weakref.ref(self)  # read when scraped, not written per request
+        metrics.queue_depth.set_function(lambda: float(getattr(me(), "depth", 0)))
+
+    @property
+    def depth(self) -> int:
+        """Requests waiting (not yet in a running call)."""
+        return len(self._queue)
+
+    async def run(
+        self,
+        model: LoadedModel,
+        feeds: dict[str, np.ndarray],
+        names: list[str],
+        *,
+        timeout_s: float | None = None,
+        receive: Receive | None = None,
+    ) -> Outputs:
+        """The outputs ``names`` of ``model`` for checked ``feeds``, batched with others.
+
+        Raises :class:`QueueFull` when the queue is full, :class:`RequestTimeout`
+        after ``timeout_s`` seconds, :class:`ClientDisconnected` when ``receive``
+        (the request's ASGI receive, body already read) reports a disconnect.
+        """
+        item = self._enqueue(model, feeds, names)
+        loop = asyncio.get_running_loop()
+        timer = (
+            None if timeout_s is None else loop.call_later(timeout_s, self._expire, item, timeout_s)
+        )
+        # Most requests are answered before the watch starts: a task per request would cost
+        # the event loop more than the rest of the batching does.
+        watch = (
+            None
+            if receive is None
+            else loop.call_later(WATCH_AFTER_S, self._start_watch, item, receive)
+        )
+        try:
+            return await item.future
+        except asyncio.CancelledError:
+            self._abandon(item, None, "")
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+            if watch is not None:
+                watch.cancel()
+            if item.watcher is not None:
+                item.watcher.cancel()
+
+    # -- queue ------------------------------------------------------------------
+
+    def _enqueue(
+        self, model: LoadedModel, feeds: dict[str, np.ndarray], names: list[str]
+    ) -> _Pending:
+        config = self.config
+        if len(self._queue) >= config.max_queue_size:
+            self.metrics.dropped["queue_full"].inc()
+            raise QueueFull(
+                f"{self.label} is overloaded: {len(self._queue)} requests are queued "
+                f"(max_queue_size {config.max_queue_size}); retry later",
+                headers={"Retry-After": "1"},
+            )
+        first = next(iter(feeds.values()))
+        rows = int(first.shape[0]) if first.ndim else 1
+        key = _signature(feeds, names) if self.batchable and config.enabled else None
+        loop = asyncio.get_running_loop()
+        item = _Pending(model, feeds, names, rows, key, time.perf_counter(), loop.create_future())
+        self._queue.append(item)
+        self._rows += rows
+        if self._dispatcher is None:
+            self._dispatcher = loop.create_task(self._dispatch())
+        elif self._wakeup is not None and self._rows >= config.max_batch_size:
+            if not self._wakeup.done():
+                self._wakeup.set_result(None)
+        return item
+
+    def _remove(self, item: _Pending) -> bool:
+        """Take ``item`` out of the queue; False when it was not there (running or done)."""
+        try:
+            self._queue.remove(item)
+        except ValueError:
+            return False
+        self._rows -= item.rows
+        return True
+
+    def _abandon(self, item: _Pending, error: ServiceError | None, reason: str) -> None:
+        """The request's waiter is gone or gave up: it must not run (if it has not yet)."""
+        if self._remove(item) and reason:
+            self.metrics.dropped[reason].inc()
+        if error is not None and not item.future.done():
+            item.future.set_exception(error)
+
+    def _expire(self, item: _Pending, timeout_s: float) -> None:
+        where = "in the queue" if item in self._queue else "while running"
+        error = RequestTimeout(
+            f"{self.label}: no result within the timeout of {timeout_s * 1e3:g} ms "
+            f"(timed out {where})"
+        )
+        self._abandon(item, error, "timeout")
+
+    def _start_watch(self, item: _Pending, receive: Receive) -> None:
+        if not item.future.done():
+            item.watcher = asyncio.get_running_loop().create_task(self._watch(receive, item))
+
+    async def _watch(self, receive: Receive, item: _Pending) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self._abandon(item, ClientDisconnected("the client disconnected"), "disconnect")
+
+    # -- dispatch ---------------------------------------------------------------
+
+    async def _dispatch(self) -> None:
+        """Run batches while requests wait; ends when the queue is empty (restarted on demand)."""
+        try:
+            await asyncio.sleep(0)  # requests read in this same loop pass join the first batch
+            while self._queue:
+                await self._hold_partial_batch()
+                if self._queue:  # requests may leave while it holds (timeouts, disconnects)
+                    await self._execute(self._take_batch())
+        finally:
+            self._dispatcher = None
+
+    async def _hold_partial_batch(self) -> None:
+        """Wait up to ``max_queue_delay_us`` after the oldest request for a full batch."""
+        config = self.config
+        if not (config.enabled and self.batchable and config.max_queue_delay_us > 0):
+            return
+        loop = asyncio.get_running_loop()
+        while self._queue and self._rows < config.max_batch_size:
+            remaining = self._queue[0].enqueued + config.max_queue_delay_us / 1e6
+            remaining -= time.perf_counter()
+            if remaining <= 0:
+                return
+            self._wakeup = loop.create_future()
+            timer = loop.call_later(remaining, _resolve, self._wakeup)
+            try:
+                await self._wakeup
+            finally:
+                timer.cancel()
+                self._wakeup = None
+
+    def _take_batch(self) -> list[_Pending]:
+        """The oldest request and, in queue order, the compatible ones that fit beside it."""
+        head = self._queue.popleft()
+        batch, rows = [head], head.rows
+        limit = self.config.max_batch_size
+        if head.key is not None and rows < limit:
+            kept: deque[_Pending] = deque()
+            while self._queue and rows < limit:
+                item = self._queue.popleft()
+                if item.key == head.key and rows + item.rows <= limit:
+                    batch.append(item)
+                    rows += item.rows
+                else:
+                    kept.append(item)
+            kept.extend(self._queue)
+            self._queue = kept
+        self._rows -= rows
+        return batch
+
+    async def _execute(self, batch: list[_Pending]) -> None:
+        """Run one batch off the loop and resolve each request's future (never raises)."""
+        now = time.perf_counter()
+        for item in batch:
+            self.metrics.queue_wait.observe(now - item.enqueued)
+        loop = asyncio.get_running_loop()
+        try:
+            answers, seconds = await loop.run_in_executor(self._runner, _run_batch, batch)
+        except asyncio.CancelledError:  # shutdown: nobody may wait forever
+            for item in batch:
+                item.future.cancel()
+            raise
+        self.metrics.inference_seconds.observe(seconds)
+        self.metrics.batch_size.observe(sum(item.rows for item in batch))
+        self.metrics.batch_requests.observe(len(batch))
+        for item, answer in zip(batch, answers, strict=True):
+            if item.future.done():  # timed out or disconnected while running
+                continue
+            if isinstance(answer, BaseException):
+                item.future.set_exception(answer)
+            else:
+                item.future.set_result(answer)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class BatcherRegistry:
+    """One :class:`DynamicBatcher` per loaded model version, created on first use.
+
+    Keyed weakly by the :class:`LoadedModel`: a version that is swapped out or
+    unloaded takes its batcher with it once its last request is answered.
+    """
+
+    def __init__(self, settings: Settings, metrics: ServiceMetrics) -> None:
+        self.defaults = BatchingConfig.from_settings(settings)
+        self.timeout_s = settings.request_timeout_ms / 1e3 or None
+        self._metrics = metrics
+        self._batchers: weakref.WeakKeyDictionary[LoadedModel, DynamicBatcher] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def batcher(self, model: LoadedModel, overrides: BatchingOverrides) -> DynamicBatcher:
+        """The batcher of ``model``, configured by ``overrides`` (its current config.json)."""
+        found = self._batchers.get(model)
+        if found is None:
+            version = str(model.version)
+            found = DynamicBatcher(
+                f"model '{model.name}' version {version}",
+                _batchable(model),
+                self.defaults,
+                self._metrics.batcher(model.name, version),
+            )
+            self._batchers[model] = found
+        if found.overrides is not overrides:
+            found.config = self.defaults.merged(overrides)
+            found.overrides = overrides
+        return found

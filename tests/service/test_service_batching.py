@@ -1,0 +1,442 @@
+"""Dynamic batching: same bits batched or not, back-pressure, deadlines, disconnects, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from service.batching import BatcherRegistry, QueueFull
+from service.metadata import BatchingOverrides, ModelVersionError, read_model_config
+from service.metrics import ServiceMetrics
+from service.repository import ModelRepository
+from service.runtime import SessionFactory
+from service.settings import Settings
+
+SAMPLE = {"digits_cnn": (1, 8, 8), "breast_cancer_mlp": (30,), "linear": (4,)}
+INPUT = {"digits_cnn": "input", "breast_cancer_mlp": "input", "linear": "x"}
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def parse_metrics(text: str) -> Samples:
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def scrape(client: httpx.Client) -> Samples:
+    return parse_metrics(client.get("/metrics").text)
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+HOLD_US = 1_500_000  # a partial batch waits this long for company: requests stay queued
+
+
+def batch_of(name: str, n: int, seed: int) -> np.ndarray:
+    return (np.random.default_rng(seed).normal(size=(n, *SAMPLE[name])) * 4).astype(np.float32)
+
+
+def binary_request(
+    x: np.ndarray, name: str = "input", **params: Any
+) -> tuple[bytes, dict[str, str]]:
+    """A V2 request with binary input and binary outputs: the answer's bytes are the floats."""
+    raw = x.astype("<f4").tobytes()
+    head = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": name,
+                    "shape": list(x.shape),
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": len(raw)},
+                }
+            ],
+            "parameters": {"binary_data_output": True, **params},
+        }
+    ).encode()
+    return head + raw, {"Inference-Header-Content-Length": str(len(head))}
+
+
+def answer_bytes(r: httpx.Response) -> bytes:
+    assert r.status_code == 200, r.text
+    return r.content[int(r.headers["inference-header-content-length"]) :]
+
+
+# -- equal bits, batched or alone -------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(SAMPLE))
+@pytest.mark.parametrize("rows", [(1,) * 12, (1, 3, 2, 5, 1, 4), (7, 1, 1, 9)])
+def test_batched_rows_equal_the_request_run_alone_bit_for_bit(
+    model_store: Any, name: str, rows: tuple[int, ...]
+) -> None:
+    """Requests gathered into shared calls get exactly the bits of their own call."""
+    repo = ModelRepository(model_store.root, SessionFactory("cpu", 1, "off"))
+    repo.load_all()
+    model = repo.get(name)
+    settings = Settings(_env_file=None, max_batch_size=16, max_queue_delay_us=20_000)  # type: ignore[call-arg]
+    metrics = ServiceMetrics()
+    batcher = BatcherRegistry(settings, metrics).batcher(model, BatchingOverrides())
+    inputs = [batch_of(name, n, seed) for seed, n in enumerate(rows)]
+    feed = model.inputs[0].name
+
+    async def all_at_once() -> list[dict[str, np.ndarray]]:
+        calls = [batcher.run(model, {feed: x}, model.output_names) for x in inputs]
+        return await asyncio.gather(*calls)
+
+    answers = asyncio.run(all_at_once())
+    for x, got in zip(inputs, answers, strict=True):
+        alone = model.run({feed: x})
+        for out in model.output_names:
+            assert got[out].shape == alone[out].shape
+            assert got[out].tobytes() == alone[out].tobytes()
+    samples = parse_metrics(metrics.render().decode())
+    calls = value(samples, "foldserve_batch_requests_count", model=name, version="1")
+    assert calls < len(rows)  # they really shared calls
+
+
+@pytest.mark.parametrize("name", ["digits_cnn", "breast_cancer_mlp"])
+def test_http_answers_are_identical_with_batching_on_and_off(
+    fresh_server: Any, model_store: Any, tmp_path: Path, name: str
+) -> None:
+    inputs = [batch_of(name, 1 + seed % 3, seed) for seed in range(16)]
+    answers: dict[bool, list[bytes]] = {}
+    repo = model_store.copy_to(tmp_path / "repo")
+    for batching in (True, False):
+        with (
+            fresh_server(repo=repo, batching=batching, max_queue_delay_us=20_000) as live,
+            live.client() as client,
+            ThreadPoolExecutor(len(inputs)) as pool,
+        ):
+
+            def send(x: np.ndarray, client: httpx.Client = client) -> bytes:
+                body, headers = binary_request(x)
+                return answer_bytes(
+                    client.post(f"/v2/models/{name}/infer", content=body, headers=headers)
+                )
+
+            answers[batching] = list(pool.map(send, inputs))
+            samples = scrape(client)
+        labels = {"model": name, "version": "1"}
+        calls = value(samples, "foldserve_batch_requests_count", **labels)
+        requests = value(samples, "foldserve_batch_requests_sum", **labels)
+        assert requests == len(inputs)
+        assert (calls < requests) if batching else (calls == requests)
+    assert answers[True] == answers[False]
+
+
+# -- back-pressure, deadlines, disconnects ------------------------------------------
+
+
+def _post_later(
+    client: httpx.Client, path: str, body: bytes, out: list[httpx.Response]
+) -> threading.Thread:
+    thread = threading.Thread(target=lambda: out.append(client.post(path, content=body)))
+    thread.start()
+    return thread
+
+
+def test_a_full_queue_answers_503_with_retry_after(fresh_server: Any) -> None:
+    body = json.dumps(
+        {
+            "inputs": [
+                {"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.5] * 64}
+            ]
+        }
+    ).encode()
+    path = "/v2/models/digits_cnn/infer"
+    with (
+        fresh_server(max_queue_size=2, max_queue_delay_us=HOLD_US) as live,
+        live.client() as client,
+    ):
+        done: list[httpx.Response] = []
+        waiting = [_post_later(client, path, body, done)]
+        time.sleep(0.2)
+        waiting.append(_post_later(client, path, body, done))
+        time.sleep(0.2)
+        refused = client.post(path, content=body)
+        assert refused.status_code == 503
+        assert refused.headers["retry-after"] == "1"
+        assert "2 requests are queued (max_queue_size 2)" in refused.json()["error"]
+        for thread in waiting:
+            thread.join()
+        assert [r.status_code for r in done] == [200, 200]
+        samples = scrape(client)
+    labels = {"model": "digits_cnn", "version": "1"}
+    assert value(samples, "foldserve_requests_dropped_total", reason="queue_full", **labels) == 1
+    assert value(samples, "foldserve_inference_requests_total", status="503", **labels) == 1
+    assert value(samples, "foldserve_batch_requests_sum", **labels) == 2  # one call, both
+
+
+def test_config_json_overrides_the_server_batching_settings(
+    fresh_server: Any, model_store: Any, tmp_path: Path
+) -> None:
+    repo = model_store.copy_to(tmp_path / "repo")
+    config = {
+        "max_batch_size": 8,
+        "dynamic_batching": {"max_queue_delay_microseconds": HOLD_US, "max_queue_size": 1},
+    }
+    (repo / "digits_cnn" / "config.json").write_text(json.dumps(config))
+    body = json.dumps(
+        {
+            "inputs": [
+                {"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.5] * 64}
+            ]
+        }
+    ).encode()
+    with fresh_server(repo=repo) as live, live.client() as client:
+        done: list[httpx.Response] = []
+        first = _post_later(client, "/v2/models/digits_cnn/infer", body, done)
+        time.sleep(0.2)
+        refused = client.post("/v2/models/digits_cnn/infer", content=body)
+        assert refused.status_code == 503 and "max_queue_size 1" in refused.json()["error"]
+        other = client.post(
+            "/v1/models/breast_cancer_mlp:predict", json={"instances": [[0.0] * 30]}
+        )
+        assert other.status_code == 200  # other models keep the server's settings
+        first.join()
+        assert done[0].status_code == 200
+
+
+def test_a_request_past_its_timeout_answers_504_and_never_runs(fresh_server: Any) -> None:
+    body, headers = binary_request(batch_of("digits_cnn", 1, 0), timeout=100_000)  # 100 ms
+    labels = {"model": "digits_cnn", "version": "1"}
+    with fresh_server(max_queue_delay_us=HOLD_US) as live, live.client() as client:
+        before = scrape(client)
+        start = time.monotonic()
+        r = client.post("/v2/models/digits_cnn/infer", content=body, headers=headers)
+        waited = time.monotonic() - start
+        assert r.status_code == 504, r.text
+        assert (
+            "no result within the timeout of 100 ms (timed out in the queue)" in r.json()["error"]
+        )
+        assert 0.09 < waited < 1.0
+        time.sleep(HOLD_US / 1e6)  # the hold is over: nothing ran for it
+        after = scrape(client)
+    assert value(after, "foldserve_batch_requests_count", **labels) == value(
+        before, "foldserve_batch_requests_count", **labels
+    )
+    assert value(after, "foldserve_requests_dropped_total", reason="timeout", **labels) == 1
+    assert value(after, "foldserve_inference_requests_total", status="504", **labels) == 1
+
+
+def test_the_server_default_timeout_applies_to_v1_too(fresh_server: Any) -> None:
+    with (
+        fresh_server(max_queue_delay_us=HOLD_US, request_timeout_ms=50) as live,
+        live.client() as client,
+    ):
+        r = client.post("/v1/models/breast_cancer_mlp:predict", json={"instances": [[0.0] * 30]})
+    assert r.status_code == 504 and "timeout of 50 ms" in r.json()["error"]
+
+
+def test_a_client_that_disconnects_leaves_no_work_behind(fresh_server: Any) -> None:
+    body, headers = binary_request(batch_of("digits_cnn", 2, 0))
+    head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    labels = {"model": "digits_cnn", "version": "1"}
+    with fresh_server(max_queue_delay_us=HOLD_US) as live, live.client() as client:
+        before = scrape(client)
+        with socket.create_connection(("127.0.0.1", live.port)) as sock:
+            sock.sendall(
+                f"POST /v2/models/digits_cnn/infer HTTP/1.1\r\nHost: x\r\n{head}"
+                f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+            time.sleep(0.3)
+            assert value(scrape(client), "foldserve_queue_depth", **labels) == 1
+        deadline = time.monotonic() + 1.0  # well before the hold would have run it
+        while value(scrape(client), "foldserve_queue_depth", **labels) != 0:
+            assert time.monotonic() < deadline, "the request stayed queued after its client left"
+            time.sleep(0.02)
+        time.sleep(HOLD_US / 1e6)
+        after = scrape(client)
+    assert value(after, "foldserve_requests_dropped_total", reason="disconnect", **labels) == 1
+    assert value(after, "foldserve_batch_requests_count", **labels) == value(
+        before, "foldserve_batch_requests_count", **labels
+    )
+    assert value(after, "foldserve_inference_requests_total", status="499", **labels) == 1
+
+
+def test_queue_wait_and_batch_size_are_measured(fresh_server: Any) -> None:
+    inputs = [batch_of("digits_cnn", 2, seed) for seed in range(6)]
+    with (
+        fresh_server(max_queue_delay_us=50_000) as live,
+        live.client() as client,
+        ThreadPoolExecutor(len(inputs)) as pool,
+    ):
+
+        def send(x: np.ndarray) -> int:
+            body, headers = binary_request(x)
+            return client.post(
+                "/v2/models/digits_cnn/infer", content=body, headers=headers
+            ).status_code
+
+        assert list(pool.map(send, inputs)) == [200] * 6
+        samples = scrape(client)
+    labels = {"model": "digits_cnn", "version": "1"}
+    assert value(samples, "foldserve_batch_size_sum", **labels) == 12
+    assert value(samples, "foldserve_queue_wait_seconds_count", **labels) == 6
+    assert value(samples, "foldserve_queue_wait_seconds_sum", **labels) > 0.0
+    assert value(samples, "foldserve_queue_depth", **labels) == 0
+
+
+# -- the batcher and its configuration, in process -------------------------------
+
+
+def test_queue_full_is_raised_before_anything_is_queued(model_store: Any) -> None:
+    repo = ModelRepository(model_store.root, SessionFactory("cpu", 1, "off"))
+    repo.load_all()
+    model = repo.get("linear")
+    settings = Settings(_env_file=None, max_queue_size=1, max_queue_delay_us=HOLD_US)  # type: ignore[call-arg]
+    batcher = BatcherRegistry(settings, ServiceMetrics()).batcher(model, BatchingOverrides())
+    x = {"x": np.zeros((1, 4), np.float32)}
+
+    async def two() -> None:
+        first = asyncio.ensure_future(batcher.run(model, x, ["scores"], timeout_s=0.2))
+        await asyncio.sleep(0.05)
+        with pytest.raises(QueueFull):
+            await batcher.run(model, x, ["scores"])
+        assert batcher.depth == 1
+        with pytest.raises(Exception, match="timeout"):
+            await first
+        assert batcher.depth == 0
+
+    asyncio.run(two())
+
+
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        ({}, BatchingOverrides()),
+        ({"dynamic_batching": False}, BatchingOverrides(enabled=False)),
+        ({"max_batch_size": 4}, BatchingOverrides(max_batch_size=4)),
+        (
+            {"dynamic_batching": {"max_queue_delay_microseconds": 0, "max_queue_size": 3}},
+            BatchingOverrides(enabled=True, max_queue_delay_us=0, max_queue_size=3),
+        ),
+    ],
+)
+def test_config_json_batching(
+    tmp_path: Path, config: dict[str, Any], expected: BatchingOverrides
+) -> None:
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert read_model_config(tmp_path).batching == expected
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"max_batch_size": 0}, "max_batch_size must be an integer >= 1"),
+        ({"dynamic_batching": {"max_queue_size": "8"}}, "max_queue_size must be an integer >= 1"),
+        (
+            {"dynamic_batching": {"preferred_batch_size": [4]}},
+            "unknown key(s) ['preferred_batch_size']",
+        ),
+        ({"dynamic_batching": 3}, "dynamic_batching must be true, false or an object"),
+    ],
+)
+def test_bad_batching_config_says_what_is_wrong(
+    tmp_path: Path, config: dict[str, Any], message: str
+) -> None:
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelVersionError) as err:
+        read_model_config(tmp_path)
+    assert message in str(err.value)
+
+
+# -- the inference lane answers as the documented routes do --------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "target"),
+    [
+        ("/v2/models/digits_cnn/infer", ("digits_cnn", None, False)),
+        ("/v2/models/m/versions/3/infer", ("m", "3", False)),
+        ("/v1/models/a:b:predict", ("a:b", None, True)),
+        ("/v2/models//infer", None),
+        ("/v2/models/m/infer/", None),
+        ("/v2/models/m/versions//infer", None),
+        ("/v1/models/:predict", None),
+        ("/v2/models/m", None),
+        ("/v3/models/m/infer", None),
+    ],
+)
+def test_inference_path_matches_as_the_routes_do(path: str, target: tuple[Any, ...] | None) -> None:
+    from service.routes.infer import inference_path
+
+    assert inference_path(path) == target
+
+
+DIGITS_2 = {"name": "input", "shape": [2, 1, 8, 8], "datatype": "FP32", "data": [0.25] * 128}
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status"),
+    [
+        ("/v2/models/digits_cnn/infer", {"id": "r1", "inputs": [DIGITS_2]}, 200),
+        ("/v2/models/digits_cnn/versions/1/infer", {"id": "r2", "inputs": [DIGITS_2]}, 200),
+        ("/v1/models/breast_cancer_mlp:predict", {"instances": [[1.0] * 30, [2.0] * 30]}, 200),
+        ("/v2/models/digits_cnn/infer", {"inputs": [{**DIGITS_2, "shape": [2, 64]}]}, 400),
+        ("/v2/models/nope/infer", {"inputs": [DIGITS_2]}, 404),
+    ],
+)
+def test_the_lane_and_the_fastapi_routes_give_the_same_answer(
+    model_store: Any, path: str, body: dict[str, Any], status: int
+) -> None:
+    from service.app import create_app
+    from service.routes.infer import InferenceLane
+
+    settings = Settings(_env_file=None, repository=model_store.root, providers="cpu", threads=1)  # type: ignore[call-arg]
+    with_lane = create_app(settings)
+    without = create_app(settings, with_lane.state.repository)
+    without.user_middleware = [m for m in without.user_middleware if m.cls is not InferenceLane]
+    with_lane.state.repository.load_all()
+    raw = json.dumps(body).encode()
+
+    async def call(app: Any) -> tuple[int, bytes]:
+        sent: list[dict[str, Any]] = []
+        messages = [{"type": "http.request", "body": raw, "more_body": False}]
+
+        async def receive() -> dict[str, Any]:
+            if messages:
+                return messages.pop()
+            await asyncio.sleep(3600)
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        scope = {
+            "type": "http",
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": path,
+            "raw_path": path.encode(),
+            "root_path": "",
+            "query_string": b"",
+            "headers": [(b"content-length", str(len(raw)).encode()), (b"x-request-id", b"rid")],
+            "client": ("127.0.0.1", 1),
+            "server": ("127.0.0.1", 80),
+        }
+        await app(scope, receive, send)
+        return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
+
+    lane = asyncio.run(call(with_lane))
+    routed = asyncio.run(call(without))
+    assert lane == routed
+    assert lane[0] == status

@@ -1,0 +1,149 @@
+"""GET /ui: a self-contained page; in headless Chromium it lists the models and draws the report.
+
+The Chromium tests skip where no ``chromium`` binary is installed
+(Debian: ``apt-get install chromium``).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from collections import Counter
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
+BINS = 40  # ui.js draws this many bars per variant
+
+
+class Element:
+    def __init__(self, tag: str, attrs: dict[str, str]) -> None:
+        self.tag, self.attrs, self.text = tag, attrs, ""
+
+    @property
+    def classes(self) -> set[str]:
+        return set(self.attrs.get("class", "").split())
+
+
+class DomCollector(HTMLParser):
+    """Every element of a page with its attributes and its own text (enough for these checks)."""
+
+    VOID = {"meta", "link", "input", "br", "img", "hr"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.elements: list[Element] = []
+        self._open: list[Element] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        element = Element(tag, {k: v or "" for k, v in attrs})
+        self.elements.append(element)
+        if tag not in self.VOID:
+            self._open.append(element)
+
+    def handle_endtag(self, tag: str) -> None:
+        while self._open and self._open.pop().tag != tag:
+            pass
+
+    def handle_data(self, data: str) -> None:
+        if self._open:
+            self._open[-1].text += data
+
+    def by_id(self, ident: str) -> Element:
+        return next(e for e in self.elements if e.attrs.get("id") == ident)
+
+    def select(self, tag: str, *classes: str) -> list[Element]:
+        return [e for e in self.elements if e.tag == tag and set(classes) <= e.classes]
+
+
+def dump_dom(url: str, profile: Path) -> DomCollector:
+    """The DOM after the page's scripts ran (virtual time lets fetches and JS finish)."""
+    assert CHROMIUM is not None
+    command = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+        "--virtual-time-budget=20000",
+        "--dump-dom",
+        url,
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=True)
+    dom = DomCollector()
+    dom.feed(done.stdout)
+    return dom
+
+
+def test_page_and_assets_are_served_from_here(client: httpx.Client) -> None:
+    assert "/ui" in client.get("/").json()["links"].values()
+    page = client.get("/ui")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    script, style = client.get("/ui/ui.js"), client.get("/ui/ui.css")
+    assert script.status_code == style.status_code == 200
+    assert script.headers["content-type"].startswith("text/javascript")
+    assert style.headers["content-type"].startswith("text/css")
+    # Nothing fetched from elsewhere: every src/href is a path on this server, and the only
+    # absolute URL in the script is the SVG namespace name.
+    assert set(re.findall(r'(?:src|href)="([^"]*)"', page.text)) == {
+        "/ui/ui.css",
+        "/ui/ui.js",
+        "/",
+        "/docs",
+        "/metrics",
+    }
+    assert re.findall(r"https?://[^\"' ]+", script.text) == ["http://www.w3.org/2000/svg"]
+    assert not re.findall(r"https?://|@import|url\(", style.text)
+
+
+@needs_chromium
+def test_page_lists_models_and_draws_the_report(fresh_server: Any, tmp_path: Path) -> None:
+    iterations = 150
+    with fresh_server(api_key=None) as live, live.client() as client:
+        query = f"model=breast_cancer_mlp&run=measure&iterations={iterations}&batch_size=2"
+        dom = dump_dom(f"{live.url}/ui?{query}", tmp_path / "profile")
+        report = client.get(
+            "/v2/models/breast_cancer_mlp/fold-latency", params={"cached": "true"}
+        ).json()
+
+    assert dom.select("body")[0].attrs.get("data-ready") == "true"
+    assert dom.by_id("error").text == ""
+    rows = {e.attrs["data-model"] for e in dom.select("tr") if "data-model" in e.attrs}
+    assert rows == {"breast_cancer_mlp", "digits_cnn", "linear", "two_io"}
+
+    # The measurement the page asked for is the one now cached; the page shows its numbers.
+    assert (report["iterations"], report["batch_size"]) == (iterations, 2)
+    low, high = report["speedup"]["ci95"]
+    expected = f"speedup {report['speedup']['ratio']:.3f}x (95% CI {low:.3f}-{high:.3f})"
+    assert dom.by_id("speedup").text == expected
+
+    charts = [e for e in dom.select("svg") if "data-bins" in e.attrs]
+    assert len(charts) == 1 and charts[0].attrs["data-bins"] == str(BINS)
+    for variant in ("folded", "unfolded"):
+        bars = dom.select("rect", "bar", variant)
+        assert len(bars) == BINS
+        # Every run is in exactly one bar.
+        assert sum(int(bar.attrs["data-count"]) for bar in bars) == iterations
+        assert len(dom.select("line", "p50", variant)) == 1
+    assert len(dom.select("circle", "ratio")) == 1 and len(dom.select("rect", "ci")) == 1
+    cells = Counter(e.text for e in dom.select("td", "num"))
+    assert cells["0"] >= 1 and cells["2"] >= 1  # BN nodes: folded 0, unfolded 2
+
+
+@needs_chromium
+def test_page_shows_the_api_key_error(server: Any, tmp_path: Path) -> None:
+    dom = dump_dom(f"{server.url}/ui?model=breast_cancer_mlp&run=measure", tmp_path / "profile")
+    assert dom.by_id("error").text.startswith("401: this route needs the API key")
+    assert dom.select("svg") == []
+    assert len([e for e in dom.select("tr") if "data-model" in e.attrs]) == 4
