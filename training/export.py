@@ -29,9 +29,10 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from service.bn_graph import batchnorm_nodes
 from training.data import load_dataset
 from training.fold import FoldReport, fold_batchnorm
-from training.onnx_graph import count_ops, export_onnx
+from training.onnx_graph import export_onnx
 from training.train import Run, load_run
 from training.zoo import count_batchnorms
 
@@ -153,8 +154,8 @@ def build_version(
         except onnx.checker.ValidationError as err:
             raise ExportError(f"{label} ONNX model fails onnx.checker: {err}") from err
     bn_modules = count_batchnorms(run.model)
-    bn_unfolded = count_ops(unfolded_proto, "BatchNormalization")
-    bn_folded = count_ops(folded_proto, "BatchNormalization")
+    bn_unfolded = batchnorm_nodes(unfolded_proto)
+    bn_folded = batchnorm_nodes(folded_proto)
     _check(
         bn_unfolded == bn_modules,
         f"unfolded ONNX has {bn_unfolded} BatchNormalization nodes, model has {bn_modules}",

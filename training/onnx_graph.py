@@ -83,19 +83,3 @@ def export_onnx(
     proto = ir.serde.serialize_model(program.model)
     proto.producer_name = "foldserve"
     return proto
-
-
-def count_ops(model: onnx.ModelProto, op_type: str) -> int:
-    """Number of ``op_type`` nodes in the main graph and all subgraphs."""
-
-    def walk(graph: onnx.GraphProto) -> int:
-        n = 0
-        for node in graph.node:
-            n += node.op_type == op_type
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    n += walk(attr.g)
-                n += sum(walk(g) for g in attr.graphs)
-        return n
-
-    return walk(model.graph)
