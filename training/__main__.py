@@ -242,11 +242,12 @@ def bench_torch_cmd(
             warmup=warmup,
             device=dev,
         )
-        s = b.speedup
+        s = b.speedup()
+        unfolded_ms, folded_ms = b.p50_ms()
         table.add_row(
             dev,
-            f"{b.unfolded.p50_ms:.3f}",
-            f"{b.folded.p50_ms:.3f}",
+            f"{unfolded_ms:.3f}",
+            f"{folded_ms:.3f}",
             f"{s.ratio:.3f}x [{s.ci_low:.3f}, {s.ci_high:.3f}]",
             f"{b.max_abs_diff:.2g}",
         )

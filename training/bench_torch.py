@@ -1,4 +1,11 @@
-"""Eager PyTorch folded-vs-unfolded latency, interleaved so noise hits both alike."""
+"""Eager PyTorch folded-vs-unfolded latency, interleaved so noise hits both alike.
+
+The speedup's interval is scipy's paired percentile bootstrap of the ratio of
+medians: the definition the service's fold-latency report uses
+(``service/stats.py``, numpy only because the serving image has no scipy),
+computed here by the library rather than imported across the
+training/service boundary.
+"""
 
 from __future__ import annotations
 
@@ -9,32 +16,61 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy import stats
 from torch import nn
 
-from service.stats import LatencySummary, Speedup, paired_speedup, summarize
 from training.fold import fold_batchnorm
 
 
-@dataclass
+@dataclass(frozen=True)
+class Speedup:
+    """``unfolded p50 / folded p50`` with a 95% interval over the paired runs."""
+
+    ratio: float
+    ci_low: float
+    ci_high: float
+
+
+def _ratio_of_medians(a: np.ndarray, b: np.ndarray, axis: int = -1) -> Any:
+    return np.median(a, axis=axis) / np.median(b, axis=axis)
+
+
+def paired_speedup(baseline: np.ndarray, candidate: np.ndarray, seed: int = 0) -> Speedup:
+    """Median-ratio speedup of ``candidate`` over ``baseline`` (>1: candidate faster), with
+    a percentile bootstrap that resamples the interleaved pairs together."""
+    ci = stats.bootstrap(
+        (baseline, candidate),
+        _ratio_of_medians,
+        paired=True,
+        vectorized=True,
+        n_resamples=2000,
+        method="percentile",
+        rng=np.random.default_rng(seed),
+    ).confidence_interval
+    ratio = float(_ratio_of_medians(baseline, candidate))
+    return Speedup(ratio, float(ci.low), float(ci.high))
+
+
+@dataclass(frozen=True)
 class TorchBench:
+    """Per-call wall times (seconds) of interleaved runs: pair ``i`` ran back to back."""
+
     device: str
     batch_size: int
-    iterations: int
-    unfolded: LatencySummary
-    folded: LatencySummary
-    speedup: Speedup
+    unfolded_s: np.ndarray
+    folded_s: np.ndarray
     max_abs_diff: float
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "device": self.device,
-            "batch_size": self.batch_size,
-            "iterations": self.iterations,
-            "unfolded": self.unfolded.to_dict(),
-            "folded": self.folded.to_dict(),
-            "speedup": self.speedup.to_dict(),
-            "max_abs_diff": self.max_abs_diff,
-        }
+    @property
+    def iterations(self) -> int:
+        return int(self.folded_s.size)
+
+    def p50_ms(self) -> tuple[float, float]:
+        """(unfolded, folded) median milliseconds per call."""
+        return float(np.median(self.unfolded_s)) * 1e3, float(np.median(self.folded_s)) * 1e3
+
+    def speedup(self, seed: int = 0) -> Speedup:
+        return paired_speedup(self.unfolded_s, self.folded_s, seed)
 
 
 def _timer(fn: Callable[[], torch.Tensor], device: torch.device) -> Callable[[], float]:
@@ -81,12 +117,4 @@ def bench_folding(
         else:
             tf[i], tu[i] = run_f(), run_u()
     unfolded.cpu()
-    return TorchBench(
-        device,
-        batch_size,
-        iterations,
-        summarize(tu, batch_size),
-        summarize(tf, batch_size),
-        paired_speedup(tu, tf),
-        diff,
-    )
+    return TorchBench(device, batch_size, tu, tf, diff)
