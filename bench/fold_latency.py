@@ -44,10 +44,11 @@ from matplotlib.figure import Figure
 
 from service.latency import LatencyParams, measure_model, random_feeds, time_interleaved
 from service.machine import machine_facts
-from service.metadata import verified_bytes
+from service.metrics import ServiceMetrics
 from service.repository import ModelRepository
-from service.runtime import CUDA, LoadedModel, SessionFactory, usable_cpus
-from service.settings import ProviderChoice
+from service.runtime import ServedVersion, ServingOptions
+from service.sessions import CUDA, SessionFactory, usable_cpus
+from service.settings import ProviderChoice, Settings
 from service.stats import paired_speedup
 from training.bench_torch import bench_folding
 from training.defaults import DEFAULT_MODELS
@@ -137,7 +138,7 @@ def iterations_for(per_call_s: float, seconds: float) -> int:
     return max(MIN_ITERATIONS, min(MAX_ITERATIONS, wanted))
 
 
-def ort_cell(model: LoadedModel, runtime: str, batch: int, isolate: bool, seconds: float) -> Cell:
+def ort_cell(model: ServedVersion, runtime: str, batch: int, isolate: bool, seconds: float) -> Cell:
     pilot = measure_model(model, LatencyParams(batch, iterations=5, warmup=3, isolate=isolate))
     per_call = (pilot.folded.latency.mean_ms + pilot.unfolded.latency.mean_ms) / 2e3
     params = LatencyParams(batch, iterations_for(per_call, seconds), warmup=20, isolate=isolate)
@@ -181,9 +182,12 @@ def torch_cell(name: str, runs: Path, batch: int, seconds: float) -> Cell:
 
 def load_models(
     repository: Path, providers: ProviderChoice, threads: int
-) -> dict[str, LoadedModel]:
+) -> dict[str, ServedVersion]:
     """The default models' served versions, loaded and checked as the service does."""
-    repo = ModelRepository(repository, SessionFactory(providers, threads, "off"))
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None, repository=repository, providers=providers, threads=threads
+    )
+    repo = ModelRepository(repository, ServingOptions.from_settings(settings, ServiceMetrics()))
     repo.load_all()
     entries = {entry.name: entry for entry in repo.entries()}
     found = {}
@@ -196,12 +200,12 @@ def load_models(
     return found
 
 
-def control_cell(model: LoadedModel, batch: int, seconds: float) -> Cell:
+def control_cell(model: ServedVersion, batch: int, seconds: float) -> Cell:
     """Two sessions of the same ``model.onnx`` (ORT default), timed like a comparison."""
-    data = verified_bytes(model.version_dir, model.metadata.folded_file, model.metadata.sha256)
+    data = model.file_bytes("folded")
     factory = SessionFactory("cpu", model.threads, "off")
     first, second = factory.create(data), factory.create(data)
-    reference = {n: a.shape for n, a in model.metadata.reference.inputs.items()}
+    reference = {n: tuple(t.shape) for n, t in model.metadata.reference.inputs.items()}
     feeds = random_feeds(model.inputs, batch, 0, reference)
     pilot = time_interleaved(first, second, feeds, LatencyParams(batch, iterations=5, warmup=3))
     per_call = float(np.mean(pilot.folded_s) + np.mean(pilot.unfolded_s)) / 2
@@ -222,7 +226,7 @@ def control_cell(model: LoadedModel, batch: int, seconds: float) -> Cell:
     )
 
 
-def run_cell(model: LoadedModel, runtime: str, batch: int, runs: Path, seconds: float) -> Cell:
+def run_cell(model: ServedVersion, runtime: str, batch: int, runs: Path, seconds: float) -> Cell:
     if runtime == "torch eager":
         return torch_cell(model.name, runs, batch, seconds)
     if runtime == CONTROL:
@@ -406,7 +410,7 @@ def main() -> None:
     cpu_models = {
         n: m for n, m in load_models(args.repository, "cpu", threads).items() if n in wanted
     }
-    cuda_models: dict[str, LoadedModel] = {}
+    cuda_models: dict[str, ServedVersion] = {}
     if "ORT CUDA" in runtimes and CUDA in ort.get_available_providers():
         loaded = load_models(args.repository, "cuda", threads)
         cuda_models = {n: m for n, m in loaded.items() if m.provider == CUDA and n in wanted}

@@ -23,7 +23,7 @@ from pydantic import ValidationError
 
 from service.app import create_app
 from service.logs import configure_logging
-from service.runtime import usable_cpus
+from service.sessions import usable_cpus
 from service.settings import Settings, get_settings
 
 log = logging.getLogger("service")

@@ -17,7 +17,6 @@ from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 from swagger_ui_bundle import swagger_ui_path
 
-from service.batching import BatcherRegistry
 from service.errors import install_error_handlers
 from service.latency import FoldLatencyLab
 from service.metrics import ServiceMetrics
@@ -25,15 +24,14 @@ from service.middleware import RequestContextMiddleware
 from service.repository import ModelRepository
 from service.routes import docs, health, infer, latency, models, repository, ui
 from service.routes.models import server_version
-from service.runtime import SessionFactory
+from service.runtime import ServingOptions
 from service.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
 
-def build_repository(settings: Settings) -> ModelRepository:
-    factory = SessionFactory(settings.providers, settings.threads, settings.io_binding)
-    return ModelRepository(settings.repository, factory)
+def build_repository(settings: Settings, metrics: ServiceMetrics) -> ModelRepository:
+    return ModelRepository(settings.repository, ServingOptions.from_settings(settings, metrics))
 
 
 async def load_and_poll(repo: ModelRepository, interval: float) -> None:
@@ -50,8 +48,8 @@ async def load_and_poll(repo: ModelRepository, interval: float) -> None:
 def create_app(settings: Settings | None = None, repo: ModelRepository | None = None) -> FastAPI:
     """The service for ``settings`` (default: the environment); ``repo`` replaces the default."""
     settings = settings or get_settings()
-    repo = repo or build_repository(settings)
-    service_metrics = ServiceMetrics()
+    service_metrics = repo.options.metrics if repo is not None else ServiceMetrics()
+    repo = repo or build_repository(settings, service_metrics)
     service_metrics.models_ready.set_function(
         lambda: sum(len(entry.ready_versions()) for entry in repo.entries())
     )
@@ -78,17 +76,16 @@ def create_app(settings: Settings | None = None, repo: ModelRepository | None = 
     app.state.settings = settings
     app.state.repository = repo
     app.state.metrics = service_metrics
-    app.state.batchers = BatcherRegistry(settings, service_metrics)
     app.state.fold_latency = FoldLatencyLab(settings.fold_latency_max_seconds)
     install_error_handlers(app)
-    app.add_middleware(infer.InferenceLane)  # inside RequestContextMiddleware: added first
+    infer.install(app)  # before the request middleware, which must wrap its dispatch
     app.add_middleware(
         RequestContextMiddleware,
         max_request_bytes=settings.max_request_bytes,
         access_log=settings.access_log,
     )
     app.mount(docs.SWAGGER_STATIC, StaticFiles(directory=swagger_ui_path), name="swagger-ui")
-    for router in (health.router, models.router, infer.router, repository.router, docs.router):
+    for router in (health.router, models.router, repository.router, docs.router):
         app.include_router(router)
     app.include_router(latency.router)
     app.include_router(ui.router)

@@ -27,6 +27,7 @@ task per request). A request already running finishes and its rows are dropped.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 import weakref
 from collections import deque
@@ -38,33 +39,23 @@ from typing import Any
 import numpy as np
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
-from service.errors import BadRequest, ServiceError
-from service.metadata import BatchingOverrides
-from service.metrics import BatcherMetrics, ServiceMetrics
-from service.runtime import LoadedModel
+from service.errors import (
+    BadRequest,
+    ClientDisconnected,
+    ModelNotReady,
+    QueueFull,
+    RequestTimeout,
+    ServiceError,
+)
+from service.metrics import BatcherMetrics
+from service.model_config import BatchingOverrides
 from service.settings import Settings
 
 Receive = Callable[[], Awaitable[Mapping[str, Any]]]
 WATCH_AFTER_S = 0.05  # a queued request's connection is watched once it has waited this long
 Outputs = dict[str, np.ndarray]
-
-
-class QueueFull(ServiceError):
-    """The model version's queue holds ``max_queue_size`` requests: retry later."""
-
-    status_code = 503
-
-
-class RequestTimeout(ServiceError):
-    """The request's deadline passed before its result was ready."""
-
-    status_code = 504
-
-
-class ClientDisconnected(ServiceError):
-    """The client went away while its request waited (nginx's 499: never seen by anyone)."""
-
-    status_code = 499
+Feeds = dict[str, np.ndarray]
+Runner = Callable[[Feeds, list[str]], Outputs]  # one ONNX Runtime call: feeds, output names
 
 
 @dataclass(frozen=True)
@@ -103,7 +94,6 @@ class BatchingConfig:
 class _Pending:
     """A queued request: its checked inputs and the future its handler awaits."""
 
-    model: LoadedModel
     feeds: dict[str, np.ndarray]
     names: list[str]  # outputs to compute
     rows: int  # samples (the batch axis), 1 for a model without one
@@ -122,19 +112,14 @@ def _signature(feeds: dict[str, np.ndarray], names: list[str]) -> Hashable:
     return inputs, tuple(names)
 
 
-def _batchable(model: LoadedModel) -> bool:
-    """Every input and output has the dynamic batch axis first."""
-    return all(spec.shape[:1] == (-1,) for spec in (*model.inputs, *model.outputs))
-
-
-def _run_one(model: LoadedModel, feeds: dict[str, np.ndarray], names: list[str]) -> Outputs:
+def _run_one(run: Runner, feeds: Feeds, names: list[str]) -> Outputs:
     try:
-        return model.run(feeds, names)
+        return run(feeds, names)
     except InvalidArgument as err:  # e.g. a shape the graph cannot take: the client's error
         raise BadRequest(f"the model rejected the inputs: {str(err).splitlines()[0]}") from err
 
 
-def _run_batch(batch: list[_Pending]) -> tuple[list[Outputs | BaseException], float]:
+def _run_batch(run: Runner, batch: list[_Pending]) -> tuple[list[Outputs | BaseException], float]:
     """One call for the whole batch (in a worker thread); each request's rows, and seconds.
 
     When a batch of several is rejected, each request runs alone so that only
@@ -144,14 +129,14 @@ def _run_batch(batch: list[_Pending]) -> tuple[list[Outputs | BaseException], fl
     start = time.perf_counter()
     if len(batch) == 1:
         try:
-            return [_run_one(head.model, head.feeds, head.names)], time.perf_counter() - start
+            return [_run_one(run, head.feeds, head.names)], time.perf_counter() - start
         except Exception as err:
             return [err], time.perf_counter() - start
     feeds = {n: np.concatenate([p.feeds[n] for p in batch]) for n in head.feeds}  # (B, ...)
     try:
-        outputs = _run_one(head.model, feeds, head.names)
+        outputs = _run_one(run, feeds, head.names)
     except BadRequest:
-        return [_run_batch([p])[0][0] for p in batch], time.perf_counter() - start
+        return [_run_batch(run, [p])[0][0] for p in batch], time.perf_counter() - start
     except Exception as err:
         return [err] * len(batch), time.perf_counter() - start
     seconds = time.perf_counter() - start
@@ -164,16 +149,28 @@ def _run_batch(batch: list[_Pending]) -> tuple[list[Outputs | BaseException], fl
 
 
 class DynamicBatcher:
-    """The queue and dispatcher of one model version (lives on the event loop)."""
+    """The queue and dispatcher of one model version (lives on the event loop).
+
+    ``config`` may be replaced at any time (a new ``config.json``); :meth:`close`
+    (from any thread) refuses new requests and stops the worker thread once the
+    queue has drained.
+    """
 
     def __init__(
-        self, label: str, batchable: bool, config: BatchingConfig, metrics: BatcherMetrics
+        self,
+        label: str,
+        run: Runner,
+        batchable: bool,
+        config: BatchingConfig,
+        metrics: BatcherMetrics,
     ) -> None:
         self.label = label  # "model 'name' version N", for messages
-        self.batchable = batchable
+        self.batchable = batchable  # every input and output has the batch axis first
         self.config = config
-        self.overrides: BatchingOverrides | None = None  # what ``config`` was merged from
         self.metrics = metrics
+        self._run = run
+        self._closed = False
+        self._lock = threading.Lock()  # closing vs starting the dispatcher
         self._queue: deque[_Pending] = deque()
         self._rows = 0  # samples queued
         self._dispatcher: asyncio.Task[None] | None = None
@@ -192,20 +189,20 @@ class DynamicBatcher:
 
     async def run(
         self,
-        model: LoadedModel,
-        feeds: dict[str, np.ndarray],
+        feeds: Feeds,
         names: list[str],
         *,
         timeout_s: float | None = None,
         receive: Receive | None = None,
     ) -> Outputs:
-        """The outputs ``names`` of ``model`` for checked ``feeds``, batched with others.
+        """The outputs ``names`` for checked ``feeds``, batched with others.
 
-        Raises :class:`QueueFull` when the queue is full, :class:`RequestTimeout`
-        after ``timeout_s`` seconds, :class:`ClientDisconnected` when ``receive``
-        (the request's ASGI receive, body already read) reports a disconnect.
+        Raises :class:`ModelNotReady` once closed, :class:`QueueFull` when the queue
+        is full, :class:`RequestTimeout` after ``timeout_s`` seconds,
+        :class:`ClientDisconnected` when ``receive`` (the request's ASGI receive, body
+        already read) reports a disconnect.
         """
-        item = self._enqueue(model, feeds, names)
+        item = self._enqueue(feeds, names)
         loop = asyncio.get_running_loop()
         timer = (
             None if timeout_s is None else loop.call_later(timeout_s, self._expire, item, timeout_s)
@@ -232,9 +229,14 @@ class DynamicBatcher:
 
     # -- queue ------------------------------------------------------------------
 
-    def _enqueue(
-        self, model: LoadedModel, feeds: dict[str, np.ndarray], names: list[str]
-    ) -> _Pending:
+    def close(self) -> None:
+        """No new requests; the worker thread ends once the queued ones have run."""
+        with self._lock:
+            self._closed = True
+            if self._dispatcher is None:
+                self._runner.shutdown(wait=False)
+
+    def _enqueue(self, feeds: Feeds, names: list[str]) -> _Pending:
         config = self.config
         if len(self._queue) >= config.max_queue_size:
             self.metrics.dropped["queue_full"].inc()
@@ -247,12 +249,18 @@ class DynamicBatcher:
         rows = int(first.shape[0]) if first.ndim else 1
         key = _signature(feeds, names) if self.batchable and config.enabled else None
         loop = asyncio.get_running_loop()
-        item = _Pending(model, feeds, names, rows, key, time.perf_counter(), loop.create_future())
-        self._queue.append(item)
-        self._rows += rows
-        if self._dispatcher is None:
-            self._dispatcher = loop.create_task(self._dispatch())
-        elif self._wakeup is not None and self._rows >= config.max_batch_size:
+        item = _Pending(feeds, names, rows, key, time.perf_counter(), loop.create_future())
+        with self._lock:
+            if self._closed:  # resolved just before a swap or unload: the retry finds the new one
+                raise ModelNotReady(
+                    f"{self.label} was unloaded or replaced; retry", headers={"Retry-After": "0"}
+                )
+            self._queue.append(item)
+            self._rows += rows
+            if self._dispatcher is None:
+                self._dispatcher = loop.create_task(self._dispatch())
+                return item
+        if self._wakeup is not None and self._rows >= config.max_batch_size:
             if not self._wakeup.done():
                 self._wakeup.set_result(None)
         return item
@@ -301,7 +309,10 @@ class DynamicBatcher:
                 if self._queue:  # requests may leave while it holds (timeouts, disconnects)
                     await self._execute(self._take_batch())
         finally:
-            self._dispatcher = None
+            with self._lock:
+                self._dispatcher = None
+                if self._closed:
+                    self._runner.shutdown(wait=False)
 
     async def _hold_partial_batch(self) -> None:
         """Wait up to ``max_queue_delay_us`` after the oldest request for a full batch."""
@@ -348,7 +359,9 @@ class DynamicBatcher:
             self.metrics.queue_wait.observe(now - item.enqueued)
         loop = asyncio.get_running_loop()
         try:
-            answers, seconds = await loop.run_in_executor(self._runner, _run_batch, batch)
+            answers, seconds = await loop.run_in_executor(
+                self._runner, _run_batch, self._run, batch
+            )
         except asyncio.CancelledError:  # shutdown: nobody may wait forever
             for item in batch:
                 item.future.cancel()
@@ -368,36 +381,3 @@ class DynamicBatcher:
 def _resolve(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
-
-
-class BatcherRegistry:
-    """One :class:`DynamicBatcher` per loaded model version, created on first use.
-
-    Keyed weakly by the :class:`LoadedModel`: a version that is swapped out or
-    unloaded takes its batcher with it once its last request is answered.
-    """
-
-    def __init__(self, settings: Settings, metrics: ServiceMetrics) -> None:
-        self.defaults = BatchingConfig.from_settings(settings)
-        self.timeout_s = settings.request_timeout_ms / 1e3 or None
-        self._metrics = metrics
-        self._batchers: weakref.WeakKeyDictionary[LoadedModel, DynamicBatcher] = (
-            weakref.WeakKeyDictionary()
-        )
-
-    def batcher(self, model: LoadedModel, overrides: BatchingOverrides) -> DynamicBatcher:
-        """The batcher of ``model``, configured by ``overrides`` (its current config.json)."""
-        found = self._batchers.get(model)
-        if found is None:
-            version = str(model.version)
-            found = DynamicBatcher(
-                f"model '{model.name}' version {version}",
-                _batchable(model),
-                self.defaults,
-                self._metrics.batcher(model.name, version),
-            )
-            self._batchers[model] = found
-        if found.overrides is not overrides:
-            found.config = self.defaults.merged(overrides)
-            found.overrides = overrides
-        return found

@@ -5,33 +5,14 @@ from __future__ import annotations
 import logging
 import tempfile
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
 import onnxruntime as ort
 
+from service.model_format import BATCHNORM, batchnorm_nodes
+
 log = logging.getLogger(__name__)
-
-BATCHNORM = "BatchNormalization"
-
-
-def _nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
-    """Every node of ``graph`` and of its subgraphs (If/Loop/Scan bodies)."""
-    for node in graph.node:
-        yield node
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _nodes(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for sub in attr.graphs:
-                    yield from _nodes(sub)
-
-
-def batchnorm_nodes(model: onnx.ModelProto) -> int:
-    """BatchNormalization nodes in the graph, its subgraphs and its local functions."""
-    nodes = [*_nodes(model.graph), *(n for f in model.functions for n in f.node)]
-    return sum(1 for node in nodes if node.op_type == BATCHNORM)
 
 
 def batchnorm_inputs(model: onnx.ModelProto) -> dict[str, int]:

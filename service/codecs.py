@@ -22,7 +22,7 @@ import numpy as np
 import orjson
 
 from service.errors import BadRequest
-from service.protocol import NUMPY_DTYPES
+from service.model_format import NUMPY_DTYPES
 
 JSON_KINDS = {"b": "booleans", "i": "integers", "u": "integers", "f": "numbers"}
 JSON_ACCEPTS = {"b": "b", "i": "iu", "u": "iu", "f": "iuf"}  # parsed kinds by tensor kind

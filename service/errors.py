@@ -68,10 +68,52 @@ class ModelNotReady(ServiceError):
     status_code = 503
 
 
+class QueueFull(ServiceError):
+    """The model version's queue holds ``max_queue_size`` requests: retry later."""
+
+    status_code = 503
+
+
+class RequestTimeout(ServiceError):
+    """The request's deadline passed before its result was ready."""
+
+    status_code = 504
+
+
+class ClientDisconnected(ServiceError):
+    """The client went away while its request waited (nginx's 499: never seen by anyone)."""
+
+    status_code = 499
+
+
+class MeasurementBusy(ServiceError):
+    """Another fold-latency measurement is running (one at a time: they share the CPUs)."""
+
+    status_code = 429
+
+
+class NotMeasurable(ServiceError):
+    """The version cannot be measured: its unfolded file is missing or changed on disk,
+    or its inputs have dynamic axes with no size to draw."""
+
+    status_code = 409
+
+
+class NoReportYet(ServiceError):
+    """``cached=true`` for a model that has not been measured since the server started."""
+
+    status_code = 404
+
+
 def error_response(
     status_code: int, message: str, headers: Mapping[str, str] | None = None
 ) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status_code, headers=headers)
+
+
+def service_error_response(err: ServiceError) -> JSONResponse:
+    """The one mapping of a :class:`ServiceError` to its response."""
+    return error_response(err.status_code, err.message, err.headers)
 
 
 def _validation_message(err: RequestValidationError) -> str:
@@ -87,7 +129,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_service_error(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ServiceError)
-        return error_response(exc.status_code, exc.message, exc.headers)
+        return service_error_response(exc)
 
     async def on_validation_error(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)

@@ -26,36 +26,17 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from service.bn_graph import batchnorm_after_ort, batchnorm_inputs, batchnorm_nodes
-from service.errors import ServiceError
+from service.bn_graph import batchnorm_after_ort, batchnorm_inputs
+from service.errors import MeasurementBusy, NoReportYet, NotMeasurable
 from service.machine import machine_facts
-from service.metadata import ModelVersionError, TensorSpec, verified_bytes
-from service.runtime import LoadedModel
+from service.model_format import ModelVersionError, TensorSpec, batchnorm_nodes
+from service.runtime import ServedVersion
 from service.stats import LatencySummary, Speedup, paired_speedup, summarize
 
 log = logging.getLogger(__name__)
 
 # The ops after which ONNX Runtime fuses a BatchNormalization node by itself (ConvBNFusion).
 ORT_FUSES_AFTER = frozenset({"Conv"})
-
-
-class MeasurementBusy(ServiceError):
-    """Another fold-latency measurement is running (one at a time: they share the CPUs)."""
-
-    status_code = 429
-
-
-class NotMeasurable(ServiceError):
-    """The version cannot be measured: its unfolded file is missing or changed on disk,
-    or its inputs have dynamic axes with no size to draw."""
-
-    status_code = 409
-
-
-class NoReportYet(ServiceError):
-    """``cached=true`` for a model that has not been measured since the server started."""
-
-    status_code = 404
 
 
 @dataclass(frozen=True)
@@ -272,26 +253,26 @@ def time_interleaved(
 
 
 def measure_model(
-    model: LoadedModel, params: LatencyParams, progress: Progress | None = None
+    model: ServedVersion, params: LatencyParams, progress: Progress | None = None
 ) -> FoldLatencyReport:
     """Measure ``model``'s folded against its unfolded file (blocking; call it off the loop).
 
-    Raises :class:`service.metadata.ModelVersionError` when a file is missing or
+    Raises :class:`service.model_format.ModelVersionError` when a file is missing or
     no longer matches its sha256, :class:`NotMeasurable` for inputs it cannot draw.
     """
     meta = model.metadata
     optimized = not params.isolate
     folded = model.session("folded", optimized=optimized)
     unfolded = model.session("unfolded", optimized=optimized)
-    reference = {name: a.shape for name, a in meta.reference.inputs.items()}
+    reference = {name: tuple(t.shape) for name, t in meta.reference.inputs.items()}
     try:
         feeds = random_feeds(model.inputs, params.batch_size, params.seed, reference)
     except ValueError as err:
         raise NotMeasurable(f"model '{model.name}' cannot be measured: {err}") from err
     timings = time_interleaved(folded, unfolded, feeds, params, progress)
 
-    folded_bytes = verified_bytes(model.version_dir, meta.folded_file, meta.sha256)
-    unfolded_bytes = verified_bytes(model.version_dir, meta.unfolded_file, meta.sha256)
+    folded_bytes = model.file_bytes("folded")
+    unfolded_bytes = model.file_bytes("unfolded")
     unfolded_graph = onnx.load_model_from_string(unfolded_bytes)
     bn = {
         "folded": batchnorm_nodes(onnx.load_model_from_string(folded_bytes)),
@@ -320,8 +301,8 @@ def measure_model(
         seed=params.seed,
         seconds=timings.seconds,
         time_limited=timings.time_limited,
-        folded=VariantReport(meta.folded_file, bn["folded"], summarize(tf, batch)),
-        unfolded=VariantReport(meta.unfolded_file, bn["unfolded"], summarize(tu, batch)),
+        folded=VariantReport(meta.files.folded, bn["folded"], summarize(tf, batch)),
+        unfolded=VariantReport(meta.files.unfolded, bn["unfolded"], summarize(tu, batch)),
         speedup=speedup,
         verdict=verdict(speedup),
         max_abs_diff=timings.max_abs_diff,
@@ -364,7 +345,7 @@ class FoldLatencyLab:
             )
         return found
 
-    async def measure(self, model: LoadedModel, params: LatencyParams) -> FoldLatencyReport:
+    async def measure(self, model: ServedVersion, params: LatencyParams) -> FoldLatencyReport:
         """Measure ``model`` off the event loop; :class:`MeasurementBusy` (429) while another
         measurement runs, with a Retry-After guessed from its pace."""
         if not self._busy.acquire(blocking=False):

@@ -11,7 +11,7 @@ from typing import Any
 
 import onnxruntime as ort
 
-from service.runtime import CUDA, usable_cpus
+from service.sessions import CUDA, usable_cpus
 
 
 @functools.lru_cache(maxsize=4)

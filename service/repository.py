@@ -14,7 +14,6 @@ whole name -> entry mapping in one assignment. Scans are serialized by a lock.
 from __future__ import annotations
 
 import logging
-import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,21 +21,19 @@ from pathlib import Path
 import numpy as np
 
 from service.errors import ModelNotFound, ModelNotReady
-from service.metadata import (
-    BatchingOverrides,
-    ModelConfig,
+from service.model_config import BatchingOverrides, ModelConfig, VersionPolicy, read_model_config
+from service.model_format import (
+    VERSION_DIR,
     ModelVersionError,
-    VersionPolicy,
-    read_metadata,
-    read_model_config,
+    VersionMetadata,
+    valid_model_name,
     verified_bytes,
 )
 from service.protocol import ORT_DATATYPES, ModelState
-from service.runtime import LoadedModel, SessionFactory
+from service.runtime import ServedVersion, ServingOptions
 
 log = logging.getLogger(__name__)
 
-VERSION_DIR = re.compile(r"[1-9][0-9]*")
 Fingerprint = tuple[tuple[str, int, int, int], ...]
 
 
@@ -45,7 +42,7 @@ class VersionStatus:
     version: int
     state: ModelState
     reason: str = ""
-    model: LoadedModel | None = None
+    model: ServedVersion | None = None
     fingerprint: Fingerprint | None = None  # the files this status was computed from
 
 
@@ -88,7 +85,7 @@ def _fingerprint(version_dir: Path) -> Fingerprint:
     return tuple(files)
 
 
-def _check_io(model: LoadedModel) -> None:
+def _check_io(model: ServedVersion) -> None:
     session = model.session()
     for kind, specs, actual in (
         ("input", model.inputs, session.get_inputs()),
@@ -109,14 +106,16 @@ def _check_io(model: LoadedModel) -> None:
             raise ModelVersionError("model.onnx has inputs that metadata.json does not list")
 
 
-def _check_reference(model: LoadedModel) -> float:
+def _check_reference(model: ServedVersion) -> float:
     """Run the reference batch (the warm-up); return the largest output difference."""
     ref = model.metadata.reference
-    feeds = {spec.name: ref.inputs[spec.name].astype(spec.dtype) for spec in model.inputs}
+    feeds = {s.name: ref.inputs[s.name].array().astype(s.dtype) for s in model.inputs}
     results = model.run(feeds)
     worst = 0.0
-    for name, expected in ref.outputs.items():
-        got = results[name]
+    for name, tensor in ref.outputs.items():
+        if name not in results:
+            raise ModelVersionError(f"reference batch: output '{name}' is not a model output")
+        expected, got = tensor.array(), results[name]
         if got.shape != expected.shape:
             raise ModelVersionError(
                 f"reference batch: output '{name}' has shape {list(got.shape)}, "
@@ -132,16 +131,15 @@ def _check_reference(model: LoadedModel) -> float:
     return worst
 
 
-def _plain_name(name: str) -> bool:
-    return bool(name) and not name.startswith(".") and "/" not in name and "\\" not in name
-
-
 class ModelRepository:
-    """The models under ``root``, each version validated, loaded and warmed up."""
+    """The models under ``root``, each version validated, loaded and warmed up.
 
-    def __init__(self, root: Path, factory: SessionFactory) -> None:
+    A version that leaves service (swapped out, removed, unloaded) is closed.
+    """
+
+    def __init__(self, root: Path, options: ServingOptions) -> None:
         self.root = root
-        self.factory = factory
+        self.options = options
         self._models: dict[str, ModelEntry] = {}
         self._scan_lock = threading.Lock()
         self._loaded = threading.Event()
@@ -181,7 +179,7 @@ class ModelRepository:
             raise ModelNotFound(f"unknown version '{version}' of model '{name}'; versions: {known}")
         return entry, entry.versions[number]
 
-    def get(self, name: str, version: str | None = None) -> LoadedModel:
+    def get(self, name: str, version: str | None = None) -> ServedVersion:
         """The model to run; 404 for unknown names or versions, 503 when not ready."""
         entry, status = self.resolve(name, version)
         if status is not None and status.model is not None:
@@ -189,11 +187,6 @@ class ModelRepository:
         if status is None:
             raise ModelNotReady(f"model '{name}' has no ready version: {entry.why_not_ready()}")
         raise ModelNotReady(f"model '{name}' version {version} is not ready: {status.reason}")
-
-    def batching(self, name: str) -> BatchingOverrides:
-        """The batching settings of ``name``'s ``config.json`` (no overrides when unknown)."""
-        entry = self._models.get(name)
-        return entry.config.batching if entry is not None else BatchingOverrides()
 
     # -- scanning (serialized) -----------------------------------------------
 
@@ -231,7 +224,7 @@ class ModelRepository:
     def load(self, name: str) -> ModelEntry:
         """Rescan one model (new versions load, failed ones are retried), then swap it in."""
         with self._scan_lock:
-            if not _plain_name(name) or not (self.root / name).is_dir():
+            if not valid_model_name(name) or not (self.root / name).is_dir():
                 self._publish_without(name)
                 raise ModelNotFound(f"no model directory '{name}' in the repository")
             previous = self._models.get(name)
@@ -252,14 +245,23 @@ class ModelRepository:
             return unloaded
 
     def _publish(self, entry: ModelEntry) -> None:
+        previous = self._models.get(entry.name)
+        for status in entry.versions.values():
+            if status.model is not None:
+                status.model.configure(entry.config.batching)
         self._models = {**self._models, entry.name: entry}
+        _close_retired(previous, entry)
 
     def _publish_without(self, name: str) -> None:
         if name in self._models:
+            previous = self._models[name]
             self._models = {k: v for k, v in self._models.items() if k != name}
+            _close_retired(previous, None)
 
     def _model_dirs(self) -> list[str]:
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and _plain_name(p.name))
+        return sorted(
+            p.name for p in self.root.iterdir() if p.is_dir() and valid_model_name(p.name)
+        )
 
     def _scan_model(
         self, name: str, previous: ModelEntry | None, *, retry_failed: bool
@@ -293,7 +295,9 @@ class ModelRepository:
             if skip:
                 statuses[number] = VersionStatus(number, "UNAVAILABLE", skip)
                 continue
-            status = self._version_status(model_dir / str(number), previous, retry_failed)
+            status = self._version_status(
+                model_dir / str(number), previous, retry_failed, config.batching
+            )
             ready += status.model is not None
             statuses[number] = status
         return ModelEntry(name, statuses, config=config)
@@ -308,7 +312,11 @@ class ModelRepository:
         return "" if selected else f"not selected by version policy {policy.describe()}"
 
     def _version_status(
-        self, version_dir: Path, previous: ModelEntry | None, retry_failed: bool
+        self,
+        version_dir: Path,
+        previous: ModelEntry | None,
+        retry_failed: bool,
+        batching: BatchingOverrides,
     ) -> VersionStatus:
         number = int(version_dir.name)
         try:
@@ -319,16 +327,23 @@ class ModelRepository:
         if old is not None and old.fingerprint == fingerprint:
             if old.model is not None or not retry_failed:
                 return old
-        return self._load_version(version_dir, fingerprint)
+        return self._load_version(version_dir, fingerprint, batching)
 
-    def _load_version(self, version_dir: Path, fingerprint: Fingerprint) -> VersionStatus:
+    def _load_version(
+        self, version_dir: Path, fingerprint: Fingerprint, batching: BatchingOverrides
+    ) -> VersionStatus:
         name, number = version_dir.parent.name, int(version_dir.name)
         try:
-            metadata = read_metadata(version_dir)
-            data = verified_bytes(version_dir, metadata.folded_file, metadata.sha256)
-            model = LoadedModel(metadata, version_dir, self.factory.create(data), self.factory)
-            _check_io(model)
-            diff = _check_reference(model)
+            metadata = VersionMetadata.read(version_dir)
+            data = verified_bytes(version_dir, metadata.files.folded, metadata.sha256)
+            session = self.options.factory.create(data)
+            model = ServedVersion(metadata, version_dir, session, self.options, batching)
+            try:
+                _check_io(model)
+                diff = _check_reference(model)
+            except BaseException:
+                model.close()
+                raise
         except ModelVersionError as err:
             log.warning("model %s version %d not served: %s", name, number, err)
             return VersionStatus(number, "UNAVAILABLE", str(err), None, fingerprint)
@@ -347,3 +362,13 @@ class ModelRepository:
             diff,
         )
         return VersionStatus(number, "READY", "", model, fingerprint)
+
+
+def _close_retired(previous: ModelEntry | None, current: ModelEntry | None) -> None:
+    """Close the served versions of ``previous`` that ``current`` no longer holds."""
+    if previous is None:
+        return
+    keep = set() if current is None else {id(s.model) for s in current.versions.values()}
+    for status in previous.versions.values():
+        if status.model is not None and id(status.model) not in keep:
+            status.model.close()

@@ -1,15 +1,17 @@
-"""ONNX Runtime sessions: provider choice, threads, IO binding, and a loaded model's run().
+"""ServedVersion: one READY model version and everything it serves with, from load to close.
 
-ONNX Runtime falls back to the CPU silently when the CUDA provider cannot
-start, so the provider a session really uses is read back from
-``session.get_providers()`` and that is what is logged and reported.
+The repository creates a :class:`ServedVersion` when a version passes its
+checks and closes it when the version is swapped out or unloaded. It owns the
+version's ONNX Runtime sessions (the folded one, the unfolded and unoptimized
+ones on demand), its batching configuration and dynamic batcher, and the specs
+that requests are checked against; a request asks it, never a side table.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,119 +19,124 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
-from service.metadata import ModelVersionError, TensorSpec, VersionMetadata, verified_bytes
-from service.settings import IOBindingChoice, ProviderChoice
+from service.batching import BatchingConfig, DynamicBatcher, Feeds, Outputs, Receive
+from service.codecs import DecodedRequest, OutputTensor, RequestedOutput
+from service.inference import classify, prepare_feeds, select_outputs
+from service.metrics import ServiceMetrics
+from service.model_config import BatchingOverrides
+from service.model_format import (
+    V2_DATATYPES,
+    ModelVersionError,
+    TensorSpec,
+    VersionMetadata,
+    verified_bytes,
+)
+from service.sessions import CUDA, SessionFactory
+from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
-CUDA = "CUDAExecutionProvider"
-CPU = "CPUExecutionProvider"
 Variant = Literal["folded", "unfolded"]
 
 
-def usable_cpus() -> int:
-    """CPUs this process may use: its affinity mask, capped by a cgroup v2 CPU quota."""
-    count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    count = count or 1
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-        if quota != "max":
-            count = min(count, max(1, int(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass
-    return count
+@dataclass(frozen=True)
+class ServingOptions:
+    """What every served version runs with: the session factory, the server's batching
+    settings (a model's ``config.json`` goes over them), metrics and the default timeout."""
 
+    factory: SessionFactory
+    batching: BatchingConfig
+    metrics: ServiceMetrics
+    timeout_s: float | None = None
 
-class SessionFactory:
-    """Creates sessions with the configured provider and thread count.
-
-    With ``auto`` or ``cuda``, the first session that comes up on the CPU although
-    CUDA was asked for settles the question: later sessions go straight to the
-    CPU (one warning, not one per model).
-    """
-
-    def __init__(
-        self, providers: ProviderChoice, threads: int, io_binding: IOBindingChoice
-    ) -> None:
-        self.requested = providers
-        self.threads = threads if threads > 0 else usable_cpus()
-        self.io_binding_choice = io_binding
-        self._cuda_failed = providers == "cpu" or CUDA not in ort.get_available_providers()
-        if providers == "cuda" and self._cuda_failed:
-            log.warning("providers=cuda but this onnxruntime has no CUDA provider; using CPU")
-        self._lock = threading.Lock()
-
-    def provider_list(self) -> list[str]:
-        return [CPU] if self._cuda_failed else [CUDA, CPU]
-
-    def use_io_binding(self, provider: str) -> bool:
-        """IO binding pays off when tensors cross to a device; ``on`` forces it (tests)."""
-        if self.io_binding_choice == "auto":
-            return provider == CUDA
-        return self.io_binding_choice == "on"
-
-    def create(self, model: bytes, *, optimized: bool = True) -> ort.InferenceSession:
-        """A session for serialized ONNX ``model``; ``optimized=False``: no ORT graph passes."""
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = self.threads
-        options.inter_op_num_threads = 1
-        # Spinning worker threads would take the CPU from the event loop between requests.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.graph_optimization_level = (
-            ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            if optimized
-            else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    @classmethod
+    def from_settings(cls, settings: Settings, metrics: ServiceMetrics) -> ServingOptions:
+        return cls(
+            SessionFactory(settings.providers, settings.threads, settings.io_binding),
+            BatchingConfig.from_settings(settings),
+            metrics,
+            settings.request_timeout_ms / 1e3 or None,
         )
-        with self._lock:
-            wanted = self.provider_list()
-            session = ort.InferenceSession(model, sess_options=options, providers=wanted)
-            used = session.get_providers()[0]
-            if wanted[0] == CUDA and used != CUDA:
-                self._cuda_failed = True
-                level = logging.WARNING if self.requested == "cuda" else logging.INFO
-                log.log(
-                    level, "CUDA provider did not start (providers=%s); using CPU", self.requested
-                )
-        return session
 
 
-class LoadedModel:
-    """One served model version: its folded session (and the unfolded one on demand)."""
+class ServedVersion:
+    """One served model version: sessions, batcher, specs; ``infer`` answers a request."""
 
     def __init__(
         self,
         metadata: VersionMetadata,
         version_dir: Path,
         session: ort.InferenceSession,
-        factory: SessionFactory,
+        options: ServingOptions,
+        batching: BatchingOverrides,
     ) -> None:
         self.metadata = metadata
         self.name = version_dir.parent.name
         self.version = int(version_dir.name)
         self.version_dir = version_dir
         self.provider: str = session.get_providers()[0]
-        self.io_binding = factory.use_io_binding(self.provider)
-        self.threads = factory.threads
+        self.io_binding = options.factory.use_io_binding(self.provider)
+        self.threads = options.factory.threads
+        self.inputs: list[TensorSpec] = metadata.inputs
+        self.outputs: list[TensorSpec] = metadata.outputs
+        self.labels: list[str] = metadata.labels
+        self.output_names = [spec.name for spec in metadata.outputs]
+        self.input_specs = {spec.name: spec for spec in metadata.inputs}
+        # What a request that names no outputs gets (read-only, shared by those requests).
+        self.every_output = [RequestedOutput(n, None, 0) for n in self.output_names]
         self._device = "cuda" if self.provider == CUDA else "cpu"
-        self._factory = factory
+        self._options = options
         self._sessions: dict[tuple[Variant, bool], ort.InferenceSession] = {
             ("folded", True): session
         }
         self._lock = threading.Lock()
-        self.output_names = [spec.name for spec in metadata.outputs]
-        self.input_specs = {spec.name: spec for spec in metadata.inputs}
+        version = str(self.version)
+        self.batcher = DynamicBatcher(
+            f"model '{self.name}' version {version}",
+            self.run,
+            all(spec.shape[:1] == (-1,) for spec in (*self.inputs, *self.outputs)),
+            options.batching.merged(batching),
+            options.metrics.batcher(self.name, version),
+        )
 
-    @property
-    def inputs(self) -> list[TensorSpec]:
-        return self.metadata.inputs
+    def configure(self, batching: BatchingOverrides) -> None:
+        """Apply a model's (new) ``config.json`` batching settings."""
+        self.batcher.config = self._options.batching.merged(batching)
 
-    @property
-    def outputs(self) -> list[TensorSpec]:
-        return self.metadata.outputs
+    def close(self) -> None:
+        """Swapped out or unloaded: refuse new requests, finish the queued ones."""
+        self.batcher.close()
+        log.info("model %s version %d closed", self.name, self.version)
 
-    @property
-    def labels(self) -> list[str]:
-        return self.metadata.labels
+    # -- requests ---------------------------------------------------------------------
+
+    async def infer(
+        self, request: DecodedRequest, receive: Receive | None = None
+    ) -> list[OutputTensor]:
+        """The outputs ``request`` asks for (all when it names none), checked and batched.
+
+        ``receive`` (the request's ASGI receive, body already read) lets a client
+        that disconnects take its queued request with it. Raises the
+        :mod:`service.errors` of a bad request, a full queue, a timeout.
+        """
+        feeds = prepare_feeds(self.name, self.input_specs, self.inputs, request.inputs)
+        wanted = select_outputs(self.name, self.output_names, request.outputs, self.every_output)
+        timeout = request.timeout_us / 1e6 if request.timeout_us else self._options.timeout_s
+        results = await self.batcher.run(
+            feeds, [w.name for w in wanted], timeout_s=timeout, receive=receive
+        )
+        outputs = []
+        for w in wanted:
+            binary = request.binary_output if w.binary is None else w.binary
+            array = results[w.name]
+            if w.classification:
+                top = classify(array, w.classification, self.labels)
+                outputs.append(OutputTensor(w.name, "BYTES", top, binary))
+            else:
+                outputs.append(OutputTensor(w.name, V2_DATATYPES[array.dtype], array, binary))
+        return outputs
+
+    # -- ONNX Runtime -----------------------------------------------------------------
 
     def session(
         self, variant: Variant = "folded", *, optimized: bool = True
@@ -142,7 +149,8 @@ class LoadedModel:
         key = (variant, optimized)
         with self._lock:
             if key not in self._sessions:
-                self._sessions[key] = self._factory.create(self._read(variant), optimized=optimized)
+                data = self.file_bytes(variant)
+                self._sessions[key] = self._options.factory.create(data, optimized=optimized)
                 log.info(
                     "%s v%d: created %s session (optimized=%s)",
                     self.name,
@@ -152,20 +160,16 @@ class LoadedModel:
                 )
             return self._sessions[key]
 
-    def unfolded_session(self, *, optimized: bool = True) -> ort.InferenceSession:
-        """The unfolded network (BatchNormalization nodes kept), loaded lazily."""
-        return self.session("unfolded", optimized=optimized)
-
-    def _read(self, variant: Variant) -> bytes:
-        name = self.metadata.folded_file if variant == "folded" else self.metadata.unfolded_file
+    def file_bytes(self, variant: Variant) -> bytes:
+        """The variant's ONNX file, verified against the metadata's sha256."""
+        files = self.metadata.files
+        name = files.folded if variant == "folded" else files.unfolded
         if not name:
             raise ModelVersionError(f"metadata names no {variant} file")
         return verified_bytes(self.version_dir, name, self.metadata.sha256)
 
-    def run(
-        self, feeds: dict[str, np.ndarray], output_names: list[str] | None = None
-    ) -> dict[str, np.ndarray]:
-        """Run the folded model; ``feeds`` must already match the input specs."""
+    def run(self, feeds: Feeds, output_names: list[str] | None = None) -> Outputs:
+        """Run the folded model once (a worker thread); ``feeds`` must match the specs."""
         names = output_names or self.output_names
         session = self._sessions[("folded", True)]
         if self.io_binding:
@@ -184,9 +188,7 @@ class LoadedModel:
         results: list[Any] = session.run(names, feeds)
         return dict(zip(names, results, strict=True))
 
-    def _run_bound(
-        self, session: ort.InferenceSession, feeds: dict[str, np.ndarray], names: list[str]
-    ) -> dict[str, np.ndarray]:
+    def _run_bound(self, session: ort.InferenceSession, feeds: Feeds, names: list[str]) -> Outputs:
         # Outputs stay on the session's device until one copy back; inputs are bound in place.
         binding = session.io_binding()
         for name, array in feeds.items():

@@ -209,11 +209,11 @@ def export_cmd(
         fail(str(err))
         return
     md = result.metadata
+    parity = md.parity.max_abs_diff if md.parity is not None else float("nan")
     console.print(result.report.table())
     console.print(
-        f"wrote {result.path}: BN nodes folded={md['bn_nodes']['folded']} "
-        f"unfolded={md['bn_nodes']['unfolded']}, max abs diff folded vs unfolded "
-        f"{md['parity']['max_abs_diff']:.3g}",
+        f"wrote {result.path}: BN nodes folded={md.bn_nodes['folded']} "
+        f"unfolded={md.bn_nodes['unfolded']}, max abs diff folded vs unfolded {parity:.3g}",
         highlight=False,
     )
 
@@ -265,9 +265,9 @@ def defaults_cmd(
     for result in ensure_default_models(repository, runs):
         md = result.metadata
         console.print(
-            f"{md['name']} v{result.version}: test_accuracy="
-            f"{md['training'].get('test_accuracy', float('nan')):.4f}, BN nodes "
-            f"{md['bn_nodes']['unfolded']} -> {md['bn_nodes']['folded']}",
+            f"{md.name} v{result.version}: test_accuracy="
+            f"{md.training.get('test_accuracy', float('nan')):.4f}, BN nodes "
+            f"{md.bn_nodes['unfolded']} -> {md.bn_nodes['folded']}",
             highlight=False,
         )
 

@@ -6,8 +6,9 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from service.model_format import version_numbers
 from training.data import load_dataset
-from training.export import ExportResult, existing_versions, export_run
+from training.export import ExportResult, export_run
 from training.train import DatasetSpec, TrainConfig, load_run, save_run, train
 from training.zoo import ModelConfig
 
@@ -75,7 +76,7 @@ def ensure_default_models(
     """Train and export each default model that ``repository`` has no version of."""
     done = []
     for spec in DEFAULT_MODELS:
-        if existing_versions(repository / spec.name):
+        if version_numbers(repository / spec.name):
             log.info("%s: already in %s, skipped", spec.name, repository)
             continue
         run = train_default(spec, runs, progress)

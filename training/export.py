@@ -11,12 +11,7 @@ half-written one.
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import logging
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib.metadata import version as pkg_version
@@ -29,7 +24,21 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from service.bn_graph import batchnorm_nodes
+from service.model_format import (
+    FOLDED_FILE,
+    UNFOLDED_FILE,
+    V2_DATATYPES,
+    FoldRecord,
+    ModelVersionError,
+    Parity,
+    ReferenceBatch,
+    TensorData,
+    TensorSpec,
+    VersionMetadata,
+    batchnorm_nodes,
+    valid_model_name,
+    write_version,
+)
 from training.data import load_dataset
 from training.fold import FoldReport, fold_batchnorm
 from training.onnx_graph import export_onnx
@@ -38,15 +47,7 @@ from training.zoo import count_batchnorms
 
 log = logging.getLogger(__name__)
 
-FOLDED_FILE = "model.onnx"
-UNFOLDED_FILE = "model.unfolded.onnx"
-METADATA_FILE = "metadata.json"
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
-V2_DATATYPES = {
-    np.dtype(np.float32): "FP32",
-    np.dtype(np.float16): "FP16",
-    np.dtype(np.float64): "FP64",
-}
 ATOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.float64: 1e-8}
 
 
@@ -58,27 +59,8 @@ class ExportError(RuntimeError):
 class ExportResult:
     path: Path  # the version directory
     version: int
-    metadata: dict[str, Any]
+    metadata: VersionMetadata
     report: FoldReport
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def existing_versions(model_dir: Path) -> list[int]:
-    """Complete versions: directories named by a positive integer."""
-    if not model_dir.is_dir():
-        return []
-    return sorted(
-        int(p.name)
-        for p in model_dir.iterdir()
-        if p.is_dir() and p.name.isdigit() and int(p.name) > 0
-    )
 
 
 def reference_inputs(run: Run, n: int, seed: int = 0) -> np.ndarray:
@@ -111,14 +93,6 @@ def ort_outputs(model_bytes: bytes, x: np.ndarray) -> np.ndarray:
     return np.asarray(out)
 
 
-def _tensor_json(a: np.ndarray) -> dict[str, Any]:
-    return {
-        "datatype": V2_DATATYPES[a.dtype],
-        "shape": list(a.shape),
-        "data": a.reshape(-1).tolist(),
-    }
-
-
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ExportError(message)
@@ -134,7 +108,7 @@ def build_version(
     dtype: torch.dtype = torch.float32,
     reference_size: int = 4,
     parity_size: int = 64,
-) -> tuple[bytes, bytes, dict[str, Any], FoldReport]:
+) -> tuple[bytes, bytes, VersionMetadata, FoldReport]:
     """Fold, export both variants, check them; return the two files and the metadata."""
     base: nn.Module = run.model.eval()
     x_all = reference_inputs(run, parity_size)  # (P, *input_shape) float32
@@ -183,76 +157,36 @@ def build_version(
         _check(d <= atol, f"ONNX Runtime parity failed: {what} max abs diff {d:.3g} > {atol}")
     ref_x, ref_y = x[:reference_size], y_folded[:reference_size]
     training = {k: v for k, v in run.metrics.items() if k != "history"}
-    metadata: dict[str, Any] = {
-        "format": "foldserve-model/1",
-        "name": name,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "framework": {
-            **_framework(),
-            "opset": next(
-                o.version for o in folded_proto.opset_import if o.domain in ("", "ai.onnx")
-            ),
-        },
-        "files": {"folded": FOLDED_FILE, "unfolded": UNFOLDED_FILE},
-        "inputs": [
-            {
-                "name": INPUT_NAME,
-                "datatype": V2_DATATYPES[np_dtype],
-                "shape": [-1, *run.model_cfg.input_shape],
-            }
+    datatype = V2_DATATYPES[np_dtype]
+    opset = next(o.version for o in folded_proto.opset_import if o.domain in ("", "ai.onnx"))
+    metadata = VersionMetadata(
+        name=name,
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        framework={**_framework(), "opset": opset},
+        inputs=[
+            TensorSpec(name=INPUT_NAME, datatype=datatype, shape=(-1, *run.model_cfg.input_shape))
         ],
-        "outputs": [
-            {
-                "name": OUTPUT_NAME,
-                "datatype": V2_DATATYPES[np_dtype],
-                "shape": [-1, run.model_cfg.num_classes],
-            }
+        outputs=[
+            TensorSpec(name=OUTPUT_NAME, datatype=datatype, shape=(-1, run.model_cfg.num_classes))
         ],
-        "labels": run.labels,
-        "model_config": run.model_cfg.to_dict(),
-        "training": training,
-        "fold_report": report.to_dict(),
-        "bn_nodes": {"folded": bn_folded, "unfolded": bn_unfolded},
-        "parity": {
-            "max_abs_diff": diff_fu,
-            "max_abs_diff_vs_torch": {"folded": diff_ft, "unfolded": diff_ut},
-            "atol": atol,
-            "samples": len(x),
-        },
-        "reference": {
-            "inputs": {INPUT_NAME: _tensor_json(ref_x)},
-            "outputs": {OUTPUT_NAME: _tensor_json(ref_y)},
-            "atol": max(atol, 1e-5),
-        },
-    }
+        labels=run.labels,
+        network=run.model_cfg.to_dict(),
+        training=training,
+        fold_report=FoldRecord.model_validate(report.to_dict()),
+        bn_nodes={"folded": bn_folded, "unfolded": bn_unfolded},
+        parity=Parity(
+            max_abs_diff=diff_fu,
+            max_abs_diff_vs_torch={"folded": diff_ft, "unfolded": diff_ut},
+            atol=atol,
+            samples=len(x),
+        ),
+        reference=ReferenceBatch(
+            inputs={INPUT_NAME: TensorData.of(ref_x)},
+            outputs={OUTPUT_NAME: TensorData.of(ref_y)},
+            atol=max(atol, 1e-5),
+        ),
+    )
     return folded_bytes, unfolded_bytes, metadata, report
-
-
-def write_version(model_dir: Path, files: dict[str, bytes], metadata: dict[str, Any]) -> int:
-    """Write files into a temp directory, then rename it to the next free version number."""
-    model_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=model_dir))
-    try:
-        tmp.chmod(0o755)  # mkdtemp makes it owner-only; servers may run as another user
-        for fname, data in files.items():
-            (tmp / fname).write_bytes(data)
-        metadata["sha256"] = {fname: sha256_file(tmp / fname) for fname in files}
-        for attempt in range(100):
-            version = (existing_versions(model_dir) or [0])[-1] + 1
-            metadata["version"] = version
-            (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=1))
-            fd = os.open(tmp / METADATA_FILE, os.O_RDONLY)
-            os.fsync(fd)
-            os.close(fd)
-            try:
-                os.rename(tmp, model_dir / str(version))  # atomic; fails if it exists
-                return version
-            except OSError:
-                log.debug("version %d taken by a concurrent export (attempt %d)", version, attempt)
-        raise ExportError(f"could not claim a version number in {model_dir}")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def export_run(
@@ -262,11 +196,18 @@ def export_run(
     dtype: torch.dtype = torch.float32,
 ) -> ExportResult:
     """Export a run as the next version of ``repository/name``. Raises :class:`ExportError`."""
-    if not name or not all(c.isalnum() or c in "_-." for c in name) or name.startswith("."):
-        raise ExportError(f"bad model name {name!r}: use letters, digits, '_', '-', '.'")
+    if not valid_model_name(name):
+        raise ExportError(
+            f"bad model name {name!r}: use letters, digits, '_', '-', '.' (not starting with '.')"
+        )
     run = run_dir if isinstance(run_dir, Run) else load_run(run_dir)
     folded, unfolded, metadata, report = build_version(run, name, dtype)
     model_dir = Path(repository) / name
-    version = write_version(model_dir, {FOLDED_FILE: folded, UNFOLDED_FILE: unfolded}, metadata)
+    files = {FOLDED_FILE: folded, UNFOLDED_FILE: unfolded}
+    try:
+        version = write_version(model_dir, files, metadata)
+    except ModelVersionError as err:
+        raise ExportError(str(err)) from err
     log.info("exported %s version %d to %s", name, version, model_dir / str(version))
-    return ExportResult(model_dir / str(version), version, metadata, report)
+    written = VersionMetadata.read(model_dir / str(version))
+    return ExportResult(model_dir / str(version), version, written, report)

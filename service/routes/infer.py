@@ -1,23 +1,36 @@
 """Inference routes: V2 infer (JSON and binary tensors) and V1 predict.
 
-The routes below are what OpenAPI documents. At run time
-:class:`InferenceLane` answers the same paths first, with the same functions:
-FastAPI's routing and per-request dependency solving cost more than decoding,
-batching and encoding a small model's request together (on a 2-CPU machine,
-~90 us of a ~120 us budget), and these paths need neither (their parameters
-are path strings, their bodies are read by hand).
+Each route is registered once, as a :class:`PlainRoute`, and OpenAPI documents
+it from that declaration. FastAPI's per-request dependency solving and the
+depth of its middleware stack cost more than decoding, batching and encoding a
+small model's request together, and these routes need neither (their
+parameters are path strings, their bodies are read by hand), so
+:class:`PlainRouteDispatch` hands a matching request straight to its route.
 """
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+from fastapi.routing import APIRoute
+from starlette.routing import Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.batching import BatcherRegistry
-from service.errors import ServiceError, error_response
-from service.inference import infer_v2, predict_v1
+from service.codecs import decode_infer_request, encode_infer_response
+from service.errors import ServiceError, service_error_response
+from service.inference import (
+    INLINE_BODY_BYTES,
+    INLINE_OUTPUT_ELEMENTS,
+    encode_v1,
+    off_loop_if,
+    output_elements,
+    v1_request,
+)
 from service.metrics import ServiceMetrics
-from service.middleware import read_body, request_id
+from service.middleware import header, read_body, request_id
 from service.protocol import (
     InferRequest,
     InferResponse,
@@ -29,146 +42,132 @@ from service.protocol import (
 from service.repository import ModelRepository
 from service.settings import Settings
 
-router = APIRouter(tags=["inference"])
 
-INFER_DOCS = {
+class PlainRoute(APIRoute):
+    """An APIRoute whose endpoint is called as ``endpoint(request, **path_params)``.
+
+    OpenAPI reads the endpoint's signature and the route's declaration as for
+    any route. At run time the route skips what these endpoints never use:
+    dependency solving, response-model serialization, FastAPI's exit stacks.
+    """
+
+    def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
+        super().__init__(path, endpoint, **kwargs)
+        call: Callable[..., Awaitable[Response]] = endpoint
+
+        async def app(scope: Scope, receive: Receive, send: Send) -> None:
+            response = await call(Request(scope, receive, send), **scope["path_params"])
+            await response(scope, receive, send)
+
+        self.app = app
+
+
+class PlainRouteDispatch:
+    """ASGI middleware: a request that a :class:`PlainRoute` matches fully (path and
+    method) goes straight to that route, ahead of the framework's middleware and router.
+
+    The routes are the app's own (registered once, matched by their own
+    patterns); a :class:`ServiceError` gets the app's one mapping
+    (:func:`service_error_response`); any other exception goes on to the app's
+    500 handler; every other request (another method on these paths, too) goes
+    through the app as usual. On a 2-CPU machine this stack depth is worth
+    ~10 us of a ~90 us request (``docs/throughput.md``).
+    """
+
+    def __init__(self, app: ASGIApp, routes: list[PlainRoute]) -> None:
+        self.app = app
+        self.routes = routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            for route in self.routes:
+                match, child = route.matches(scope)
+                if match is Match.FULL:
+                    scope.update(child)
+                    try:
+                        await route.app(scope, receive, send)
+                    except ServiceError as err:
+                        await service_error_response(err)(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
+
+
+INFER_DOCS: dict[str, Any] = {
     "response_model": InferResponse,
     "responses": error_responses(400, 404, 413, 415, 503, 504),
     "openapi_extra": request_body_openapi(InferRequest, binary=True),
 }
-HEADER_LENGTH = b"inference-header-content-length"
-JSON = b"application/json"
-BINARY = b"application/octet-stream"
-
-# An answer: the body, its media type, and the Inference-Header-Content-Length (binary only).
-Answer = tuple[bytes, bytes, int | None]
+JSON = "application/json"
+BINARY = "application/octet-stream"
 
 
-async def answer_v2(request: Request, target: tuple[str, str | None]) -> Answer:
-    """A V2 infer request for ``target`` = (model name, version or None), answered."""
-    state = request.app.state
-    repository: ModelRepository = state.repository
-    metrics: ServiceMetrics = state.metrics
-    settings: Settings = state.settings
-    batchers: BatcherRegistry = state.batchers
-    with metrics.track_request(repository.metric_label(target[0])) as record:
-        body = await read_body(request, settings.max_request_bytes)
-        encoded = await infer_v2(
-            repository,
-            batchers,
-            record,
-            target,
-            body,
-            _header(request.scope, HEADER_LENGTH),
-            request_id(request),
-            request.receive,
-        )
-    if encoded.header_length is None:
-        return encoded.body, JSON, None
-    return encoded.body, BINARY, encoded.header_length
-
-
-async def answer_v1(request: Request, name: str) -> Answer:
-    """A V1 predict request for model ``name``, answered."""
+async def _answer(request: Request, name: str, version: str | None, v1: bool) -> Response:
+    """One inference request, V2 or V1 (whose instances become a V2 request)."""
     state = request.app.state
     repository: ModelRepository = state.repository
     metrics: ServiceMetrics = state.metrics
     settings: Settings = state.settings
     with metrics.track_request(repository.metric_label(name)) as record:
         body = await read_body(request, settings.max_request_bytes)
-        answer = await predict_v1(repository, state.batchers, record, name, body, request.receive)
-    return answer, JSON, None
-
-
-def _header(scope: Scope, name: bytes) -> str | None:
-    # The raw header list, not request.headers: cheaper, and this runs per request.
-    for key, value in scope["headers"]:
-        if key == name:
-            return str(value.decode("latin-1"))
-    return None
-
-
-def _response(answer: Answer) -> Response:
-    body, media_type, header_length = answer
-    headers = (
-        None if header_length is None else {"Inference-Header-Content-Length": str(header_length)}
+        served = repository.get(name, version)
+        record.version = str(served.version)
+        if v1:
+            decode = partial(v1_request, body, name, served.inputs)
+        else:
+            header_length = header(request.scope, b"inference-header-content-length")
+            decode = partial(decode_infer_request, body, header_length)
+        decoded = await off_loop_if(len(body) > INLINE_BODY_BYTES, decode)
+        outputs = await served.infer(decoded, request.receive)
+        large = output_elements(outputs) > INLINE_OUTPUT_ELEMENTS
+        if v1:
+            return Response(await off_loop_if(large, partial(encode_v1, outputs)), media_type=JSON)
+        answer_id = decoded.id or request_id(request)
+        encoded = await off_loop_if(
+            large, partial(encode_infer_response, name, str(served.version), answer_id, outputs)
+        )
+    if encoded.header_length is None:
+        return Response(encoded.body, media_type=JSON)
+    return Response(
+        encoded.body,
+        media_type=BINARY,
+        headers={"Inference-Header-Content-Length": str(encoded.header_length)},
     )
-    return Response(body, media_type=media_type.decode(), headers=headers)
 
 
-@router.post("/v2/models/{name}/infer", **INFER_DOCS)  # type: ignore[arg-type]
 async def infer(request: Request, name: str) -> Response:
     """Run the highest ready version (JSON, or binary tensors after a JSON header)."""
-    return _response(await answer_v2(request, (name, None)))
+    return await _answer(request, name, None, v1=False)
 
 
-@router.post("/v2/models/{name}/versions/{version}/infer", **INFER_DOCS)  # type: ignore[arg-type]
 async def infer_version(request: Request, name: str, version: str) -> Response:
     """Run one specific version."""
-    return _response(await answer_v2(request, (name, version)))
+    return await _answer(request, name, version, v1=False)
 
 
-@router.post(
-    "/v1/models/{name}:predict",
-    response_model=PredictResponse,
-    responses=error_responses(400, 404, 413, 415, 503, 504),
-    openapi_extra=request_body_openapi(PredictRequest),
-)
 async def predict(request: Request, name: str) -> Response:
-    """V1: ``{"instances": [...]}``, one entry per sample, for single-input models."""
-    return _response(await answer_v1(request, name))
+    """V1: ``{"instances": [...]}``, one entry per sample, for single-input models.
 
-
-def inference_path(path: str) -> tuple[str, str | None, bool] | None:
-    """(model name, version or None, V1?) when ``path`` is one of the routes above, else None.
-
-    Matches as the routes' patterns do: each ``{...}`` is one non-empty path segment.
+    The instances become a V2 request for the model's one input, every output.
     """
-    parts = path.split("/")
-    if len(parts) < 4 or parts[0] != "" or parts[2] != "models" or not parts[3]:
-        return None
-    if parts[1] == "v2":
-        if len(parts) == 5 and parts[4] == "infer":
-            return parts[3], None, False
-        if len(parts) == 7 and parts[4] == "versions" and parts[5] and parts[6] == "infer":
-            return parts[3], parts[5], False
-    elif parts[1] == "v1" and len(parts) == 4 and parts[3].endswith(":predict"):
-        name = parts[3][: -len(":predict")]
-        return (name, None, True) if name else None
-    return None
+    return await _answer(request, name, None, v1=True)
 
 
-class InferenceLane:
-    """ASGI middleware that answers ``POST`` to the inference paths before FastAPI routes them.
+def install(app: FastAPI) -> None:
+    """Register the inference routes on ``app`` and dispatch them ahead of its stack.
 
-    It sits inside the request middleware (request id, size limit, access log)
-    and maps :class:`ServiceError` exactly as the app's handler does; any other
-    exception goes on to the app's 500 handler. Every other request passes
-    through untouched.
+    Call before adding the request middleware (request id, size limit, access
+    log), which must wrap the dispatch.
     """
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        target = None
-        if scope["type"] == "http" and scope["method"] == "POST":
-            target = inference_path(scope["path"])
-        if target is None:
-            await self.app(scope, receive, send)
-            return
-        name, version, v1 = target
-        request = Request(scope, receive)
-        try:
-            if v1:
-                body, media_type, header_length = await answer_v1(request, name)
-            else:
-                body, media_type, header_length = await answer_v2(request, (name, version))
-        except ServiceError as err:
-            await error_response(err.status_code, err.message, err.headers)(scope, receive, send)
-            return
-        headers = [(b"content-type", media_type), (b"content-length", b"%d" % len(body))]
-        if header_length is not None:
-            headers.append((b"inference-header-content-length", b"%d" % header_length))
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+    add = partial(app.router.add_api_route, tags=["inference"], route_class_override=PlainRoute)
+    add("/v2/models/{name}/infer", infer, methods=["POST"], **INFER_DOCS)
+    add("/v2/models/{name}/versions/{version}/infer", infer_version, methods=["POST"], **INFER_DOCS)
+    add(
+        "/v1/models/{name}:predict",
+        predict,
+        methods=["POST"],
+        response_model=PredictResponse,
+        responses=error_responses(400, 404, 413, 415, 503, 504),
+        openapi_extra=request_body_openapi(PredictRequest),
+    )
+    routes = [route for route in app.router.routes if isinstance(route, PlainRoute)]
+    app.add_middleware(PlainRouteDispatch, routes=routes)

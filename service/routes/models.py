@@ -59,7 +59,8 @@ def describe(repository: ModelRepository, name: str, version: str | None) -> Mod
         io_binding=model.io_binding,
         bn_nodes=meta.bn_nodes,
         fold_report=FoldReportSummary(
-            folded=meta.folded_layers, kept=[KeptBatchNorm(**k) for k in meta.kept_layers]
+            folded=len(meta.fold_report.folded),
+            kept=[KeptBatchNorm(bn=k.bn, reason=k.reason) for k in meta.fold_report.kept],
         ),
         labels=model.labels,
     )

@@ -5,7 +5,6 @@ Only these fixtures import training (and so torch); the service under test never
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import threading
@@ -26,6 +25,21 @@ from fastapi import FastAPI
 from onnx import TensorProto, helper, numpy_helper
 
 from service.app import create_app
+from service.metrics import ServiceMetrics
+from service.model_format import (
+    FOLDED_FILE,
+    UNFOLDED_FILE,
+    FoldRecord,
+    KeptBatchNorm,
+    ReferenceBatch,
+    TensorData,
+    TensorSpec,
+    VersionMetadata,
+    commit_version,
+    sha256_hex,
+)
+from service.model_format import write_version as write_version_files
+from service.runtime import ServingOptions
 from service.settings import Settings
 
 API_KEY = "test-key"
@@ -65,10 +79,6 @@ def two_io_model() -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
 
 
-def _tensor(array: np.ndarray) -> dict[str, Any]:
-    return {"datatype": "FP32", "shape": list(array.shape), "data": array.ravel().tolist()}
-
-
 def write_version(
     repo: Path,
     name: str,
@@ -78,10 +88,10 @@ def write_version(
     labels: list[str] | None = None,
     edit: Callable[[dict[str, Any]], None] | None = None,
 ) -> Path:
-    """Write a complete version the way the training side does (temp dir, then rename).
+    """Write a complete version with the repository contract's own writer.
 
-    ``edit`` may change the metadata before it is written (to break it on purpose).
-    The unfolded file is the same graph (tests only need it to exist and match).
+    ``edit`` may change the metadata (as JSON) before it is written, to break it on
+    purpose. The unfolded file is the same graph (tests only need it to exist and match).
     """
     data = model.SerializeToString()
     session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
@@ -92,41 +102,39 @@ def write_version(
     ref_out = dict(
         zip([o.name for o in session.get_outputs()], session.run(None, ref_in), strict=True)
     )
-    meta: dict[str, Any] = {
-        "format": "foldserve-model/1",
-        "name": name,
-        "version": version,
-        "files": {"folded": "model.onnx", "unfolded": "model.unfolded.onnx"},
-        "sha256": {
-            f: hashlib.sha256(data).hexdigest() for f in ("model.onnx", "model.unfolded.onnx")
-        },
-        "inputs": [
-            {"name": i.name, "datatype": "FP32", "shape": [-1, *i.shape[1:]]}
+    meta = VersionMetadata(
+        name=name,
+        inputs=[
+            TensorSpec(name=i.name, datatype="FP32", shape=(-1, *i.shape[1:]))
             for i in session.get_inputs()
         ],
-        "outputs": [
-            {"name": o.name, "datatype": "FP32", "shape": [-1, *o.shape[1:]]}
+        outputs=[
+            TensorSpec(name=o.name, datatype="FP32", shape=(-1, *o.shape[1:]))
             for o in session.get_outputs()
         ],
-        "labels": labels or [],
-        "fold_report": {"folded": [], "kept": [{"bn": "bn0", "reason": "test model"}]},
-        "bn_nodes": {"folded": 0, "unfolded": 0},
-        "reference": {
-            "inputs": {k: _tensor(v) for k, v in ref_in.items()},
-            "outputs": {k: _tensor(v) for k, v in ref_out.items()},
-            "atol": 1e-5,
-        },
-    }
-    if edit is not None:
-        edit(meta)
-    tmp = repo / name / f".tmp-{version}"
-    tmp.mkdir(parents=True)
-    (tmp / "model.onnx").write_bytes(data)
-    (tmp / "model.unfolded.onnx").write_bytes(data)
-    (tmp / "metadata.json").write_text(json.dumps(meta))
-    final = repo / name / str(version)
-    tmp.rename(final)
-    return final
+        labels=labels or [],
+        fold_report=FoldRecord(kept=[KeptBatchNorm(bn="bn0", reason="test model")]),
+        bn_nodes={"folded": 0, "unfolded": 0},
+        reference=ReferenceBatch(
+            inputs={k: TensorData.of(v) for k, v in ref_in.items()},
+            outputs={k: TensorData.of(v) for k, v in ref_out.items()},
+            atol=1e-5,
+        ),
+    )
+    files = {FOLDED_FILE: data, UNFOLDED_FILE: data}
+    model_dir = repo / name
+    if edit is None:
+        write_version_files(model_dir, files, meta, version=version)
+    else:
+        sha = {f: sha256_hex(b) for f, b in files.items()}
+
+        def edited(number: int) -> bytes:
+            raw = json.loads(meta.model_copy(update={"version": number, "sha256": sha}).to_json())
+            edit(raw)
+            return json.dumps(raw).encode()
+
+        commit_version(model_dir, files, edited, version=version)
+    return model_dir / str(version)
 
 
 @dataclass
@@ -215,6 +223,15 @@ def live_server(settings: Settings, wait_ready: bool = True) -> Iterator[LiveSer
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def serving_options(**settings: Any) -> ServingOptions:
+    """What a repository built in-process (no server) serves with: CPU, one thread."""
+    values: dict[str, Any] = {"providers": "cpu", "threads": 1, "io_binding": "off", **settings}
+    return ServingOptions.from_settings(
+        Settings(_env_file=None, **values),  # type: ignore[call-arg]
+        ServiceMetrics(),
+    )
 
 
 def server_settings(repository: Path, **overrides: Any) -> Settings:

@@ -189,3 +189,32 @@ def test_real_process_starts_from_the_command_line(tmp_path: Path, build: Any) -
     lines = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
     assert any("model linear version 1 ready" in line["message"] for line in lines)
     assert any(line["logger"] == "service.access" and line["request_id"] != "-" for line in lines)
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("OPTIONS", "/v1/models/digits_cnn:predict"),
+        ("GET", "/v2/models/digits_cnn/infer"),
+        ("PUT", "/v2/models/digits_cnn/versions/1/infer"),
+    ],
+)
+def test_inference_routes_answer_other_methods_with_405_allow_post(
+    client: httpx.Client, method: str, path: str
+) -> None:
+    r = client.request(method, path)
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+    assert r.json() == {"error": "Method Not Allowed"}
+
+
+def test_each_inference_route_is_documented_once(client: httpx.Client) -> None:
+    paths = client.get("/openapi.json").json()["paths"]
+    for path in (
+        "/v2/models/{name}/infer",
+        "/v2/models/{name}/versions/{version}/infer",
+        "/v1/models/{name}:predict",
+    ):
+        assert list(paths[path]) == ["post"]
+        operation = paths[path]["post"]
+        assert "application/json" in operation["requestBody"]["content"]
+        assert {"200", "400", "404", "503"} <= set(operation["responses"])

@@ -14,14 +14,13 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from conftest import serving_options
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.batching import BatcherRegistry, QueueFull
-from service.metadata import BatchingOverrides, ModelVersionError, read_model_config
-from service.metrics import ServiceMetrics
+from service.errors import QueueFull
+from service.model_config import BatchingOverrides, read_model_config
+from service.model_format import ModelVersionError
 from service.repository import ModelRepository
-from service.runtime import SessionFactory
-from service.settings import Settings
 
 SAMPLE = {"digits_cnn": (1, 8, 8), "breast_cancer_mlp": (30,), "linear": (4,)}
 INPUT = {"digits_cnn": "input", "breast_cancer_mlp": "input", "linear": "x"}
@@ -86,17 +85,16 @@ def test_batched_rows_equal_the_request_run_alone_bit_for_bit(
     model_store: Any, name: str, rows: tuple[int, ...]
 ) -> None:
     """Requests gathered into shared calls get exactly the bits of their own call."""
-    repo = ModelRepository(model_store.root, SessionFactory("cpu", 1, "off"))
+    options = serving_options(max_batch_size=16, max_queue_delay_us=20_000)
+    repo = ModelRepository(model_store.root, options)
     repo.load_all()
     model = repo.get(name)
-    settings = Settings(_env_file=None, max_batch_size=16, max_queue_delay_us=20_000)  # type: ignore[call-arg]
-    metrics = ServiceMetrics()
-    batcher = BatcherRegistry(settings, metrics).batcher(model, BatchingOverrides())
+    batcher = model.batcher
     inputs = [batch_of(name, n, seed) for seed, n in enumerate(rows)]
     feed = model.inputs[0].name
 
     async def all_at_once() -> list[dict[str, np.ndarray]]:
-        calls = [batcher.run(model, {feed: x}, model.output_names) for x in inputs]
+        calls = [batcher.run({feed: x}, model.output_names) for x in inputs]
         return await asyncio.gather(*calls)
 
     answers = asyncio.run(all_at_once())
@@ -105,7 +103,7 @@ def test_batched_rows_equal_the_request_run_alone_bit_for_bit(
         for out in model.output_names:
             assert got[out].shape == alone[out].shape
             assert got[out].tobytes() == alone[out].tobytes()
-    samples = parse_metrics(metrics.render().decode())
+    samples = parse_metrics(options.metrics.render().decode())
     calls = value(samples, "foldserve_batch_requests_count", model=name, version="1")
     assert calls < len(rows)  # they really shared calls
 
@@ -298,18 +296,17 @@ def test_queue_wait_and_batch_size_are_measured(fresh_server: Any) -> None:
 
 
 def test_queue_full_is_raised_before_anything_is_queued(model_store: Any) -> None:
-    repo = ModelRepository(model_store.root, SessionFactory("cpu", 1, "off"))
+    options = serving_options(max_queue_size=1, max_queue_delay_us=HOLD_US)
+    repo = ModelRepository(model_store.root, options)
     repo.load_all()
-    model = repo.get("linear")
-    settings = Settings(_env_file=None, max_queue_size=1, max_queue_delay_us=HOLD_US)  # type: ignore[call-arg]
-    batcher = BatcherRegistry(settings, ServiceMetrics()).batcher(model, BatchingOverrides())
+    batcher = repo.get("linear").batcher
     x = {"x": np.zeros((1, 4), np.float32)}
 
     async def two() -> None:
-        first = asyncio.ensure_future(batcher.run(model, x, ["scores"], timeout_s=0.2))
+        first = asyncio.ensure_future(batcher.run(x, ["scores"], timeout_s=0.2))
         await asyncio.sleep(0.05)
         with pytest.raises(QueueFull):
-            await batcher.run(model, x, ["scores"])
+            await batcher.run(x, ["scores"])
         assert batcher.depth == 1
         with pytest.raises(Exception, match="timeout"):
             await first
@@ -356,87 +353,3 @@ def test_bad_batching_config_says_what_is_wrong(
     with pytest.raises(ModelVersionError) as err:
         read_model_config(tmp_path)
     assert message in str(err.value)
-
-
-# -- the inference lane answers as the documented routes do --------------------------
-
-
-@pytest.mark.parametrize(
-    ("path", "target"),
-    [
-        ("/v2/models/digits_cnn/infer", ("digits_cnn", None, False)),
-        ("/v2/models/m/versions/3/infer", ("m", "3", False)),
-        ("/v1/models/a:b:predict", ("a:b", None, True)),
-        ("/v2/models//infer", None),
-        ("/v2/models/m/infer/", None),
-        ("/v2/models/m/versions//infer", None),
-        ("/v1/models/:predict", None),
-        ("/v2/models/m", None),
-        ("/v3/models/m/infer", None),
-    ],
-)
-def test_inference_path_matches_as_the_routes_do(path: str, target: tuple[Any, ...] | None) -> None:
-    from service.routes.infer import inference_path
-
-    assert inference_path(path) == target
-
-
-DIGITS_2 = {"name": "input", "shape": [2, 1, 8, 8], "datatype": "FP32", "data": [0.25] * 128}
-
-
-@pytest.mark.parametrize(
-    ("path", "body", "status"),
-    [
-        ("/v2/models/digits_cnn/infer", {"id": "r1", "inputs": [DIGITS_2]}, 200),
-        ("/v2/models/digits_cnn/versions/1/infer", {"id": "r2", "inputs": [DIGITS_2]}, 200),
-        ("/v1/models/breast_cancer_mlp:predict", {"instances": [[1.0] * 30, [2.0] * 30]}, 200),
-        ("/v2/models/digits_cnn/infer", {"inputs": [{**DIGITS_2, "shape": [2, 64]}]}, 400),
-        ("/v2/models/nope/infer", {"inputs": [DIGITS_2]}, 404),
-    ],
-)
-def test_the_lane_and_the_fastapi_routes_give_the_same_answer(
-    model_store: Any, path: str, body: dict[str, Any], status: int
-) -> None:
-    from service.app import create_app
-    from service.routes.infer import InferenceLane
-
-    settings = Settings(_env_file=None, repository=model_store.root, providers="cpu", threads=1)  # type: ignore[call-arg]
-    with_lane = create_app(settings)
-    without = create_app(settings, with_lane.state.repository)
-    without.user_middleware = [m for m in without.user_middleware if m.cls is not InferenceLane]
-    with_lane.state.repository.load_all()
-    raw = json.dumps(body).encode()
-
-    async def call(app: Any) -> tuple[int, bytes]:
-        sent: list[dict[str, Any]] = []
-        messages = [{"type": "http.request", "body": raw, "more_body": False}]
-
-        async def receive() -> dict[str, Any]:
-            if messages:
-                return messages.pop()
-            await asyncio.sleep(3600)
-            return {"type": "http.disconnect"}
-
-        async def send(message: dict[str, Any]) -> None:
-            sent.append(message)
-
-        scope = {
-            "type": "http",
-            "http_version": "1.1",
-            "method": "POST",
-            "scheme": "http",
-            "path": path,
-            "raw_path": path.encode(),
-            "root_path": "",
-            "query_string": b"",
-            "headers": [(b"content-length", str(len(raw)).encode()), (b"x-request-id", b"rid")],
-            "client": ("127.0.0.1", 1),
-            "server": ("127.0.0.1", 80),
-        }
-        await app(scope, receive, send)
-        return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
-
-    lane = asyncio.run(call(with_lane))
-    routed = asyncio.run(call(without))
-    assert lane == routed
-    assert lane[0] == status

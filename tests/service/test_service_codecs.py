@@ -19,7 +19,7 @@ from service.codecs import (
 )
 from service.errors import BadRequest
 from service.inference import classify
-from service.protocol import NUMPY_DTYPES
+from service.model_format import NUMPY_DTYPES
 
 
 def binary_body(header: dict, *tensors: np.ndarray) -> tuple[bytes, str]:

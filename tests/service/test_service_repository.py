@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -12,15 +13,16 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 import pytest
+from conftest import serving_options
 
 from service.errors import ModelNotFound, ModelNotReady
-from service.metadata import ModelVersionError
+from service.model_format import ModelVersionError
 from service.repository import ModelRepository
-from service.runtime import CPU, SessionFactory
+from service.sessions import CPU
 
 
 def repository(root: Path, io_binding: str = "off", providers: str = "cpu") -> ModelRepository:
-    repo = ModelRepository(root, SessionFactory(providers, 1, io_binding))  # type: ignore[arg-type]
+    repo = ModelRepository(root, serving_options(providers=providers, io_binding=io_binding))
     repo.load_all()
     return repo
 
@@ -183,7 +185,7 @@ def test_load_of_anything_but_a_model_directory_is_404(
 
 def test_not_ready_before_the_first_scan(build: Any, tmp_path: Path) -> None:
     build.write_version(tmp_path, "m", 1, build.linear_model(4, 3))
-    repo = ModelRepository(tmp_path, SessionFactory("cpu", 1, "off"))
+    repo = ModelRepository(tmp_path, serving_options())
     assert not repo.ready
     with pytest.raises(ModelNotReady, match="still loading"):
         repo.get("m")
@@ -218,8 +220,8 @@ def test_unfolded_session_is_lazy_and_verified(build: Any, tmp_path: Path) -> No
     version_dir = build.write_version(tmp_path, "m", 1, build.linear_model(4, 3))
     model = repository(tmp_path).get("m")
     assert ("unfolded", True) not in model._sessions
-    session = model.unfolded_session()
-    assert model.unfolded_session() is session  # created once
+    session = model.session("unfolded")
+    assert model.session("unfolded") is session  # created once
     assert session.get_providers()[0] == model.provider
     x = np.ones((2, 4), np.float32)
     np.testing.assert_allclose(
@@ -227,7 +229,7 @@ def test_unfolded_session_is_lazy_and_verified(build: Any, tmp_path: Path) -> No
     )
     (version_dir / "model.unfolded.onnx").write_bytes(b"changed")
     with pytest.raises(ModelVersionError, match="sha256 of model.unfolded.onnx"):
-        model.unfolded_session(optimized=False)
+        model.session("unfolded", optimized=False)
 
 
 def test_io_binding_failure_falls_back_to_plain_runs(
@@ -267,3 +269,35 @@ def test_a_vanished_repository_keeps_serving_but_a_removed_model_stops(
 def test_missing_repository_is_ready_and_empty(tmp_path: Path) -> None:
     repo = repository(tmp_path / "nothing-here")
     assert repo.ready and repo.entries() == []
+
+
+def _infer_once(model: Any) -> dict[str, np.ndarray]:
+    x = {"x": np.ones((1, 4), np.float32)}
+    return asyncio.run(model.batcher.run(x, ["scores"]))
+
+
+def test_a_version_that_leaves_service_is_closed(build: Any, tmp_path: Path) -> None:
+    version_dir = build.write_version(tmp_path, "m", 1, build.linear_model(4, 3))
+    repo = repository(tmp_path)
+    first = repo.get("m")
+    assert _infer_once(first)["scores"].shape == (1, 3)
+    repo.unload("m")
+    with pytest.raises(ModelNotReady, match="model 'm' version 1 was unloaded or replaced"):
+        _infer_once(first)
+    second = repo.load("m").default()
+    assert second is not None and second.model is not None and second.model is not first
+    # New files under the same version number: a new served version, the old one closed.
+    shutil.rmtree(version_dir)
+    build.write_version(tmp_path, "m", 1, build.linear_model(4, 3, seed=5))
+    repo.refresh()
+    third = repo.get("m")
+    assert third is not second.model
+    with pytest.raises(ModelNotReady, match="unloaded or replaced"):
+        _infer_once(second.model)
+    expected = build.linear_model(4, 3, seed=5)
+    direct = ort.InferenceSession(expected.SerializeToString(), providers=[CPU])
+    np.testing.assert_allclose(
+        _infer_once(third)["scores"],
+        direct.run(None, {"x": np.ones((1, 4), np.float32)})[0],
+        atol=1e-6,
+    )

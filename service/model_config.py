@@ -1,0 +1,117 @@
+"""A model directory's optional ``config.json``: version policy and batching (Triton's keys).
+
+Written by operators, read by the service only; see ``docs/model-repository.md``.
+Everything wrong with it raises :class:`ModelVersionError` with a reason that is
+shown in the repository index.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from service.model_format import ModelVersionError
+
+CONFIG_FILE = "config.json"
+
+
+@dataclass(frozen=True)
+class VersionPolicy:
+    """Which versions to serve (Triton's policies): all, the latest N valid, or a list."""
+
+    kind: Literal["all", "latest", "specific"] = "all"
+    latest: int = 1
+    versions: tuple[int, ...] = ()
+
+    def describe(self) -> str:
+        if self.kind == "latest":
+            return f"latest {self.latest}"
+        if self.kind == "specific":
+            return f"specific {list(self.versions)}"
+        return "all"
+
+
+@dataclass(frozen=True)
+class BatchingOverrides:
+    """A model's own batching settings from ``config.json``; None: the server's setting."""
+
+    enabled: bool | None = None
+    max_batch_size: int | None = None
+    max_queue_delay_us: int | None = None
+    max_queue_size: int | None = None
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What a model directory's optional ``config.json`` says."""
+
+    policy: VersionPolicy = VersionPolicy()
+    batching: BatchingOverrides = BatchingOverrides()
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ModelVersionError(message)
+
+
+def _policy(value: Any) -> VersionPolicy:
+    if value is None or value == {"all": {}}:
+        return VersionPolicy()
+    if isinstance(value, dict) and isinstance(value.get("latest"), dict):
+        n = value["latest"].get("num_versions", 1)
+        _require(type(n) is int and n >= 1, "version_policy.latest.num_versions must be >= 1")
+        return VersionPolicy("latest", latest=n)
+    if isinstance(value, dict) and isinstance(value.get("specific"), dict):
+        versions = value["specific"].get("versions")
+        ok = isinstance(versions, list) and all(type(v) is int and v > 0 for v in versions)
+        _require(ok, "version_policy.specific.versions must be a list of positive integers")
+        return VersionPolicy("specific", versions=tuple(versions))
+    raise ModelVersionError(
+        "version_policy must be {'all': {}}, {'latest': {'num_versions': N}} "
+        "or {'specific': {'versions': [...]}}"
+    )
+
+
+def _count(value: Any, key: str, least: int) -> int | None:
+    if value is None:
+        return None
+    _require(type(value) is int and value >= least, f"{key} must be an integer >= {least}")
+    return int(value)
+
+
+def _batching(config: dict[str, Any]) -> BatchingOverrides:
+    dynamic = config.get("dynamic_batching")
+    size = _count(config.get("max_batch_size"), "max_batch_size", 1)
+    if dynamic is None or isinstance(dynamic, bool):
+        return BatchingOverrides(enabled=dynamic, max_batch_size=size)
+    _require(
+        isinstance(dynamic, dict), "dynamic_batching must be true, false or an object of settings"
+    )
+    known = {"max_queue_delay_microseconds", "max_queue_size"}
+    unknown = sorted(set(dynamic) - known)
+    _require(not unknown, f"dynamic_batching: unknown key(s) {unknown}; known: {sorted(known)}")
+    return BatchingOverrides(
+        enabled=True,
+        max_batch_size=size,
+        max_queue_delay_us=_count(
+            dynamic.get("max_queue_delay_microseconds"),
+            "dynamic_batching.max_queue_delay_microseconds",
+            0,
+        ),
+        max_queue_size=_count(dynamic.get("max_queue_size"), "dynamic_batching.max_queue_size", 1),
+    )
+
+
+def read_model_config(model_dir: Path) -> ModelConfig:
+    """``model_dir/config.json``: version policy and batching (defaults when absent)."""
+    path = model_dir / CONFIG_FILE
+    if not path.is_file():
+        return ModelConfig()
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ModelVersionError(f"{CONFIG_FILE} is unreadable: {err}") from err
+    _require(isinstance(config, dict), f"{CONFIG_FILE} is not a JSON object")
+    return ModelConfig(_policy(config.get("version_policy")), _batching(config))

@@ -1,0 +1,88 @@
+"""ONNX Runtime sessions: provider choice, threads, IO binding.
+
+ONNX Runtime falls back to the CPU silently when the CUDA provider cannot
+start, so the provider a session really uses is read back from
+``session.get_providers()`` and that is what is logged and reported.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+
+import onnxruntime as ort
+
+from service.settings import IOBindingChoice, ProviderChoice
+
+log = logging.getLogger(__name__)
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+
+def usable_cpus() -> int:
+    """CPUs this process may use: its affinity mask, capped by a cgroup v2 CPU quota."""
+    count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    count = count or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            count = min(count, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return count
+
+
+class SessionFactory:
+    """Creates sessions with the configured provider and thread count.
+
+    With ``auto`` or ``cuda``, the first session that comes up on the CPU although
+    CUDA was asked for settles the question: later sessions go straight to the
+    CPU (one warning, not one per model).
+    """
+
+    def __init__(
+        self, providers: ProviderChoice, threads: int, io_binding: IOBindingChoice
+    ) -> None:
+        self.requested = providers
+        self.threads = threads if threads > 0 else usable_cpus()
+        self.io_binding_choice = io_binding
+        self._cuda_failed = providers == "cpu" or CUDA not in ort.get_available_providers()
+        if providers == "cuda" and self._cuda_failed:
+            log.warning("providers=cuda but this onnxruntime has no CUDA provider; using CPU")
+        self._lock = threading.Lock()
+
+    def provider_list(self) -> list[str]:
+        return [CPU] if self._cuda_failed else [CUDA, CPU]
+
+    def use_io_binding(self, provider: str) -> bool:
+        """IO binding pays off when tensors cross to a device; ``on`` forces it (tests)."""
+        if self.io_binding_choice == "auto":
+            return provider == CUDA
+        return self.io_binding_choice == "on"
+
+    def create(self, model: bytes, *, optimized: bool = True) -> ort.InferenceSession:
+        """A session for serialized ONNX ``model``; ``optimized=False``: no ORT graph passes."""
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1
+        # Spinning worker threads would take the CPU from the event loop between requests.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.graph_optimization_level = (
+            ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            if optimized
+            else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        )
+        with self._lock:
+            wanted = self.provider_list()
+            session = ort.InferenceSession(model, sess_options=options, providers=wanted)
+            used = session.get_providers()[0]
+            if wanted[0] == CUDA and used != CUDA:
+                self._cuda_failed = True
+                level = logging.WARNING if self.requested == "cuda" else logging.INFO
+                log.log(
+                    level, "CUDA provider did not start (providers=%s); using CPU", self.requested
+                )
+        return session
