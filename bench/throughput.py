@@ -3,6 +3,7 @@
     python bench/throughput.py                  # the full run (about 10 minutes)
     python bench/throughput.py --quick          # a smoke run (2 s per cell)
     python bench/throughput.py --record docs/benchmarks.md   # also write the table there
+    python bench/throughput.py --baseline ../before   # add FoldServe as another checkout has it
 
 One run, one machine, the same model files and the same load generator (wrk,
 closed loop, 127.0.0.1) for every server:
@@ -73,9 +74,12 @@ def rows_for(model: str, batch_model: str, big_batch: int, keys: list[str]) -> l
         "kserve": "KServe ModelServer + ORT",
         "fold-off": "FoldServe JSON, batching off",
         "fold": "FoldServe JSON, batching on",
+        "fold-base": "FoldServe JSON, batching on, baseline",
     }
     rows = [Row(key, labels[key], "json", 1) for key in keys]
     rows.append(Row("fold", "FoldServe binary, batching on", "binary", 1))
+    if "fold-base" in keys:
+        rows.append(Row("fold-base", "FoldServe binary, batching on, baseline", "binary", 1))
     if model == batch_model:
         rows.append(Row("fold", f"FoldServe JSON, batch-{big_batch} requests", "json", big_batch))
         rows.append(
@@ -376,6 +380,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--retries", type=int, default=2, help="re-measure a cell while other processes are busy"
     )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="another checkout (git worktree of an earlier commit): adds its FoldServe rows",
+    )
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 s cells, 1 s warm-up")
     parser.add_argument("--record", type=Path, help="write the table into this markdown file")
     args = parser.parse_args()
@@ -393,7 +402,7 @@ def main() -> None:
     repository = args.repository.resolve()
     load.require_wrk()
     specs = servers.server_specs(
-        repository, args.workers, args.peer_workers, not args.no_kserve, sys.stderr
+        repository, args.workers, args.peer_workers, not args.no_kserve, sys.stderr, args.baseline
     )
     kserve = "not run"
     if not args.no_kserve:

@@ -37,6 +37,7 @@ class ServerSpec:
     label: str
     command: list[str]
     env: dict[str, str] = field(default_factory=dict)
+    root: Path = ROOT  # the checkout it runs from (cwd and PYTHONPATH)
 
 
 @dataclass
@@ -91,10 +92,16 @@ def kserve_python(log: IO[str]) -> Path:
 
 
 def server_specs(
-    repository: Path, workers: int, peer_workers: int, with_kserve: bool, log: IO[str]
+    repository: Path,
+    workers: int,
+    peer_workers: int,
+    with_kserve: bool,
+    log: IO[str],
+    baseline: Path | None = None,
 ) -> list[ServerSpec]:
     """The servers of the table, in row order: FoldServe and the floor with ``workers``
-    processes, the naive server and KServe with ``peer_workers``."""
+    processes, the naive server and KServe with ``peer_workers``; with ``baseline`` (another
+    checkout, e.g. a ``git worktree`` of the previous commit) also FoldServe as it was there."""
     repo = str(repository)
     fold_env = {"FOLDSERVE_ACCESS_LOG": "false", "FOLDSERVE_LOG_LEVEL": "warning"}
     fold = [sys.executable, "-m", "service", "--repository", repo, "--providers", "cpu"]
@@ -122,6 +129,9 @@ def server_specs(
         ServerSpec("fold-off", "FoldServe JSON, batching off", [*fold, "--no-batching"], fold_env),
         ServerSpec("fold", "FoldServe JSON, batching on", fold, fold_env),
     ]
+    if baseline is not None:
+        label = "FoldServe JSON, batching on, baseline"
+        specs.append(ServerSpec("fold-base", label, fold, fold_env, baseline.resolve()))
     return specs
 
 
@@ -134,11 +144,11 @@ def port_flags(spec: ServerSpec, port: int) -> list[str]:
 def start(spec: ServerSpec, log_dir: Path) -> RunningServer:
     port = free_port()
     log_path = log_dir / f"{spec.key}.log"
-    env = {**os.environ, **spec.env, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, **spec.env, "PYTHONPATH": str(spec.root)}
     with log_path.open("wb") as out:
         process = subprocess.Popen(
             [*spec.command, *port_flags(spec, port)],
-            cwd=ROOT,
+            cwd=spec.root,
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
