@@ -21,9 +21,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from training.data import Dataset
-from training.experiments_plots import SigmoidData, plot_sigmoid
-from training.experiments_runs import ClaimResult, Runner, SuiteSettings, Table
-from training.experiments_stats import Comparison
+from training.experiments.plots import SigmoidData, plot_sigmoid
+from training.experiments.runs import ClaimResult, Runner, SuiteSettings, Table
+from training.experiments.stats import Comparison
 from training.train import evaluate, seed_everything
 from training.zoo import ModelConfig, build_model
 
