@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from training.data import load_dataset
-from training.train import DatasetSpec, TrainConfig, load_run, save_run, train
+from training.train import (
+    DatasetSpec,
+    TrainConfig,
+    load_run,
+    save_run,
+    seed_everything,
+    train,
+)
 from training.zoo import ModelConfig, build_model, count_batchnorms
 
 
@@ -56,6 +63,28 @@ def test_single_sample_last_batch_is_dropped():
     cfg = TrainConfig(epochs=1, batch_size=16)
     result = train(ModelConfig("mlp", (5,), 2), ds, cfg, progress=False)
     assert result.metrics["epochs"] == 1
+
+
+def test_on_backward_sees_every_step_before_its_update():
+    ds = load_dataset("wine", seed=0)  # 115 training rows: 8 batches of 16
+    mcfg = ModelConfig("mlp", ds.input_shape, ds.num_classes, width=16)
+    seen: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+
+    def record(model: torch.nn.Module, epoch: int) -> None:
+        first = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
+        assert first.weight.grad is not None
+        seen.append((epoch, first.weight.detach().clone(), first.weight.grad.clone()))
+
+    cfg = TrainConfig(epochs=2, batch_size=16, seed=3)
+    train(mcfg, ds, cfg, progress=False, on_backward=record)
+    assert [epoch for epoch, _, _ in seen] == [1] * 8 + [2] * 8
+    seed_everything(3)
+    init = build_model(mcfg, *ds.standardization())
+    init_first = next(m for m in init.modules() if isinstance(m, torch.nn.Linear))
+    torch.testing.assert_close(seen[0][1], init_first.weight.detach(), rtol=0, atol=0)
+    assert float(seen[0][2].norm()) > 0
+    for (_, before, _), (_, after, _) in zip(seen, seen[1:], strict=False):
+        assert not torch.equal(before, after)  # an update happened between two calls
 
 
 @pytest.mark.parametrize("name", ["mlp", "cnn", "resnet", "mobilenet"])
