@@ -24,7 +24,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
 from training.batchnorm import batch_norm_affine
-from training.fold_math import (
+from training.fold.weights import (
     conv_padding_is_zero,
     fold_bn_into_next_conv,
     fold_bn_into_next_linear,
