@@ -19,9 +19,9 @@ from PIL import Image
 from scipy import stats
 
 from training.experiments import EXPERIMENTS, ExperimentError, resolve_names, run_experiments
-from training.experiments_claims import epochs_to_target
-from training.experiments_report import format_cell, format_ci, format_effect, format_mean_std
-from training.experiments_stats import Comparison, claim_verdict, classify, welch_ci
+from training.experiments.claims import epochs_to_target
+from training.experiments.report import format_cell, format_ci, format_effect, format_mean_std
+from training.experiments.stats import Comparison, claim_verdict, classify, welch_ci
 
 # --- statistics -----------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ import json
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -26,6 +27,9 @@ from training.data import Dataset
 from training.zoo import ModelConfig, build_model
 
 log = logging.getLogger(__name__)
+
+BackwardHook = Callable[[nn.Module, int], None]
+"""Called with ``(model, epoch)`` (1-based) after each backward pass, before the optimizer step."""
 
 
 @dataclass
@@ -105,11 +109,15 @@ def train(
     cfg: TrainConfig,
     *,
     progress: bool = True,
+    on_backward: BackwardHook | None = None,
 ) -> TrainResult:
     """Train a zoo model on ``data``; keep the epoch with the best validation accuracy.
 
     The last partial batch is dropped when it would hold a single sample, since
     BN cannot normalize one value per channel in training mode.
+    ``on_backward`` sees every step's gradients (``param.grad``) before the
+    update; its first call sees the weights as initialized. It must not change
+    the model. A run stops after the first epoch whose training loss is not finite.
     Metrics: ``test_accuracy``, ``val_accuracy``, ``train_accuracy``, ``epochs``,
     ``seconds``, ``best_epoch``, ``diverged`` and the per-epoch ``history``.
     """
@@ -146,6 +154,8 @@ def train(
             loss = nn.functional.cross_entropy(logits, yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]
+            if on_backward is not None:
+                on_backward(model, epoch)
             opt.step()
             loss_sum += float(loss.detach()) * len(xb)
             correct += int((logits.argmax(1) == yb).sum())

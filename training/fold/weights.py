@@ -1,7 +1,7 @@
 """Weight math for folding an eval-mode BN (``y = scale * x + shift`` per channel) into a layer.
 
 Pure functions from tensors to tensors: no modules, no in-place updates. They
-compute in the dtype they are given; :mod:`training.fold` passes float64 copies
+compute in the dtype they are given; :mod:`training.fold.rules` passes float64 copies
 so that a later cast to the export dtype rounds once. ``scale`` and ``shift``
 are ``(C,)`` tensors from :func:`training.batchnorm.batch_norm_affine`.
 

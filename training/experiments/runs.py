@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from training.data import Dataset, load_dataset
-from training.experiments_stats import Comparison, Verdict, claim_verdict
+from training.experiments.stats import Comparison, Verdict, claim_verdict
 from training.train import TrainConfig, evaluate, train
 from training.zoo import ModelConfig
 

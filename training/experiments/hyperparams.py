@@ -1,7 +1,7 @@
 """Claim 2 (higher learning rates usable) and BN's weakness at very small batches.
 
 Both sweep an optimization setting (learning rate, batch size) for the BN model
-and its no-BN twin; see :mod:`training.experiments_claims` for the conventions.
+and its no-BN twin; see :mod:`training.experiments.claims` for the conventions.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from training.experiments_plots import SweepPanel, plot_batch_sizes, plot_lr_sweep
-from training.experiments_runs import (
+from training.experiments.plots import SweepPanel, plot_batch_sizes, plot_lr_sweep
+from training.experiments.runs import (
     ACC_DELTA,
     ClaimResult,
     Runner,
@@ -22,7 +22,7 @@ from training.experiments_runs import (
     Table,
     tagged,
 )
-from training.experiments_stats import Comparison
+from training.experiments.stats import Comparison
 
 USABLE_MARGIN = 0.05  # a learning rate is usable within 5 points of the sweep's best accuracy
 BLOWUP_FACTOR = 2.0  # a training loss above this many times ln(classes) counts as diverged

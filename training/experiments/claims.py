@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from training.experiments_plots import BarPanel, CurvePanel, plot_bars, plot_learning_curves
-from training.experiments_report import format_ci, format_effect
-from training.experiments_runs import (
+from training.experiments.plots import BarPanel, CurvePanel, plot_bars, plot_learning_curves
+from training.experiments.report import format_ci, format_effect
+from training.experiments.runs import (
     ACC_DELTA,
     OPTIMIZERS,
     ClaimResult,
@@ -26,7 +26,7 @@ from training.experiments_runs import (
     Table,
     tagged,
 )
-from training.experiments_stats import Comparison
+from training.experiments.stats import Comparison
 
 
 def epochs_to_target(curve: list[float], target: float, budget: int) -> int:

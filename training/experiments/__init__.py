@@ -4,7 +4,13 @@
 ``docs/experiments.md``, ``docs/experiments.json`` (every per-seed number the
 report shows) and ``docs/experiments/*.png``. Each experiment compares BN zoo
 models with their no-BN twins over seeds; verdicts come from the fixed rules in
-:mod:`training.experiments_stats`, never by hand.
+:mod:`training.experiments.stats`, never by hand.
+
+The package, in the order a suite run uses it: ``runs`` (budgets, cached
+training runs, result records), the claims (``claims``: epochs, regularization,
+placement; ``hyperparams``: learning rate and batch size; ``sigmoid``: gradient
+norms in deep sigmoid nets), ``stats`` (Welch intervals, verdict rules),
+``plots`` (the PNG figures) and ``report`` (the markdown, from the JSON alone).
 """
 
 from __future__ import annotations
@@ -22,12 +28,12 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from training.experiments_claims import epochs, placement, regularization
-from training.experiments_hyperparams import batch_size, lr_sweep
-from training.experiments_report import render_report
-from training.experiments_runs import ClaimResult, Runner, SuiteSettings
-from training.experiments_sigmoid import deep_sigmoid
-from training.experiments_stats import RULES
+from training.experiments.claims import epochs, placement, regularization
+from training.experiments.hyperparams import batch_size, lr_sweep
+from training.experiments.report import render_report
+from training.experiments.runs import ClaimResult, Runner, SuiteSettings
+from training.experiments.sigmoid import deep_sigmoid
+from training.experiments.stats import RULES
 
 log = logging.getLogger(__name__)
 

@@ -1,16 +1,16 @@
-"""Claim 4, deep sigmoid MLPs, and its SGD loop that records per-layer gradient norms.
+"""Claim 4, deep sigmoid MLPs, trained by :func:`training.train.train` with gradient norms.
 
-:func:`training.train.train` has no gradient hooks, so this loop mirrors it
-(same seeding, standardization, shuffling and best-validation checkpoint) and
-adds the norms. "Layer" means each ``nn.Linear`` of a zoo MLP in forward order:
-the hidden layers (input side first), then the output layer.
+"Layer" means each ``nn.Linear`` of a zoo MLP in forward order: the hidden
+layers (input side first), then the output layer. The norms come from
+``train``'s ``on_backward`` hook, so these runs share the seeding,
+standardization, shuffling and best-validation checkpoint of every other run.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-import time
+from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -18,14 +18,13 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from training.data import Dataset
-from training.experiments_plots import SigmoidData, plot_sigmoid
-from training.experiments_runs import ClaimResult, Runner, SuiteSettings, Table
-from training.experiments_stats import Comparison
-from training.train import evaluate, seed_everything
-from training.zoo import ModelConfig, build_model
+from training.experiments.plots import SigmoidData, plot_sigmoid
+from training.experiments.runs import ClaimResult, Runner, SuiteSettings, Table
+from training.experiments.stats import Comparison
+from training.train import TrainConfig, train
+from training.zoo import ModelConfig
 
 
 @dataclass
@@ -66,6 +65,36 @@ def _init_norms(
     return [t / batches for t in total]
 
 
+class _GradientRecorder:
+    """``train``'s ``on_backward`` hook: norms at initialization, then summed per epoch.
+
+    The first call comes before the first update, so the initialization probe
+    runs there, on a copy of the freshly built model. The probe draws from its
+    own generator, never torch's global one, so training is unchanged by it.
+    """
+
+    def __init__(self, data: Dataset, batch_size: int, init_batches: int, seed: int) -> None:
+        self.data, self.batch_size = data, batch_size
+        self.init_batches, self.seed = init_batches, seed
+        self.init_norms: list[float] | None = None
+        self.sums: dict[int, list[float]] = {}  # epoch -> (layers,) sum over its steps
+        self.steps: defaultdict[int, int] = defaultdict(int)
+
+    def __call__(self, model: nn.Module, epoch: int) -> None:
+        if self.init_norms is None:
+            self.init_norms = _init_norms(
+                model, self.data, self.batch_size, self.init_batches, self.seed
+            )
+        norms = _step_norms(_linear_layers(model))
+        sums = self.sums.get(epoch, [0.0] * len(norms))
+        self.sums[epoch] = [s + n for s, n in zip(sums, norms, strict=True)]
+        self.steps[epoch] += 1
+
+    def epoch_means(self, epochs: int) -> list[list[float]]:
+        """(epochs, layers): each epoch's mean norms, for epochs ``1..epochs``."""
+        return [[s / self.steps[e] for s in self.sums[e]] for e in range(1, epochs + 1)]
+
+
 def train_with_gradient_norms(
     model_cfg: ModelConfig,
     data: Dataset,
@@ -80,53 +109,35 @@ def train_with_gradient_norms(
     """Train with SGD (momentum, no weight decay, constant rate) on CPU, recording gradient norms.
 
     Plain SGD on purpose: adaptive optimizers rescale each parameter's step and
-    would hide a vanishing gradient from the accuracy numbers.
+    would hide a vanishing gradient from the accuracy numbers. A diverged
+    epoch (non-finite training loss, the last one ``train`` runs) is left out
+    of ``epoch_norms`` and ``val_accuracy``: its norms are not numbers.
     """
-    seed_everything(seed)
-    device = torch.device("cpu")
-    mean, std = data.standardization()
-    model = build_model(model_cfg, mean, std)
-    layers = _linear_layers(model)
-    init = _init_norms(model, data, batch_size, init_batches, seed)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
-    ds = TensorDataset(torch.from_numpy(data.X_train), torch.from_numpy(data.y_train))
-    loader = DataLoader(
-        ds,
+    cfg = TrainConfig(
+        optimizer="sgd",
+        lr=lr,
+        schedule="constant",
+        epochs=epochs,
         batch_size=batch_size,
-        shuffle=True,
-        generator=torch.Generator().manual_seed(seed),
-        drop_last=len(ds) % batch_size == 1,
+        weight_decay=0.0,
+        momentum=momentum,
+        seed=seed,
+        device="cpu",
     )
-    epoch_norms: list[list[float]] = []
-    val_acc: list[float] = []
-    best_acc, best_state = -1.0, copy.deepcopy(model.state_dict())
-    diverged = False
-    start = time.perf_counter()
-    for _ in range(epochs):
-        model.train()
-        sums, steps = [0.0] * len(layers), 0
-        for xb, yb in loader:
-            loss = nn.functional.cross_entropy(model(xb), yb)
-            if not math.isfinite(float(loss.detach())):
-                diverged = True
-                break
-            opt.zero_grad(set_to_none=True)
-            loss.backward()  # type: ignore[no-untyped-call]
-            sums = [s + n for s, n in zip(sums, _step_norms(layers), strict=True)]
-            steps += 1
-            opt.step()
-        if diverged:
-            break
-        epoch_norms.append([s / max(steps, 1) for s in sums])
-        _, acc = evaluate(model, data.X_val, data.y_val, device)
-        val_acc.append(acc)
-        if acc > best_acc:
-            best_acc, best_state = acc, copy.deepcopy(model.state_dict())
-    seconds = time.perf_counter() - start
-    model.load_state_dict(best_state)
-    _, test_acc = evaluate(model, data.X_test, data.y_test, device)
-    _, train_acc = evaluate(model, data.X_train, data.y_train, device)
-    return GradientRun(init, epoch_norms, val_acc, test_acc, train_acc, diverged, seconds)
+    recorder = _GradientRecorder(data, batch_size, init_batches, seed)
+    result = train(model_cfg, data, cfg, progress=False, on_backward=recorder)
+    m = result.metrics
+    completed = len(result.history) - int(m["diverged"])
+    assert recorder.init_norms is not None  # train runs at least one step
+    return GradientRun(
+        recorder.init_norms,
+        recorder.epoch_means(completed),
+        [h["val_accuracy"] for h in result.history[:completed]],
+        m["test_accuracy"],
+        m["train_accuracy"],
+        m["diverged"],
+        m["seconds"],
+    )
 
 
 def attenuation(norms: list[float], depth: int) -> float:

@@ -1,0 +1,264 @@
+"""Whether folding one BatchNorm into a neighbouring layer is exact, and the weight edits if so.
+
+Facts come from one eval run of the model on the example inputs
+(:func:`probe_model`: call counts, input shapes, names, parameter owners) and
+from the caller, who finds each BN's neighbours (a ``torch.fx`` graph, or the
+children of an ``nn.Sequential``). :class:`BatchNormFolder` refuses a fold
+that could change any output, with a reason for the :class:`FoldReport`, and
+stages every accepted fold in float64 until :meth:`BatchNormFolder.write_weights`.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
+
+from training.batchnorm import batch_norm_affine
+from training.fold.report import Direction, FoldedBN, FoldReport, KeptBN
+from training.fold.weights import (
+    conv_padding_is_zero,
+    fold_bn_into_next_conv,
+    fold_bn_into_next_linear,
+    fold_conv_bn_weights,
+    fold_linear_bn_weights,
+)
+
+_Layer = nn.Linear | _ConvNd
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_LAYER_TYPES = (nn.Linear, *_CONVS, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_BN_FORWARDS = (_BatchNorm.forward, nn.SyncBatchNorm.forward)
+
+
+class FoldError(ValueError):
+    """The model could not be run on ``example_inputs``; the message names the failing module."""
+
+
+@dataclass
+class Probe:
+    """What one eval run of the copy on the example inputs saw, keyed by ``id(module)``."""
+
+    names: dict[int, list[str]]  # every qualified name the module is registered under
+    calls: Counter[int]
+    in_shapes: dict[int, tuple[int, ...]]  # shape of the first call's first tensor argument
+    param_owners: dict[int, set[int]]  # id(parameter) -> ids of the modules holding it
+
+
+def probe_model(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Probe:
+    """Run ``model`` once on ``inputs`` (no gradients) with hooks on every module.
+
+    Raises :class:`FoldError` naming the innermost module that was running when it failed.
+    """
+    names: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(module), []).append(name or "<model>")
+    owners: dict[int, set[int]] = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            owners.setdefault(id(p), set()).add(id(module))
+    calls: Counter[int] = Counter()
+    shapes: dict[int, tuple[int, ...]] = {}
+    stack: list[int] = []
+
+    def before(module: nn.Module, args: tuple[object, ...]) -> None:
+        calls[id(module)] += 1
+        stack.append(id(module))
+        if args and isinstance(args[0], torch.Tensor):
+            shapes.setdefault(id(module), tuple(args[0].shape))
+
+    def after(module: nn.Module, args: tuple[object, ...], out: object) -> None:
+        stack.pop()
+
+    handles = [m.register_forward_pre_hook(before) for m in model.modules()]
+    handles += [m.register_forward_hook(after) for m in model.modules()]
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    except Exception as exc:  # re-raised with the name of the module that failed
+        where = names[stack[-1]][0] if stack else "<model>"
+        raise FoldError(
+            f"the model failed on example_inputs in module '{where}': {type(exc).__name__}: {exc}"
+        ) from exc
+    finally:
+        for h in handles:
+            h.remove()
+    return Probe(names, calls, shapes, owners)
+
+
+def is_foldable_layer(m: nn.Module) -> bool:
+    """A Linear/Conv/ConvTranspose whose computation is torch's own (subclasses may override it)."""
+    base = next((t for t in _LAYER_TYPES if isinstance(m, t)), None)
+    return base is not None and all(
+        getattr(type(m), f, None) is getattr(base, f, None) for f in ("forward", "_conv_forward")
+    )
+
+
+def layer_kind(m: nn.Module) -> str:
+    """The layer's kind as the report words it: linear, conv or transposed conv."""
+    if isinstance(m, nn.Linear):
+        return "linear"
+    return "transposed conv" if isinstance(m, _ConvTransposeNd) else "conv"
+
+
+def qualified_name(prefix: str, name: str) -> str:
+    """``name`` of a child as ``named_modules`` spells it from the root (``prefix``: its parent)."""
+    return f"{prefix}.{name}" if prefix else name
+
+
+@dataclass
+class Neighbour:
+    """The node on one side of a BN: a foldable layer (``module``) or a description of it."""
+
+    name: str
+    module: nn.Module | None
+    description: str
+    refusal: str | None = None  # found from the graph: other consumers, weights read elsewhere
+    graph_calls: int = 0
+
+
+@dataclass
+class _Edit:
+    """A layer's weights in float64 while folds accumulate; written back once at the end."""
+
+    layer: _Layer
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+
+class BatchNormFolder:
+    """One fold's decisions: refusals, the report and the staged weight edits.
+
+    ``training_bns`` holds the ids of the BNs (in the model being folded) that
+    were in training mode in the caller's model; they are never folded.
+    """
+
+    def __init__(self, probe: Probe, training_bns: set[int]) -> None:
+        self.probe, self.training_bns = probe, training_bns
+        self.report = FoldReport()
+        self.edits: dict[int, _Edit] = {}
+
+    # --- decisions ---------------------------------------------------------------------------
+
+    def _bn_refusal(self, bn: _BatchNorm) -> str | None:
+        if id(bn) in self.training_bns:
+            return "BN is in training mode (uses batch statistics); call model.eval() first"
+        if type(bn).forward not in _BN_FORWARDS:
+            return f"BatchNorm subclass {type(bn).__name__} overrides forward"
+        if bn.running_mean is None or bn.running_var is None:
+            return "track_running_stats=False: BN normalizes with batch statistics even in eval"
+        calls = self.probe.calls[id(bn)]
+        if calls == 0:
+            return "BN did not run on example_inputs, so its input shape is unknown"
+        if calls > 1 or len(self.probe.names[id(bn)]) > 1:
+            return f"BN module is shared (called {calls} times): folding would change other uses"
+        return None
+
+    def _layer_refusal(self, nb: Neighbour, role: str) -> str | None:
+        layer = nb.module
+        assert layer is not None
+        what = f"{role} {layer_kind(layer)} '{nb.name}'"
+        calls = max(self.probe.calls[id(layer)], nb.graph_calls)
+        if calls > 1:
+            return f"{what} is called {calls} times (shared weights): folding would corrupt others"
+        if len(names := self.probe.names[id(layer)]) > 1:
+            return f"{what} is registered under several names ({', '.join(names)})"
+        if any(len(self.probe.param_owners[id(p)]) > 1 for p in layer.parameters(recurse=False)):
+            return f"{what} shares its parameters with another module (folding would untie them)"
+        return nb.refusal
+
+    def _shape_refusal(self, bn: _BatchNorm, nb: Neighbour, role: str) -> str | None:
+        """Whether the BN's per-channel axis (dim 1) is the layer's channel axis."""
+        layer, shape = nb.module, self.probe.in_shapes[id(bn)]
+        assert isinstance(layer, _LAYER_TYPES)
+        what = f"{role} {layer_kind(layer)} '{nb.name}'"
+        if isinstance(layer, nn.Linear) and len(shape) != 2:
+            return (
+                f"BN input is {len(shape)}-D {shape}: {what} folds only on 2-D (N, C) "
+                "activations (BN normalizes dim 1, a Linear maps the last dim)"
+            )
+        if isinstance(layer, _ConvNd) and len(shape) != len(layer.kernel_size) + 2:
+            return f"BN input {shape} is not the batched (N, C, ...) layout of {what}"
+        if isinstance(layer, nn.Linear):
+            channels = layer.out_features if role == "preceding" else layer.in_features
+        else:
+            channels = layer.out_channels if role == "preceding" else layer.in_channels
+        if bn.num_features != channels:
+            return f"BN has {bn.num_features} channels but {what} has {channels}"
+        return None
+
+    def _backward_refusal(self, bn: _BatchNorm, nb: Neighbour) -> str | None:
+        if nb.module is None:
+            return f"no layer to fold into before it ({nb.description})"
+        return self._layer_refusal(nb, "preceding") or self._shape_refusal(bn, nb, "preceding")
+
+    def _forward_refusal(self, bn: _BatchNorm, nb: Neighbour) -> str | None:
+        layer = nb.module
+        if layer is None:
+            return f"no layer to fold into after it ({nb.description})"
+        if isinstance(layer, _ConvTransposeNd):
+            return f"following transposed conv '{nb.name}': forward folding needs a Linear or Conv"
+        if isinstance(layer, _ConvNd) and not conv_padding_is_zero(
+            layer.padding, layer.kernel_size, layer.dilation
+        ):
+            return (
+                f"following conv '{nb.name}' has padding {layer.padding}: forward folding "
+                "needs padding 0 (padded borders would miss the BN shift)"
+            )
+        return self._layer_refusal(nb, "following") or self._shape_refusal(bn, nb, "following")
+
+    def decide(self, bn: _BatchNorm, name: str, before: Neighbour, after: Neighbour) -> bool:
+        """Fold ``bn`` into a neighbour if that is exact, else record why not; True if folded."""
+        reason = self._bn_refusal(bn)
+        if reason is None:
+            if (back := self._backward_refusal(bn, before)) is None:
+                self._fold(bn, name, before, "backward")
+                return True
+            if (fwd := self._forward_refusal(bn, after)) is None:
+                self._fold(bn, name, after, "forward")
+                return True
+            reason = f"{back}; {fwd}"
+        self.report.kept.append(KeptBN(name, reason))
+        return False
+
+    # --- weight edits ------------------------------------------------------------------------
+
+    def _fold(self, bn: _BatchNorm, name: str, nb: Neighbour, direction: Direction) -> None:
+        layer = nb.module
+        assert isinstance(layer, _LAYER_TYPES) and bn.running_mean is not None
+        assert bn.running_var is not None
+        edit = self.edits.get(id(layer))
+        if edit is None:
+            bias = None if layer.bias is None else layer.bias.detach().to(torch.float64)
+            edit = _Edit(layer, layer.weight.detach().to(torch.float64), bias)
+            self.edits[id(layer)] = edit
+        stats = (bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
+        scale, shift = (v.to(edit.weight.device) for v in batch_norm_affine(*stats))
+        w, b = edit.weight, edit.bias
+        if direction == "backward" and isinstance(layer, nn.Linear):
+            edit.weight, edit.bias = fold_linear_bn_weights(w, b, scale, shift)
+        elif direction == "backward":
+            assert isinstance(layer, _ConvNd)
+            transpose = isinstance(layer, _ConvTransposeNd)
+            edit.weight, edit.bias = fold_conv_bn_weights(
+                w, b, scale, shift, transpose, layer.groups
+            )
+        elif isinstance(layer, nn.Linear):
+            edit.weight, edit.bias = fold_bn_into_next_linear(w, b, scale, shift)
+        else:
+            assert isinstance(layer, _ConvNd)
+            edit.weight, edit.bias = fold_bn_into_next_conv(w, b, scale, shift, layer.groups)
+        self.report.folded.append(FoldedBN(name, nb.name, direction))
+
+    def write_weights(self, dtype: torch.dtype | None) -> None:
+        """Cast each edited layer's float64 weights once: to ``dtype``, else to its own dtype."""
+        for edit in self.edits.values():
+            layer, grad = edit.layer, edit.layer.weight.requires_grad
+            w_dtype = dtype or layer.weight.dtype
+            b_dtype = dtype or (layer.weight if layer.bias is None else layer.bias).dtype
+            assert edit.bias is not None  # every fold produces a bias
+            layer.weight = nn.Parameter(edit.weight.to(w_dtype), requires_grad=grad)
+            layer.bias = nn.Parameter(edit.bias.to(b_dtype), requires_grad=grad)
