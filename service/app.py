@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
-from swagger_ui_bundle import swagger_ui_path
 
 from service.errors import install_error_handlers
 from service.latency import FoldLatencyLab
@@ -84,7 +83,7 @@ def create_app(settings: Settings | None = None, repo: ModelRepository | None = 
         max_request_bytes=settings.max_request_bytes,
         access_log=settings.access_log,
     )
-    app.mount(docs.SWAGGER_STATIC, StaticFiles(directory=swagger_ui_path), name="swagger-ui")
+    app.mount(docs.SWAGGER_STATIC, StaticFiles(directory=docs.SWAGGER_ASSETS), name="swagger-ui")
     for router in (health.router, models.router, repository.router, docs.router):
         app.include_router(router)
     app.include_router(latency.router)

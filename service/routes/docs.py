@@ -1,7 +1,9 @@
-"""Offline API docs (Swagger UI from the swagger_ui_bundle package), the index, metrics."""
+"""Offline API docs (Swagger UI 5 from the fastapi_offline package), the index, metrics."""
 
 from __future__ import annotations
 
+from importlib.resources import files
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -12,6 +14,9 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from service.routes.deps import MetricsDep
 
 SWAGGER_STATIC = "/static/swagger-ui"
+# fastapi_offline ships Swagger UI 5 (which reads the OpenAPI 3.1 FastAPI writes) in its
+# static/ folder. Only the assets are used: create_app builds its own FastAPI, and /docs is here.
+SWAGGER_ASSETS = Path(str(files("fastapi_offline") / "static"))
 
 router = APIRouter()
 
@@ -41,7 +46,7 @@ async def swagger_ui(request: Request) -> HTMLResponse:
         title="FoldServe API",
         swagger_js_url=f"{SWAGGER_STATIC}/swagger-ui-bundle.js",
         swagger_css_url=f"{SWAGGER_STATIC}/swagger-ui.css",
-        swagger_favicon_url=f"{SWAGGER_STATIC}/favicon-32x32.png",
+        swagger_favicon_url=f"{SWAGGER_STATIC}/favicon.png",
     )
 
 

@@ -1,4 +1,5 @@
 """GET /ui: a self-contained page; in headless Chromium it lists the models and draws the report.
+GET /docs: the bundled Swagger UI renders the OpenAPI schema FastAPI writes (3.1).
 
 The Chromium tests skip where no ``chromium`` binary is installed
 (Debian: ``apt-get install chromium``).
@@ -147,3 +148,27 @@ def test_page_shows_the_api_key_error(server: Any, tmp_path: Path) -> None:
     assert dom.by_id("error").text.startswith("401: this route needs the API key")
     assert dom.select("svg") == []
     assert len([e for e in dom.select("tr") if "data-model" in e.attrs]) == 4
+
+
+@needs_chromium
+def test_docs_page_lists_every_operation(server: Any, tmp_path: Path) -> None:
+    """Swagger UI older than 5 cannot read OpenAPI 3.1 and shows only an error box."""
+    dom = dump_dom(f"{server.url}/docs", tmp_path / "profile")
+    with server.client() as client:
+        schema = client.get("/openapi.json").json()
+        # The bundle, its stylesheet and the favicon, all from this server.
+        assets = re.findall(r'(?:src|href)="([^"]*)"', client.get("/docs").text)
+        served = {url: client.get(url).status_code for url in assets}
+
+    assert len(served) == 3 and set(served.values()) == {200}
+    assert all(url.startswith("/static/swagger-ui/") for url in served)
+    assert schema["openapi"].startswith("3.1")
+    assert [e.text for e in dom.elements if "Unable to render" in e.text] == []
+    # One summary per operation, in document order: its method, then its path.
+    methods = [e.text.lower() for e in dom.select("span", "opblock-summary-method")]
+    paths = [e.attrs["data-path"] for e in dom.select("span", "opblock-summary-path")]
+    expected = {(method, path) for path, item in schema["paths"].items() for method in item}
+    assert len(methods) == len(paths) == len(expected)
+    assert set(zip(methods, paths, strict=True)) == expected
+    assert {("post", "/v2/models/{name}/infer"), ("get", "/v2/health/live")} <= expected
+    assert ("get", "/v2/health/ready") in expected
