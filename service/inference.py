@@ -4,15 +4,11 @@ A request is decoded (:mod:`service.codecs`, or :func:`v1_request`), checked
 here against the served version's specs, run by that version
 (:meth:`service.runtime.ServedVersion.infer`) and encoded. Decoding and
 encoding run on the event loop for small bodies (cheaper than a thread hop) and
-in a worker thread for large ones (:func:`off_loop_if`), so a big JSON body
+in a worker thread for large ones (``INLINE_*`` below), so a big JSON body
 never stalls the loop for long.
 """
 
 from __future__ import annotations
-
-import asyncio
-from collections.abc import Callable
-from typing import TypeVar
 
 import numpy as np
 
@@ -115,13 +111,6 @@ def classify(scores: np.ndarray, k: int, labels: list[str]) -> np.ndarray:
 # Bodies (bytes) and outputs (elements) up to these sizes are handled on the event loop.
 INLINE_BODY_BYTES = 64 * 1024
 INLINE_OUTPUT_ELEMENTS = 16 * 1024
-
-T = TypeVar("T")
-
-
-async def off_loop_if(large: bool, work: Callable[[], T]) -> T:
-    """``work()`` in a worker thread when ``large``, else inline (cheaper than a thread hop)."""
-    return await asyncio.to_thread(work) if large else work()
 
 
 def output_elements(outputs: list[OutputTensor]) -> int:
