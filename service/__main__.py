@@ -14,7 +14,9 @@ import argparse
 import importlib.util
 import logging
 import os
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -23,6 +25,7 @@ from pydantic import ValidationError
 
 from service.app import create_app
 from service.logs import configure_logging
+from service.metrics import start_multiprocess
 from service.sessions import usable_cpus
 from service.settings import Settings, get_settings
 
@@ -68,6 +71,11 @@ def parse_args(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "--access-log",
         action=argparse.BooleanOptionalAction,
         help="one log line per request (FOLDSERVE_ACCESS_LOG)",
+    )
+    parser.add_argument(
+        "--runtime-dir",
+        help="writable directory the workers keep in step through, default: a fresh "
+        "temporary one (FOLDSERVE_RUNTIME_DIR)",
     )
     parser.add_argument(
         "--workers",
@@ -144,7 +152,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         log.info("serving with 1 worker, %s loop, %s parser", loop, http)
         uvicorn.run(create_app(settings), **server)
         return
-    # Each worker reads its settings from the environment: hand the flags over there.
+    # Each worker reads its settings from the environment: hand the flags over there, with
+    # the runtime directory the workers keep in step through and the metrics they sum.
+    runtime = settings.runtime_dir or Path(tempfile.mkdtemp(prefix="foldserve-runtime-"))
+    runtime.mkdir(parents=True, exist_ok=True)
+    flags["runtime_dir"] = runtime
+    start_multiprocess(runtime / "metrics")
     os.environ.update({f"FOLDSERVE_{k.upper()}": str(v) for k, v in flags.items()})
     if settings.threads == 0:
         os.environ["FOLDSERVE_THREADS"] = str(max(1, usable_cpus() // workers))

@@ -11,20 +11,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import tempfile
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
 from service.errors import install_error_handlers
 from service.latency import FoldLatencyLab
-from service.metrics import ServiceMetrics
+from service.metrics import ServiceMetrics, leave_multiprocess
 from service.middleware import RequestContextMiddleware
 from service.repository import ModelRepository
 from service.routes import docs, health, infer, latency, models, repository, ui
 from service.routes.models import server_version
 from service.runtime import ServingOptions
 from service.settings import Settings, get_settings
+from service.worker_sync import WorkerSync
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +36,12 @@ def build_repository(settings: Settings, metrics: ServiceMetrics) -> ModelReposi
     return ModelRepository(settings.repository, ServingOptions.from_settings(settings, metrics))
 
 
-async def load_and_poll(repo: ModelRepository, interval: float) -> None:
-    """Load the repository once, then rescan every ``interval`` seconds (0: never)."""
-    await asyncio.to_thread(repo.load_all)
+async def load_and_poll(repo: ModelRepository, sync: WorkerSync, interval: float) -> None:
+    """Load the repository once (this worker registered first, and applies the management
+    decisions recorded so far before it turns ready), then rescan every ``interval``
+    seconds (0: never)."""
+    sync.register()
+    await asyncio.to_thread(repo.load_all, sync.catch_up)
     while interval > 0:
         await asyncio.sleep(interval)
         try:
@@ -44,22 +50,36 @@ async def load_and_poll(repo: ModelRepository, interval: float) -> None:
             log.warning("repository rescan failed: %s", err)
 
 
+def runtime_directory(settings: Settings) -> Path:
+    """``settings.runtime_dir`` (shared by the workers of one server), else a fresh one."""
+    if settings.runtime_dir is not None:
+        settings.runtime_dir.mkdir(parents=True, exist_ok=True)
+        return settings.runtime_dir
+    return Path(tempfile.mkdtemp(prefix="foldserve-runtime-"))
+
+
 def create_app(settings: Settings | None = None, repo: ModelRepository | None = None) -> FastAPI:
     """The service for ``settings`` (default: the environment); ``repo`` replaces the default."""
     settings = settings or get_settings()
     service_metrics = repo.options.metrics if repo is not None else ServiceMetrics()
     repo = repo or build_repository(settings, service_metrics)
-    service_metrics.models_ready.set_function(
-        lambda: sum(len(entry.ready_versions()) for entry in repo.entries())
-    )
+
+    runtime = runtime_directory(settings)
+    sync = WorkerSync(runtime, repo)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        loader = asyncio.create_task(load_and_poll(repo, settings.poll_interval))
+        tasks = [
+            asyncio.create_task(load_and_poll(repo, sync, settings.poll_interval)),
+            asyncio.create_task(sync.watch()),
+        ]
         yield
-        loader.cancel()
+        sync.leave()
+        leave_multiprocess()
+        for task in tasks:
+            task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
-            await loader
+            await asyncio.gather(*tasks)
 
     app = FastAPI(
         title="FoldServe",
@@ -75,7 +95,8 @@ def create_app(settings: Settings | None = None, repo: ModelRepository | None = 
     app.state.settings = settings
     app.state.repository = repo
     app.state.metrics = service_metrics
-    app.state.fold_latency = FoldLatencyLab(settings.fold_latency_max_seconds)
+    app.state.sync = sync
+    app.state.fold_latency = FoldLatencyLab(runtime, settings.fold_latency_max_seconds)
     install_error_handlers(app)
     infer.install(app)  # before the request middleware, which must wrap its dispatch
     app.add_middleware(

@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Hashable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -179,8 +178,6 @@ class DynamicBatcher:
         # (large bodies decoded off the loop) while the model idles. The thread ends with
         # the batcher.
         self._runner = ThreadPoolExecutor(1, thread_name_prefix="foldserve-ort")
-        me = weakref.ref(self)  # read when scraped, not written per request
-        metrics.queue_depth.set_function(lambda: float(getattr(me(), "depth", 0)))
 
     @property
     def depth(self) -> int:
@@ -257,6 +254,7 @@ class DynamicBatcher:
                 )
             self._queue.append(item)
             self._rows += rows
+            self.metrics.queue_depth.set(len(self._queue))
             if self._dispatcher is None:
                 self._dispatcher = loop.create_task(self._dispatch())
                 return item
@@ -272,6 +270,7 @@ class DynamicBatcher:
         except ValueError:
             return False
         self._rows -= item.rows
+        self.metrics.queue_depth.set(len(self._queue))
         return True
 
     def _abandon(self, item: _Pending, error: ServiceError | None, reason: str) -> None:
@@ -350,6 +349,7 @@ class DynamicBatcher:
             kept.extend(self._queue)
             self._queue = kept
         self._rows -= rows
+        self.metrics.queue_depth.set(len(self._queue))
         return batch
 
     async def _execute(self, batch: list[_Pending]) -> None:

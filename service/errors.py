@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -23,10 +24,16 @@ class ServiceError(Exception):
 
     status_code = 500
 
-    def __init__(self, message: str, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        headers: dict[str, str] | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.headers = headers
+        self.details = details  # more fields for the body, beside "error"
 
 
 class BadRequest(ServiceError):
@@ -64,6 +71,20 @@ class UnsupportedMediaType(ServiceError):
 
 class ModelNotReady(ServiceError):
     """The model (or the whole repository) exists but cannot serve yet."""
+
+    status_code = 503
+
+
+class LoadFailed(ServiceError):
+    """A repository load left a version of the model unable to serve (Triton answers 400
+    too); the body lists every version's state and reason."""
+
+    status_code = 400
+
+
+class WorkersOutOfStep(ServiceError):
+    """A management change was applied here, but another worker process has not applied it
+    in time or serves different versions."""
 
     status_code = 503
 
@@ -106,14 +127,19 @@ class NoReportYet(ServiceError):
 
 
 def error_response(
-    status_code: int, message: str, headers: Mapping[str, str] | None = None
+    status_code: int,
+    message: str,
+    headers: Mapping[str, str] | None = None,
+    details: Mapping[str, Any] | None = None,
 ) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status_code, headers=headers)
+    return JSONResponse(
+        {"error": message, **(details or {})}, status_code=status_code, headers=headers
+    )
 
 
 def service_error_response(err: ServiceError) -> JSONResponse:
     """The one mapping of a :class:`ServiceError` to its response."""
-    return error_response(err.status_code, err.message, err.headers)
+    return error_response(err.status_code, err.message, err.headers, err.details)
 
 
 def _validation_message(err: RequestValidationError) -> str:

@@ -8,17 +8,20 @@ round, so that machine noise hits both variants alike and the pair can be
 resampled together (see :mod:`service.stats`).
 
 :class:`FoldLatencyLab` adds what the HTTP route needs around one measurement:
-one at a time, off the event loop, and the last report per model kept.
+one at a time in the whole server (across worker processes), off the event
+loop, and the last report per model kept where every worker reads it.
 """
 
 from __future__ import annotations
 
+import fcntl
+import json
 import logging
 import math
-import threading
 import time
 from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -32,6 +35,7 @@ from service.machine import machine_facts
 from service.model_format import ModelVersionError, TensorSpec, batchnorm_nodes
 from service.runtime import ServedVersion
 from service.stats import LatencySummary, Speedup, paired_speedup, summarize
+from service.worker_sync import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +56,39 @@ class LatencyParams:
 
 
 class Progress:
-    """The fraction of a measurement done, written by the measuring thread only."""
+    """The fraction of a measurement done, written by the measuring thread only; with a
+    ``path``, also written there (at most every 0.2 s) for the other workers to read."""
 
-    def __init__(self) -> None:
-        self.started = time.monotonic()
+    WRITE_EVERY_S = 0.2
+
+    def __init__(self, path: Path | None = None, started: float | None = None) -> None:
+        self.started = time.monotonic() if started is None else started  # system-wide clock
         self.fraction = 0.0
+        self._path = path
+        self._written = 0.0
+        self._save()
+
+    def advance(self, fraction: float) -> None:
+        self.fraction = fraction
+        if self._path is not None and time.monotonic() - self._written > self.WRITE_EVERY_S:
+            self._save()
+
+    def _save(self) -> None:
+        if self._path is not None:
+            self._written = time.monotonic()
+            body = {"started": self.started, "fraction": self.fraction}
+            write_atomic(self._path, json.dumps(body).encode())
+
+    @classmethod
+    def read(cls, path: Path) -> Progress | None:
+        """The progress another worker last wrote; None when it cannot be read."""
+        try:
+            body = json.loads(path.read_bytes())
+            progress = cls(started=float(body["started"]))
+            progress.fraction = float(body["fraction"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return progress
 
     def seconds_left(self, limit: float) -> float:
         """A guess of the time left: from the pace so far, at most until ``limit`` seconds
@@ -244,7 +276,7 @@ def time_interleaved(
             times[i] = clock() - t0
         done = i + 1
         if progress is not None:
-            progress.fraction = done / params.iterations
+            progress.advance(done / params.iterations)
         if done >= 2 and clock() > deadline:
             break
     return Timings(
@@ -321,52 +353,56 @@ def measure_model(
 
 
 class FoldLatencyLab:
-    """Runs measurements for the HTTP route: one at a time, in a worker thread of its own.
+    """Runs measurements for the HTTP route: one at a time in the whole server (a file lock
+    in the runtime directory, shared by the worker processes), in a worker thread of its
+    own; the last report of each model is kept there too, for every worker to return."""
 
-    Its state is touched from the event loop only (the worker writes just its
-    :class:`Progress`), so it needs no lock beyond the one that admits a measurement.
-    """
-
-    def __init__(self, max_seconds: float = 60.0) -> None:
+    def __init__(self, runtime: Path, max_seconds: float = 60.0) -> None:
         self.max_seconds = max_seconds
-        self._busy = threading.Lock()
-        self._progress: Progress | None = None
-        self._reports: dict[str, FoldLatencyReport] = {}
+        self._lock_path = runtime / "fold-latency.lock"
+        self._progress_path = runtime / "fold-latency.progress.json"
+        self._reports = runtime / "fold-latency"
+        self._reports.mkdir(parents=True, exist_ok=True)
         # A limiter of its own: a measurement never takes a thread token from inference.
         self._limiter = anyio.CapacityLimiter(1)
 
-    def last(self, name: str) -> FoldLatencyReport:
-        """The last report of model ``name``; :class:`NoReportYet` when there is none."""
-        found = self._reports.get(name)
-        if found is None:
+    def last(self, name: str) -> dict[str, Any]:
+        """The last report of model ``name`` (JSON-ready, with samples), measured by any
+        worker; :class:`NoReportYet` when there is none."""
+        try:
+            found: dict[str, Any] = json.loads((self._reports / f"{name}.json").read_bytes())
+        except FileNotFoundError:
             raise NoReportYet(
                 f"no fold-latency report for model '{name}' yet: "
                 f"GET /v2/models/{name}/fold-latency (without cached=true) measures one"
-            )
+            ) from None
         return found
 
     async def measure(self, model: ServedVersion, params: LatencyParams) -> FoldLatencyReport:
         """Measure ``model`` off the event loop; :class:`MeasurementBusy` (429) while another
-        measurement runs, with a Retry-After guessed from its pace."""
-        if not self._busy.acquire(blocking=False):
-            progress = self._progress
-            wait = progress.seconds_left(self.max_seconds) if progress else 1.0
-            raise MeasurementBusy(
-                "a fold-latency measurement is already running (one at a time); retry later",
-                headers={"Retry-After": str(max(1, math.ceil(wait)))},
-            )
-        try:
-            self._progress = progress = Progress()
-            bounded = replace(params, max_seconds=min(params.max_seconds, self.max_seconds))
-            report = await anyio.to_thread.run_sync(
-                measure_model, model, bounded, progress, limiter=self._limiter
-            )
-        except ModelVersionError as err:
-            raise NotMeasurable(
-                f"model '{model.name}' version {model.version} cannot be measured: {err}"
-            ) from err
-        finally:
-            self._progress = None
-            self._busy.release()
-        self._reports[model.name] = report
+        measurement runs in any worker, with a Retry-After guessed from its pace."""
+        with self._lock_path.open("a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                progress = Progress.read(self._progress_path)
+                wait = progress.seconds_left(self.max_seconds) if progress else 1.0
+                raise MeasurementBusy(
+                    "a fold-latency measurement is already running (one at a time); retry later",
+                    headers={"Retry-After": str(max(1, math.ceil(wait)))},
+                ) from None
+            try:
+                progress = Progress(self._progress_path)
+                bounded = replace(params, max_seconds=min(params.max_seconds, self.max_seconds))
+                report = await anyio.to_thread.run_sync(
+                    measure_model, model, bounded, progress, limiter=self._limiter
+                )
+            except ModelVersionError as err:
+                raise NotMeasurable(
+                    f"model '{model.name}' version {model.version} cannot be measured: {err}"
+                ) from err
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+        body = json.dumps(report.to_dict(samples=True)).encode()
+        write_atomic(self._reports / f"{model.name}.json", body)
         return report

@@ -1,12 +1,21 @@
-"""Prometheus collectors of one app, in the app's own registry (tests build many apps)."""
+"""Prometheus collectors of one app, in the app's own registry (tests build many apps).
+
+With several worker processes, prometheus-client's multiprocess mode sums every
+worker's counters and histograms (and live gauges) at each scrape, so
+``/metrics`` reports the whole server whichever worker answers.
+"""
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from service.errors import ServiceError
 
@@ -137,9 +146,10 @@ class ServiceMetrics:
         )
         self.queue_depth = Gauge(
             "foldserve_queue_depth",
-            "Requests waiting in a model version's batching queue",
+            "Requests waiting in a model version's batching queue (all workers)",
             ["model", "version"],
             registry=self.registry,
+            multiprocess_mode="livesum",
         )
         self.queue_wait_seconds = Histogram(
             "foldserve_queue_wait_seconds",
@@ -161,6 +171,7 @@ class ServiceMetrics:
             "foldserve_model_versions_ready",
             "Model versions currently ready to serve",
             registry=self.registry,
+            multiprocess_mode="livemax",  # every worker serves the same versions
         )
 
     def track_request(self, model: str) -> RequestTracker:
@@ -201,5 +212,36 @@ class ServiceMetrics:
         )
 
     def render(self) -> bytes:
-        """The Prometheus text exposition of this app's registry."""
-        return generate_latest(self.registry)
+        """The Prometheus text exposition: of every worker process of this server when
+        prometheus-client's multiprocess mode is on (``PROMETHEUS_MULTIPROC_DIR``, set by
+        ``python -m service`` for several workers), else of this app's registry."""
+        return generate_latest(self.collect_registry())
+
+    def collect_registry(self) -> CollectorRegistry:
+        """Where the current values are read from (see :meth:`render`)."""
+        if multiprocess_dir() is None:
+            return self.registry
+        merged = CollectorRegistry()
+        MultiProcessCollector(merged)  # type: ignore[no-untyped-call]
+        return merged
+
+
+def multiprocess_dir() -> str | None:
+    """prometheus-client's multiprocess directory, when this process writes its values there.
+
+    The library reads ``PROMETHEUS_MULTIPROC_DIR`` when it is imported; this is the one
+    place the service looks at it."""
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+def start_multiprocess(directory: Path) -> None:
+    """Before any worker starts: a fresh multiprocess directory for the server's metrics."""
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
+
+
+def leave_multiprocess() -> None:
+    """This worker exits: drop its live gauges (its counters keep counting in the sums)."""
+    if multiprocess_dir() is not None:
+        mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]

@@ -100,6 +100,7 @@ class RepositoryEntry(BaseModel):
 class LoadResult(BaseModel):
     name: str
     versions: list[RepositoryEntry]
+    workers: int = Field(description="worker processes that now serve exactly these versions")
 
 
 class RequestInput(BaseModel):

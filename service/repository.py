@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from service.runtime import ServedVersion, ServingOptions
 
 log = logging.getLogger(__name__)
 
+NOT_SELECTED = "not selected by version policy"  # a skipped version's reason starts so
 Fingerprint = tuple[tuple[str, int, int, int], ...]
 
 
@@ -190,10 +192,13 @@ class ModelRepository:
 
     # -- scanning (serialized) -----------------------------------------------
 
-    def load_all(self) -> None:
-        """The first scan: every model directory; marks the repository ready at the end."""
+    def load_all(self, before_ready: Callable[[], None] | None = None) -> None:
+        """The first scan: every model directory; marks the repository ready at the end,
+        after ``before_ready()`` (management decisions to apply first)."""
         try:
             self.refresh()
+            if before_ready is not None:
+                before_ready()
         except OSError as err:  # the repository itself is unreadable: serve nothing, say why
             log.error("cannot scan the model repository %s: %s", self.root, err)
         finally:
@@ -251,12 +256,18 @@ class ModelRepository:
                 status.model.configure(entry.config.batching)
         self._models = {**self._models, entry.name: entry}
         _close_retired(previous, entry)
+        self._count_ready()
 
     def _publish_without(self, name: str) -> None:
         if name in self._models:
             previous = self._models[name]
             self._models = {k: v for k, v in self._models.items() if k != name}
             _close_retired(previous, None)
+            self._count_ready()
+
+    def _count_ready(self) -> None:
+        ready = sum(len(entry.ready_versions()) for entry in self._models.values())
+        self.options.metrics.models_ready.set(ready)
 
     def _model_dirs(self) -> list[str]:
         return sorted(
@@ -309,7 +320,7 @@ class ModelRepository:
             or (policy.kind == "latest" and ready < policy.latest)
             or (policy.kind == "specific" and number in policy.versions)
         )
-        return "" if selected else f"not selected by version policy {policy.describe()}"
+        return "" if selected else f"{NOT_SELECTED} {policy.describe()}"
 
     def _version_status(
         self,

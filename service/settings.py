@@ -59,6 +59,12 @@ class Settings(BaseSettings):
         le=3600.0,
         description="a fold-latency measurement stops timing after this many seconds",
     )
+    runtime_dir: Path | None = Field(
+        default=None,
+        description="writable directory the worker processes keep in step through "
+        "(management decisions, metrics, fold-latency reports); default: a fresh "
+        "temporary directory per server",
+    )
     poll_interval: float = Field(
         default=0.0, ge=0.0, description="seconds between repository rescans (0: off)"
     )

@@ -15,6 +15,7 @@ from service.errors import Unauthorized
 from service.metrics import ServiceMetrics
 from service.repository import ModelRepository
 from service.settings import Settings
+from service.worker_sync import WorkerSync
 
 
 async def get_repository(request: Request) -> ModelRepository:
@@ -27,6 +28,11 @@ async def get_metrics(request: Request) -> ServiceMetrics:
     return metrics
 
 
+async def get_sync(request: Request) -> WorkerSync:
+    sync: WorkerSync = request.app.state.sync
+    return sync
+
+
 async def get_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
@@ -35,6 +41,7 @@ async def get_settings(request: Request) -> Settings:
 RepositoryDep = Annotated[ModelRepository, Depends(get_repository)]
 MetricsDep = Annotated[ServiceMetrics, Depends(get_metrics)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+SyncDep = Annotated[WorkerSync, Depends(get_sync)]
 
 
 def _presented_key(request: Request) -> str | None:

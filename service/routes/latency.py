@@ -106,9 +106,11 @@ async def fold_latency(
     """
     if cached:
         repository.entry(name)  # 404 for a model the repository does not have
-        report = lab.last(name)
+        body = lab.last(name)
+        if not samples:
+            body["samples_ms"] = None
     else:
         model = repository.get(name, version)
         params = LatencyParams(batch_size, iterations, warmup, isolate, seed)
-        report = await lab.measure(model, params)
-    return FoldLatencyResponse.model_validate({**report.to_dict(samples=samples), "cached": cached})
+        body = (await lab.measure(model, params)).to_dict(samples=samples)
+    return FoldLatencyResponse.model_validate({**body, "cached": cached})

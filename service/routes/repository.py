@@ -1,14 +1,13 @@
-"""Model repository extension: index, load (rescan, hot swap) and unload."""
+"""Model repository extension: index, load (rescan, hot swap) and unload, in every worker."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends
-from starlette.concurrency import run_in_threadpool
 
-from service.errors import ModelNotReady
+from service.errors import LoadFailed
 from service.protocol import LoadResult, RepositoryEntry, error_responses
-from service.repository import ModelEntry
-from service.routes.deps import RepositoryDep, require_api_key
+from service.repository import NOT_SELECTED, ModelEntry
+from service.routes.deps import RepositoryDep, SyncDep, require_api_key
 
 router = APIRouter(tags=["repository"])
 
@@ -30,29 +29,47 @@ async def repository_index(repository: RepositoryDep, ready: bool = False) -> li
     return [e for e in entries if e.state == "READY"] if ready else entries
 
 
+def _failures(entry: ModelEntry) -> list[str]:
+    """Why versions of ``entry`` cannot serve, where that is a failure (not a policy)."""
+    if not entry.versions:
+        return [entry.why_not_ready()]
+    return [
+        f"version {v}: {s.reason}"
+        for v, s in sorted(entry.versions.items())
+        if s.state != "READY" and not s.reason.startswith(NOT_SELECTED)
+    ]
+
+
 @router.post(
     "/v2/repository/models/{name}/load",
     dependencies=[Depends(require_api_key)],
-    responses=error_responses(401, 404, 503),
+    responses=error_responses(400, 401, 404, 503),
 )
-async def load_model(name: str, repository: RepositoryDep) -> LoadResult:
-    """Rescan the model's directory: new versions are validated and swapped in atomically.
+async def load_model(name: str, sync: SyncDep) -> LoadResult:
+    """Rescan the model's directory in every worker: new versions are validated and swapped
+    in, failed ones retried.
 
-    A version that fails validation never replaces one that serves; 503 when no
-    version of the model is ready afterwards.
+    Answers once every worker process serves the same versions. 400 when a version failed
+    validation or none is ready (the body lists each version's state and reason; versions
+    that served keep serving); 503 when a worker did not follow in time.
     """
-    entry = await run_in_threadpool(repository.load, name)
-    if entry.default() is None:
-        raise ModelNotReady(f"model '{name}' has no ready version: {entry.why_not_ready()}")
-    return LoadResult(name=name, versions=index_entries(entry))
+    entry, states = await sync.change(name, "load")
+    versions = index_entries(entry)
+    failures = _failures(entry)
+    if failures or entry.default() is None:
+        raise LoadFailed(
+            f"model '{name}' did not load cleanly: " + "; ".join(failures or ["no ready version"]),
+            details={"name": name, "versions": [v.model_dump() for v in versions]},
+        )
+    return LoadResult(name=name, versions=versions, workers=len(states))
 
 
 @router.post(
     "/v2/repository/models/{name}/unload",
     dependencies=[Depends(require_api_key)],
-    responses=error_responses(401, 404),
+    responses=error_responses(401, 404, 503),
 )
-async def unload_model(name: str, repository: RepositoryDep) -> LoadResult:
-    """Stop serving every version of the model until it is loaded again."""
-    entry = await run_in_threadpool(repository.unload, name)
-    return LoadResult(name=name, versions=index_entries(entry))
+async def unload_model(name: str, sync: SyncDep) -> LoadResult:
+    """Stop serving every version of the model, in every worker, until it is loaded again."""
+    entry, states = await sync.change(name, "unload")
+    return LoadResult(name=name, versions=index_entries(entry), workers=len(states))

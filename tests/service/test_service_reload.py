@@ -81,7 +81,8 @@ def test_export_load_swap_and_a_corrupt_version_keeps_the_old_one(
         reloaded = client.post(
             f"/v2/repository/models/{MLP}/load", headers={"X-API-Key": "test-key"}
         )
-        assert reloaded.status_code == 200
+        assert reloaded.status_code == 400  # a failed version is an error, as in Triton
+        assert "version 3: sha256 of model.onnx" in reloaded.json()["error"]
         v3 = reloaded.json()["versions"][-1]
         assert (v3["version"], v3["state"]) == ("3", "UNAVAILABLE")
         assert "sha256 of model.onnx" in v3["reason"]
@@ -140,11 +141,14 @@ def test_load_errors(fresh_server: Any, tmp_path: Path) -> None:
         (bad / ".tmp" / "metadata.json").write_text("{}")
         (bad / ".tmp").rename(bad / "1")
         failed = client.post("/v2/repository/models/broken/load")
-        assert failed.status_code == 503
+        assert failed.status_code == 400
         assert (
-            "model 'broken' has no ready version: version 1: metadata format None"
+            "model 'broken' did not load cleanly: version 1: metadata format None"
             in failed.json()["error"]
         )
+        assert [(v["version"], v["state"]) for v in failed.json()["versions"]] == [
+            ("1", "UNAVAILABLE")
+        ]
 
 
 def test_without_api_key_repository_routes_are_open(fresh_server: Any) -> None:

@@ -1,0 +1,182 @@
+"""Several worker processes, one server: load, unload, errors and metrics as a client sees them.
+
+Each test starts ``python -m service --workers N`` as a real process and talks to
+it over HTTP on 127.0.0.1 with a new connection per request, so requests land
+on whichever worker the kernel picks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+REQUESTS = 40  # per check: with N workers, each takes some of them
+
+
+@contextmanager
+def serve(repository: Path, workers: int, **env: str) -> Iterator[httpx.Client]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "service", "--repository", str(repository)]
+    command += ["--workers", str(workers), "--port", str(port), "--providers", "cpu"]
+    command += ["--threads", "1", "--log-level", "warning"]
+    runtime = repository.parent / f"runtime-{port}"
+    command += ["--runtime-dir", str(runtime)]
+    proc = subprocess.Popen(
+        command,
+        env={**os.environ, "FOLDSERVE_ACCESS_LOG": "false", **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    # No keep-alive: every request opens a connection, which any worker may accept.
+    client = httpx.Client(
+        base_url=f"http://127.0.0.1:{port}",
+        timeout=30.0,
+        limits=httpx.Limits(max_keepalive_connections=0),
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not all_workers_started(runtime, workers):
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "server did not become ready"
+            time.sleep(0.1)
+        assert client.get("/v2/health/ready").json() == {"ready": True}
+        yield client
+    finally:
+        client.close()
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def all_workers_started(runtime: Path, workers: int) -> bool:
+    """Every worker has finished its first scan: each acknowledges a generation >= 0 in the
+    runtime directory (docs/service.md, "Workers")."""
+    acks = []
+    for path in (runtime / "workers").glob("*.json"):
+        try:
+            acks.append(json.loads(path.read_text())["generation"])
+        except (OSError, ValueError):
+            return False
+    return len(acks) == workers and min(acks) >= 0
+
+
+def served_versions(client: httpx.Client, name: str) -> list[list[str] | int]:
+    """What ``REQUESTS`` metadata requests answer: the versions list, or the status."""
+    seen: list[list[str] | int] = []
+    for _ in range(REQUESTS):
+        r = client.get(f"/v2/models/{name}")
+        seen.append(r.json()["versions"] if r.status_code == 200 else r.status_code)
+    return seen
+
+
+def infer_versions(client: httpx.Client, name: str) -> list[str | int]:
+    body = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}
+    seen: list[str | int] = []
+    for _ in range(REQUESTS):
+        r = client.post(f"/v2/models/{name}/infer", json=body)
+        seen.append(r.json()["model_version"] if r.status_code == 200 else r.status_code)
+    return seen
+
+
+def index(client: httpx.Client) -> list[Any]:
+    return client.get("/v2/repository/index").json()
+
+
+@pytest.mark.parametrize("workers", [1, 2, 4])
+def test_load_and_unload_reach_every_worker(build: Any, tmp_path: Path, workers: int) -> None:
+    build.write_version(tmp_path, "linear", 1, build.linear_model(4, 5))
+    with serve(tmp_path, workers) as client:
+        assert served_versions(client, "linear") == [["1"]] * REQUESTS
+        build.write_version(tmp_path, "linear", 2, build.linear_model(4, 5, seed=2))
+        r = client.post("/v2/repository/models/linear/load")
+        assert r.status_code == 200, r.text
+        assert r.json()["workers"] == workers
+        assert [v["state"] for v in r.json()["versions"]] == ["READY", "READY"]
+        assert served_versions(client, "linear") == [["1", "2"]] * REQUESTS
+        assert infer_versions(client, "linear") == ["2"] * REQUESTS
+        first = index(client)
+        assert all(index(client) == first for _ in range(REQUESTS // 4))
+
+        r = client.post("/v2/repository/models/linear/unload")
+        assert r.status_code == 200 and r.json()["workers"] == workers
+        assert infer_versions(client, "linear") == [503] * REQUESTS
+        r = client.post("/v2/repository/models/linear/load")
+        assert r.status_code == 200
+        assert infer_versions(client, "linear") == ["2"] * REQUESTS
+
+
+def test_a_load_that_finds_a_corrupt_version_is_refused_everywhere(
+    build: Any, tmp_path: Path
+) -> None:
+    build.write_version(tmp_path, "linear", 1, build.linear_model(4, 5))
+    with serve(tmp_path, 2) as client:
+        bad = tmp_path / "linear" / "2"
+        build.write_version(tmp_path, "linear", 2, build.linear_model(4, 5, seed=2))
+        (bad / "model.onnx").write_bytes(b"not an onnx model")
+        r = client.post("/v2/repository/models/linear/load")
+        assert r.status_code == 400, r.text
+        body = r.json()
+        assert "version 2: sha256 of model.onnx" in body["error"]
+        states = {v["version"]: (v["state"], v["reason"][:9]) for v in body["versions"]}
+        assert states == {"1": ("READY", ""), "2": ("UNAVAILABLE", "sha256 of")}
+        assert infer_versions(client, "linear") == ["1"] * REQUESTS  # the old one serves on
+        assert served_versions(client, "linear") == [["1"]] * REQUESTS
+
+
+def test_metrics_count_every_workers_requests(build: Any, tmp_path: Path) -> None:
+    build.write_version(tmp_path, "linear", 1, build.linear_model(4, 5))
+    with serve(tmp_path, 2) as client:
+        sent = infer_versions(client, "linear") + infer_versions(client, "linear")
+        assert sent == ["1"] * 2 * REQUESTS
+        for _ in range(4):  # whichever worker answers the scrape
+            text = client.get("/metrics").text
+            counts = {
+                (s.labels.get("model"), s.labels.get("status")): s.value
+                for family in text_string_to_metric_families(text)
+                for s in family.samples
+                if s.name == "foldserve_inference_requests_total"
+            }
+            assert counts[("linear", "200")] == 2 * REQUESTS
+            ready = [
+                s.value
+                for family in text_string_to_metric_families(text)
+                for s in family.samples
+                if s.name == "foldserve_model_versions_ready"
+            ]
+            assert ready == [1.0]
+
+
+def test_direct_inference_values_match_onnxruntime_on_every_worker(
+    build: Any, tmp_path: Path
+) -> None:
+    import onnxruntime as ort
+
+    model = build.linear_model(4, 5, seed=3)
+    build.write_version(tmp_path, "linear", 1, model)
+    x = np.array([[1, 2, 3, 4]], np.float32)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    expected = session.run(None, {"x": x})[0]
+    with serve(tmp_path, 2) as client:
+        body = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": x.tolist()}]}
+        for _ in range(10):
+            out = client.post("/v2/models/linear/infer", json=body).json()["outputs"][0]
+            np.testing.assert_allclose(np.reshape(out["data"], (1, 5)), expected, atol=1e-6)
