@@ -27,7 +27,7 @@ from service.app import create_app
 from service.logs import configure_logging
 from service.metrics import start_multiprocess
 from service.sessions import usable_cpus
-from service.settings import Settings, get_settings
+from service.settings import Settings, describe_management, get_settings
 
 log = logging.getLogger("service")
 
@@ -137,6 +137,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ValidationError as err:
         raise SystemExit(f"python -m service: invalid settings\n{err}") from err
     configure_logging(settings.log_format, settings.log_level)
+    log.info(describe_management(settings))
     workers = worker_count(settings)
     loop, http = _event_loop()
     server: dict[str, Any] = {

@@ -169,6 +169,7 @@ class DynamicBatcher:
         self.metrics = metrics
         self._run = run
         self._closed = False
+        self._running = False  # an ONNX Runtime call is in flight
         self._lock = threading.Lock()  # closing vs starting the dispatcher
         self._queue: deque[_Pending] = deque()
         self._rows = 0  # samples queued
@@ -254,7 +255,8 @@ class DynamicBatcher:
                 )
             self._queue.append(item)
             self._rows += rows
-            self.metrics.queue_depth.set(len(self._queue))
+            if not self._running:  # while a call runs, the next batch taken updates it
+                self.metrics.queue_depth.set(len(self._queue))
             if self._dispatcher is None:
                 self._dispatcher = loop.create_task(self._dispatch())
                 return item
@@ -358,6 +360,7 @@ class DynamicBatcher:
         for item in batch:
             self.metrics.queue_wait.observe(now - item.enqueued)
         loop = asyncio.get_running_loop()
+        self._running = True
         try:
             answers, seconds = await loop.run_in_executor(
                 self._runner, _run_batch, self._run, batch
@@ -366,9 +369,9 @@ class DynamicBatcher:
             for item in batch:
                 item.future.cancel()
             raise
-        self.metrics.inference_seconds.observe(seconds)
-        self.metrics.batch_size.observe(sum(item.rows for item in batch))
-        self.metrics.batch_requests.observe(len(batch))
+        finally:
+            self._running = False
+        self.metrics.executed(sum(item.rows for item in batch), len(batch), seconds)
         for item, answer in zip(batch, answers, strict=True):
             if item.future.done():  # timed out or disconnected while running
                 continue

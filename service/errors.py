@@ -51,6 +51,12 @@ class Unauthorized(ServiceError):
         super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
 
 
+class Forbidden(ServiceError):
+    """A route that is switched off for this server's configuration."""
+
+    status_code = 403
+
+
 class ModelNotFound(ServiceError):
     """No such model, or no such version of a model."""
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
@@ -61,6 +61,8 @@ class RequestRecord:
 
     model: str
     version: str = ""
+    decode_s: float = 0.0  # request body to checked tensors
+    encode_s: float = 0.0  # outputs to response body
 
 
 @dataclass(frozen=True)
@@ -72,7 +74,28 @@ class BatcherMetrics:
     batch_size: Histogram
     batch_requests: Histogram
     inference_seconds: Histogram
+    request_compute: Counter  # seconds x requests of each call: each request's compute time
+    last_inference: Gauge
     dropped: dict[str, Counter]  # by reason: queue_full, timeout, disconnect
+    executions: Counter  # the families, labelled (model, version, batch size) on first use
+    execution_seconds: Counter
+    labels: tuple[str, str]  # (model, version)
+    by_batch_size: dict[int, tuple[Counter, Counter]] = field(default_factory=dict)
+
+    def executed(self, samples: int, requests: int, seconds: float) -> None:
+        """One ONNX Runtime call of ``samples`` rows for ``requests`` requests took ``seconds``."""
+        self.inference_seconds.observe(seconds)
+        self.batch_size.observe(samples)
+        self.batch_requests.observe(requests)
+        self.request_compute.inc(seconds * requests)
+        found = self.by_batch_size.get(samples)
+        if found is None:
+            labels = (*self.labels, str(samples))
+            found = self.executions.labels(*labels), self.execution_seconds.labels(*labels)
+            self.by_batch_size[samples] = found
+        found[0].inc()
+        found[1].inc(seconds)
+        self.last_inference.set(time.time())
 
 
 class RequestTracker:
@@ -119,7 +142,7 @@ class ServiceMetrics:
         self.request_seconds = Histogram(
             "foldserve_request_duration_seconds",
             "Inference request time from first byte read to response built",
-            ["model"],
+            ["model", "version", "status"],
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
@@ -165,8 +188,39 @@ class ServiceMetrics:
             ["model", "version", "reason"],
             registry=self.registry,
         )
-        self._request_counters: dict[tuple[str, str, int], Counter] = {}
-        self._request_timers: dict[str, Histogram] = {}
+        self.codec_seconds = Counter(
+            "foldserve_request_codec_seconds",
+            "Time spent decoding requests (stage=decode) and encoding answers (stage=encode)",
+            ["model", "version", "stage"],
+            registry=self.registry,
+        )
+        self.request_compute_seconds = Counter(
+            "foldserve_request_compute_seconds",
+            "ONNX Runtime time as the requests saw it: each call's time once per request in it",
+            ["model", "version"],
+            registry=self.registry,
+        )
+        self.batch_executions = Counter(
+            "foldserve_batch_executions",
+            "ONNX Runtime calls by batch size (samples)",
+            ["model", "version", "batch_size"],
+            registry=self.registry,
+        )
+        self.batch_execution_seconds = Counter(
+            "foldserve_batch_execution_seconds",
+            "ONNX Runtime time by batch size (samples)",
+            ["model", "version", "batch_size"],
+            registry=self.registry,
+        )
+        self.last_inference = Gauge(
+            "foldserve_last_inference_timestamp_seconds",
+            "When the model version last ran (Unix time)",
+            ["model", "version"],
+            registry=self.registry,
+            multiprocess_mode="max",
+        )
+        self._request_counters: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+        self._codec_counters: dict[tuple[str, str], tuple[Counter, Counter]] = {}
         self.models_ready = Gauge(
             "foldserve_model_versions_ready",
             "Model versions currently ready to serve",
@@ -182,16 +236,24 @@ class ServiceMetrics:
     def count_request(self, record: RequestRecord, status: int, seconds: float) -> None:
         # Labelled children are cached: labels() costs more than the update itself.
         key = (record.model, record.version, status)
-        counter = self._request_counters.get(key)
-        if counter is None:
-            counter = self.requests.labels(record.model, record.version, str(status))
-            self._request_counters[key] = counter
+        found = self._request_counters.get(key)
+        if found is None:
+            labels = (record.model, record.version, str(status))
+            found = self.requests.labels(*labels), self.request_seconds.labels(*labels)
+            self._request_counters[key] = found
+        counter, timer = found
         counter.inc()
-        timer = self._request_timers.get(record.model)
-        if timer is None:
-            timer = self.request_seconds.labels(record.model)
-            self._request_timers[record.model] = timer
         timer.observe(seconds)
+        if record.decode_s or record.encode_s:
+            codec = self._codec_counters.get(key[:2])
+            if codec is None:
+                codec = (
+                    self.codec_seconds.labels(record.model, record.version, "decode"),
+                    self.codec_seconds.labels(record.model, record.version, "encode"),
+                )
+                self._codec_counters[key[:2]] = codec
+            codec[0].inc(record.decode_s)
+            codec[1].inc(record.encode_s)
 
     def observe_inference(self, model: str, version: str, seconds: float, batch: int) -> None:
         self.inference_seconds.labels(model, version).observe(seconds)
@@ -205,10 +267,15 @@ class ServiceMetrics:
             batch_size=self.batch_size.labels(model, version),
             batch_requests=self.batch_requests.labels(model, version),
             inference_seconds=self.inference_seconds.labels(model, version),
+            request_compute=self.request_compute_seconds.labels(model, version),
+            last_inference=self.last_inference.labels(model, version),
             dropped={
                 reason: self.dropped.labels(model, version, reason)
                 for reason in ("queue_full", "timeout", "disconnect")
             },
+            executions=self.batch_executions,
+            execution_seconds=self.batch_execution_seconds,
+            labels=(model, version),
         )
 
     def render(self) -> bytes:

@@ -50,6 +50,11 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(
         default=None, description="when set, repository load/unload need this key"
     )
+    open_management: bool = Field(
+        default=False,
+        description="without an API key, allow repository load/unload on a non-loopback "
+        "listener too (by default they answer 403 there)",
+    )
     log_format: LogFormat = Field(default="text", description="log line format: text or json")
     log_level: LogLevel = Field(default="info", description="root log level")
     access_log: bool = Field(default=True, description="log one line per HTTP request")
@@ -101,6 +106,39 @@ class Settings(BaseSettings):
     def _empty_key_is_no_key(cls, value: SecretStr | None) -> SecretStr | None:
         # FOLDSERVE_API_KEY= (empty) must not become a key that an empty header matches.
         return value if value is not None and value.get_secret_value() else None
+
+
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+
+
+def management_policy(settings: Settings) -> str | None:
+    """None when repository management may run for this request; else why it may not.
+
+    With an API key, the key decides (checked per request). Without one, management
+    is open on a loopback listener (``make run``) or when ``open_management`` is set,
+    and closed otherwise: one anonymous request could unload every model.
+    """
+    if settings.api_key is not None or settings.open_management:
+        return None
+    if settings.host in LOOPBACK_HOSTS or settings.host.startswith("127."):
+        return None
+    return (
+        f"repository management is off: the server listens on {settings.host} and no API "
+        "key is set; set FOLDSERVE_API_KEY (then send it as 'Authorization: Bearer KEY'), "
+        "or FOLDSERVE_OPEN_MANAGEMENT=true to open it to anyone who reaches the port"
+    )
+
+
+def describe_management(settings: Settings) -> str:
+    """The start-up log line: how repository management is guarded."""
+    if settings.api_key is not None:
+        return "repository management (load/unload) needs the API key"
+    refused = management_policy(settings)
+    if refused is not None:
+        return refused
+    if settings.open_management:
+        return "repository management (load/unload) is open to anyone (open_management)"
+    return f"repository management (load/unload) is open on the loopback listener {settings.host}"
 
 
 @lru_cache(maxsize=1)

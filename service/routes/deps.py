@@ -11,10 +11,10 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from service.errors import Unauthorized
+from service.errors import Forbidden, Unauthorized
 from service.metrics import ServiceMetrics
 from service.repository import ModelRepository
-from service.settings import Settings
+from service.settings import Settings, management_policy
 from service.worker_sync import WorkerSync
 
 
@@ -50,6 +50,15 @@ def _presented_key(request: Request) -> str | None:
     if scheme.lower() == "bearer" and token.strip():
         return token.strip()
     return request.headers.get("x-api-key")
+
+
+async def require_management(request: Request, settings: SettingsDep) -> None:
+    """Repository management: 403 when it is off (no key on a non-loopback listener),
+    else the API key check."""
+    refused = management_policy(settings)
+    if refused is not None:
+        raise Forbidden(refused)
+    await require_api_key(request, settings)
 
 
 async def require_api_key(request: Request, settings: SettingsDep) -> None:

@@ -11,6 +11,7 @@ parameters are path strings, their bodies are read by hand), so
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
@@ -129,15 +130,21 @@ async def _answer(request: Request, name: str, version: str | None, v1: bool) ->
             header_length = header(request.scope, b"inference-header-content-length")
             decode = partial(decode_infer_request, body, header_length)
         # Small bodies inline (a thread hop costs more), large ones off the loop.
+        start = time.perf_counter()
         decoded = await asyncio.to_thread(decode) if len(body) > INLINE_BODY_BYTES else decode()
+        record.decode_s = time.perf_counter() - start
         outputs = await served.infer(decoded, request.receive)
+        start = time.perf_counter()
         large = output_elements(outputs) > INLINE_OUTPUT_ELEMENTS
         if v1:
             encode_1 = partial(encode_v1, outputs)
-            return TensorResponse(await asyncio.to_thread(encode_1) if large else encode_1())
+            answer = await asyncio.to_thread(encode_1) if large else encode_1()
+            record.encode_s = time.perf_counter() - start
+            return TensorResponse(answer)
         answer_id = decoded.id or request_id(request)
         encode = partial(encode_infer_response, name, str(served.version), answer_id, outputs)
         encoded = await asyncio.to_thread(encode) if large else encode()
+        record.encode_s = time.perf_counter() - start
     return TensorResponse(encoded.body, encoded.header_length)
 
 

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
+from typing import Any
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
+from service import statistics
+from service.metrics import ServiceMetrics
 from service.protocol import (
     PLATFORM,
     SERVER_EXTENSIONS,
@@ -20,7 +23,7 @@ from service.protocol import (
     error_responses,
 )
 from service.repository import ModelRepository
-from service.routes.deps import RepositoryDep
+from service.routes.deps import MetricsDep, RepositoryDep
 
 router = APIRouter(tags=["models"])
 
@@ -66,6 +69,15 @@ def describe(repository: ModelRepository, name: str, version: str | None) -> Mod
     )
 
 
+@router.get("/v2/models/stats")
+async def all_model_stats(repository: RepositoryDep, metrics: MetricsDep) -> dict[str, Any]:
+    """Triton's statistics extension: every ready version, summed over all workers.
+
+    Durations are cumulative nanoseconds; ``compute_infer`` counts each request's whole
+    ONNX Runtime call (a batched call once per request in it)."""
+    return stats_body(repository, metrics, None, None)
+
+
 @router.get("/v2/models/{name}", responses=error_responses(404, 503))
 async def model_metadata(name: str, repository: RepositoryDep) -> ModelMetadata:
     """Metadata of the version an unversioned request is served by (the highest ready one)."""
@@ -108,3 +120,46 @@ async def model_version_ready(name: str, version: str, repository: RepositoryDep
 async def v1_model_status(name: str, repository: RepositoryDep) -> JSONResponse:
     """KServe V1 model status."""
     return readiness(repository, name, None)
+
+
+@router.get("/v2/models/{name}/config", responses=error_responses(404, 503))
+async def model_config(name: str, repository: RepositoryDep) -> dict[str, Any]:
+    """Triton's model configuration of the version an unversioned request gets."""
+    return statistics.model_config(repository.get(name), repository.entry(name).config.policy)
+
+
+@router.get("/v2/models/{name}/versions/{version}/config", responses=error_responses(404, 503))
+async def model_version_config(
+    name: str, version: str, repository: RepositoryDep
+) -> dict[str, Any]:
+    """Triton's model configuration of one version."""
+    served = repository.get(name, version)
+    return statistics.model_config(served, repository.entry(name).config.policy)
+
+
+def stats_body(
+    repository: ModelRepository, metrics: ServiceMetrics, name: str | None, version: str | None
+) -> dict[str, Any]:
+    """Statistics of every ready version of ``name`` (or of every model), or of ``version``."""
+    if version is not None:
+        assert name is not None
+        repository.resolve(name, version)  # 404 for an unknown model or version
+        keys = [(name, str(int(version)))]
+    else:
+        entries = [repository.entry(name)] if name is not None else repository.entries()
+        keys = [(e.name, str(v)) for e in entries for v in e.ready_versions()]
+    return statistics.model_statistics(metrics.collect_registry(), keys)
+
+
+@router.get("/v2/models/{name}/stats", responses=error_responses(404))
+async def model_stats(name: str, repository: RepositoryDep, metrics: MetricsDep) -> dict[str, Any]:
+    """Triton's statistics extension: the model's ready versions, summed over all workers."""
+    return stats_body(repository, metrics, name, None)
+
+
+@router.get("/v2/models/{name}/versions/{version}/stats", responses=error_responses(404))
+async def model_version_stats(
+    name: str, version: str, repository: RepositoryDep, metrics: MetricsDep
+) -> dict[str, Any]:
+    """Triton's statistics extension for one version."""
+    return stats_body(repository, metrics, name, version)

@@ -7,7 +7,7 @@ from fastapi import APIRouter, Depends
 from service.errors import LoadFailed
 from service.protocol import LoadResult, RepositoryEntry, error_responses
 from service.repository import NOT_SELECTED, ModelEntry
-from service.routes.deps import RepositoryDep, SyncDep, require_api_key
+from service.routes.deps import RepositoryDep, SyncDep, require_management
 
 router = APIRouter(tags=["repository"])
 
@@ -42,8 +42,8 @@ def _failures(entry: ModelEntry) -> list[str]:
 
 @router.post(
     "/v2/repository/models/{name}/load",
-    dependencies=[Depends(require_api_key)],
-    responses=error_responses(400, 401, 404, 503),
+    dependencies=[Depends(require_management)],
+    responses=error_responses(400, 401, 403, 404, 503),
 )
 async def load_model(name: str, sync: SyncDep) -> LoadResult:
     """Rescan the model's directory in every worker: new versions are validated and swapped
@@ -66,8 +66,8 @@ async def load_model(name: str, sync: SyncDep) -> LoadResult:
 
 @router.post(
     "/v2/repository/models/{name}/unload",
-    dependencies=[Depends(require_api_key)],
-    responses=error_responses(401, 404, 503),
+    dependencies=[Depends(require_management)],
+    responses=error_responses(401, 403, 404, 503),
 )
 async def unload_model(name: str, sync: SyncDep) -> LoadResult:
     """Stop serving every version of the model, in every worker, until it is loaded again."""

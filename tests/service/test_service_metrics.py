@@ -43,7 +43,9 @@ def test_counters_and_histograms_move_by_the_requests_made(client: httpx.Client)
     assert delta(requests, model="digits_cnn", version="1", status="200") == 3
     assert delta(requests, model="digits_cnn", version="1", status="400") == 2
     assert delta(requests, model="unknown", version="", status="404") == 1
-    assert delta("foldserve_request_duration_seconds_count", model="digits_cnn") == 5
+    timed = "foldserve_request_duration_seconds_count"
+    assert delta(timed, model="digits_cnn", version="1", status="200") == 3
+    assert delta(timed, model="digits_cnn", version="1", status="400") == 2
     assert delta("foldserve_inference_duration_seconds_count", model="digits_cnn", version="1") == 3
     assert delta("foldserve_batch_size_count", model="digits_cnn", version="1") == 3
     assert delta("foldserve_batch_size_sum", model="digits_cnn", version="1") == 9

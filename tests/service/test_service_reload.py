@@ -172,3 +172,42 @@ def test_polling_picks_up_a_new_version(fresh_server: Any, build: Any) -> None:
 
 def test_settings_field_for_polling_defaults_off() -> None:
     assert Settings(_env_file=None).poll_interval == 0.0  # type: ignore[call-arg]
+
+
+@pytest.mark.parametrize(
+    ("host", "open_management", "status"),
+    [("0.0.0.0", False, 403), ("0.0.0.0", True, 200), ("127.0.0.1", False, 200)],
+)
+def test_management_without_a_key_is_off_beyond_loopback(
+    fresh_server: Any, host: str, open_management: bool, status: int
+) -> None:
+    with (
+        fresh_server(api_key=None, host=host, open_management=open_management) as live,
+        live.client() as client,
+    ):
+        for action in ("unload", "load"):
+            r = client.post(f"/v2/repository/models/{MLP}/{action}")
+            assert r.status_code == status, r.text
+        if status == 403:
+            assert "FOLDSERVE_API_KEY" in r.json()["error"] and host in r.json()["error"]
+            assert client.post(f"/v2/models/{MLP}/infer", json=mlp_request()).status_code == 200
+        repository = live.repository
+    # A key opens management wherever the server listens, and only for its holder.
+    with fresh_server(repository, host=host) as live, live.client() as client:
+        assert client.post(f"/v2/repository/models/{MLP}/load").status_code == 401
+        assert client.post(f"/v2/repository/models/{MLP}/load", headers=KEY).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("overrides", "line"),
+    [
+        ({"api_key": "k"}, "needs the API key"),
+        ({"host": "0.0.0.0"}, "repository management is off: the server listens on 0.0.0.0"),
+        ({"host": "0.0.0.0", "open_management": True}, "open to anyone"),
+        ({}, "open on the loopback listener 127.0.0.1"),
+    ],
+)
+def test_start_up_says_how_management_is_guarded(overrides: dict[str, Any], line: str) -> None:
+    from service.settings import describe_management
+
+    assert line in describe_management(Settings(_env_file=None, **overrides))  # type: ignore[call-arg]

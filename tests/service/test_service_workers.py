@@ -163,6 +163,9 @@ def test_metrics_count_every_workers_requests(build: Any, tmp_path: Path) -> Non
                 if s.name == "foldserve_model_versions_ready"
             ]
             assert ready == [1.0]
+            [stats] = client.get("/v2/models/linear/stats").json()["model_stats"]
+            assert stats["inference_stats"]["success"]["count"] == 2 * REQUESTS
+            assert stats["inference_count"] == 2 * REQUESTS  # one sample each
 
 
 def test_direct_inference_values_match_onnxruntime_on_every_worker(
@@ -180,3 +183,27 @@ def test_direct_inference_values_match_onnxruntime_on_every_worker(
         for _ in range(10):
             out = client.post("/v2/models/linear/infer", json=body).json()["outputs"][0]
             np.testing.assert_allclose(np.reshape(out["data"], (1, 5)), expected, atol=1e-6)
+
+
+def test_one_fold_latency_measurement_at_a_time_across_workers(build: Any, tmp_path: Path) -> None:
+    import threading
+
+    build.write_version(tmp_path, "wide", 1, build.linear_model(512, 512))  # ~ms per run
+    with serve(tmp_path, 2, FOLDSERVE_FOLD_LATENCY_MAX_SECONDS="2") as client:
+        url = "/v2/models/wide/fold-latency"
+        long: dict[str, httpx.Response] = {}
+
+        def measure_long() -> None:  # far more runs than 2 s allow: stopped by the time limit
+            long["r"] = client.get(url, params={"batch_size": 256, "iterations": 10_000})
+
+        worker = threading.Thread(target=measure_long)
+        worker.start()
+        time.sleep(0.7)
+        busy = [client.get(url, params={"iterations": 10}).status_code for _ in range(10)]
+        assert busy == [429] * 10  # whichever worker takes the request
+        worker.join(30)
+        assert long["r"].status_code == 200 and long["r"].json()["time_limited"] is True
+        measured = long["r"].json()["measured_at"]
+        cached = [client.get(url, params={"cached": "true"}).json() for _ in range(10)]
+        assert {c["measured_at"] for c in cached} == {measured}  # every worker has the report
+        assert all(c["cached"] is True for c in cached)

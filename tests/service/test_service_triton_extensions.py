@@ -1,0 +1,75 @@
+"""Triton's model configuration and statistics extensions, read with tritonclient."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import pytest
+import tritonclient.http as triton
+
+
+def infer_linear(client: Any, rows: int) -> None:
+    x = triton.InferInput("x", [rows, 4], "FP32")
+    x.set_data_from_numpy(np.ones((rows, 4), np.float32))
+    client.infer("linear", [x])
+
+
+def test_model_config_describes_the_served_version(fresh_server: Any) -> None:
+    with fresh_server(max_batch_size=16, max_queue_delay_us=250) as live:
+        (live.repository / "digits_cnn" / "config.json").write_text(
+            json.dumps({"version_policy": {"latest": {"num_versions": 1}}})
+        )
+        client = triton.InferenceServerClient(f"127.0.0.1:{live.port}")
+        with live.client() as http:
+            assert (
+                http.post("/v2/repository/models/digits_cnn/load", headers=KEY).status_code == 200
+            )
+        config = client.get_model_config("digits_cnn")
+        assert config["name"] == "digits_cnn" and config["platform"] == "onnxruntime_onnx"
+        assert config["max_batch_size"] == 16
+        assert config["input"] == [{"name": "input", "data_type": "TYPE_FP32", "dims": [1, 8, 8]}]
+        assert config["output"] == [{"name": "logits", "data_type": "TYPE_FP32", "dims": [10]}]
+        assert config["dynamic_batching"]["max_queue_delay_microseconds"] == 250
+        assert config["version_policy"] == {"latest": {"num_versions": 1}}
+        assert config["instance_group"] == [{"count": 1, "kind": "KIND_CPU"}]
+        assert client.get_model_config("digits_cnn", "1") == config
+        with pytest.raises(triton.InferenceServerException, match="unknown model 'nope'"):
+            client.get_model_config("nope")
+        client.close()
+
+
+KEY = {"X-API-Key": "test-key"}
+
+
+def test_inference_statistics_count_what_was_served(fresh_server: Any) -> None:
+    with fresh_server(max_queue_delay_us=0) as live:
+        client = triton.InferenceServerClient(f"127.0.0.1:{live.port}")
+        for rows in (1, 1, 3):
+            infer_linear(client, rows)
+        with live.client() as http:  # one failure: wrong shape
+            bad = {"inputs": [{"name": "x", "shape": [1, 5], "datatype": "FP32", "data": [0] * 5}]}
+            assert http.post("/v2/models/linear/infer", json=bad).status_code == 400
+        [stats] = client.get_inference_statistics("linear")["model_stats"]
+        assert (stats["name"], stats["version"]) == ("linear", "1")
+        assert stats["inference_count"] == 5  # samples
+        assert stats["execution_count"] == 3  # calls: requests one after another
+        inference = stats["inference_stats"]
+        assert inference["success"]["count"] == 3 and inference["success"]["ns"] > 0
+        assert inference["fail"]["count"] == 1
+        assert inference["queue"]["count"] == 3
+        assert inference["compute_infer"]["count"] == 3 and inference["compute_infer"]["ns"] > 0
+        assert inference["compute_input"]["count"] == 3 and inference["compute_input"]["ns"] > 0
+        assert inference["compute_output"]["count"] == 3 and inference["compute_output"]["ns"] > 0
+        assert [(b["batch_size"], b["compute_infer"]["count"]) for b in stats["batch_stats"]] == [
+            (1, 2),
+            (3, 1),
+        ]
+        assert stats["last_inference"] > 1.7e12  # ms since the epoch
+        everything = client.get_inference_statistics()["model_stats"]
+        assert {(s["name"], s["version"]) for s in everything} >= {("linear", "1"), ("two_io", "1")}
+        assert client.get_inference_statistics("linear", "1")["model_stats"] == [stats]
+        with pytest.raises(triton.InferenceServerException, match="unknown version '9'"):
+            client.get_inference_statistics("linear", "9")
+        client.close()
