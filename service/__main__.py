@@ -73,6 +73,12 @@ def parse_args(argv: Sequence[str] | None = None) -> dict[str, Any]:
         help="one log line per request (FOLDSERVE_ACCESS_LOG)",
     )
     parser.add_argument(
+        "--drain-seconds",
+        type=float,
+        help="after SIGTERM, seconds of serving with readiness 503 before stopping "
+        "(FOLDSERVE_DRAIN_SECONDS)",
+    )
+    parser.add_argument(
         "--runtime-dir",
         help="writable directory the workers keep in step through, default: a fresh "
         "temporary one (FOLDSERVE_RUNTIME_DIR)",

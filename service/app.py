@@ -18,6 +18,7 @@ from pathlib import Path
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
+from service.drain import Drain
 from service.errors import install_error_handlers
 from service.latency import FoldLatencyLab
 from service.metrics import ServiceMetrics, leave_multiprocess
@@ -66,9 +67,11 @@ def create_app(settings: Settings | None = None, repo: ModelRepository | None = 
 
     runtime = runtime_directory(settings)
     sync = WorkerSync(runtime, repo)
+    drain = Drain(settings.drain_seconds)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        drain.install()
         tasks = [
             asyncio.create_task(load_and_poll(repo, sync, settings.poll_interval)),
             asyncio.create_task(sync.watch()),
@@ -96,6 +99,7 @@ def create_app(settings: Settings | None = None, repo: ModelRepository | None = 
     app.state.repository = repo
     app.state.metrics = service_metrics
     app.state.sync = sync
+    app.state.drain = drain
     app.state.fold_latency = FoldLatencyLab(runtime, settings.fold_latency_max_seconds)
     install_error_handlers(app)
     infer.install(app)  # before the request middleware, which must wrap its dispatch
@@ -103,6 +107,7 @@ def create_app(settings: Settings | None = None, repo: ModelRepository | None = 
         RequestContextMiddleware,
         max_request_bytes=settings.max_request_bytes,
         access_log=settings.access_log,
+        drain=drain,
     )
     app.mount(docs.SWAGGER_STATIC, StaticFiles(directory=docs.SWAGGER_ASSETS), name="swagger-ui")
     for router in (health.router, models.router, repository.router, docs.router):

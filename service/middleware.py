@@ -3,7 +3,8 @@
 :class:`RequestContextMiddleware` is plain ASGI (no per-request task or body
 copy, unlike ``BaseHTTPMiddleware``): it accepts or generates ``X-Request-ID``,
 echoes it, makes it visible to logging, refuses a declared ``Content-Length``
-over the limit before the body is sent, and writes one access-log line.
+over the limit before the body is sent, writes one access-log line, and adds
+``Connection: close`` while the worker drains (:mod:`service.drain`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import zlib
 from fastapi import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.drain import Drain
 from service.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType, error_response
 from service.logs import request_id_var
 
@@ -36,10 +38,17 @@ def header(scope: Scope, name: bytes) -> str | None:
 
 
 class RequestContextMiddleware:
-    def __init__(self, app: ASGIApp, max_request_bytes: int, access_log: bool = True) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_request_bytes: int,
+        access_log: bool = True,
+        drain: Drain | None = None,
+    ) -> None:
         self.app = app
         self.max_request_bytes = max_request_bytes
         self.access_log = access_log
+        self.drain = drain or Drain(0.0)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -61,6 +70,8 @@ class RequestContextMiddleware:
                     *message["headers"],
                     (REQUEST_ID_HEADER.encode(), request_id.encode()),
                 ]
+                if self.drain.draining:  # the client must not reuse this connection
+                    message["headers"].append((b"connection", b"close"))
             await send(message)
 
         try:

@@ -70,6 +70,13 @@ class Settings(BaseSettings):
         "(management decisions, metrics, fold-latency reports); default: a fresh "
         "temporary directory per server",
     )
+    drain_seconds: float = Field(
+        default=5.0,
+        ge=0.0,
+        le=600.0,
+        description="after SIGTERM, seconds a worker keeps serving with readiness 503 and "
+        "Connection: close before it stops accepting (in-flight requests finish after)",
+    )
     poll_interval: float = Field(
         default=0.0, ge=0.0, description="seconds between repository rescans (0: off)"
     )

@@ -1,0 +1,93 @@
+"""Stopping without losing a request: a drain period between SIGTERM and uvicorn's shutdown.
+
+uvicorn stops listening and closes idle keep-alive connections as soon as it
+gets SIGTERM; a client that sent a request on such a connection at that moment
+gets a reset and no answer. During the drain period the worker keeps serving
+instead, but readiness answers 503 (a load balancer stops sending) and every
+response carries ``Connection: close`` (clients stop reusing connections, each
+closed cleanly after its answer). Then uvicorn's own graceful shutdown runs:
+the listener closes, queued and in-flight requests finish, the process exits 0.
+A repeated SIGTERM changes nothing (with several workers, a worker may get one
+from the supervisor and one from whoever stopped the whole process group);
+SIGINT still stops at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from types import FrameType
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+LAST_CALL_S = 0.3  # between no longer accepting and closing connections with no request
+
+
+class Drain:
+    """Whether this worker is draining; installs its SIGTERM handler in the main thread."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.draining = False  # read per request; set once
+        self._stop: Any = None  # uvicorn's own handler, called when the drain is over
+        self._timer: threading.Timer | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def install(self) -> None:
+        """Put the drain in front of the SIGTERM handler the server installed (main thread
+        only: an app served from another thread, as in the tests, keeps the server's)."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        self._loop = asyncio.get_running_loop()
+        self._stop = signal.getsignal(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, self._on_term)
+
+    def _on_term(self, sig: int, frame: FrameType | None) -> None:
+        if self.draining:  # the supervisor's copy of the same stop (or a repeat): ignore
+            return
+        self.draining = True
+        log.info("SIGTERM: draining for %.1f s (readiness 503, Connection: close)", self.seconds)
+        self._timer = threading.Timer(self.seconds, self._finish, (sig, frame))
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _finish(self, sig: int, frame: FrameType | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        stop = self._stop
+        server = getattr(stop, "__self__", None)
+        if server is not None and hasattr(server, "should_exit"):
+            # uvicorn's Server: stop accepting first, give requests already on their way
+            # over accepted connections LAST_CALL_S to arrive (uvicorn's shutdown closes a
+            # connection with no request yet at once), then shut down gracefully without
+            # its handler, which would re-raise the signal (dying of it, not exiting 0).
+            if self._loop is not None:
+                self._loop.call_soon_threadsafe(_stop_accepting, server)
+            time.sleep(LAST_CALL_S)
+            server.should_exit = True
+        elif callable(stop):
+            stop(sig, frame)
+        else:
+            raise SystemExit(0)
+
+
+def _stop_accepting(server: Any) -> None:
+    """Stop listening for every worker at once: with several workers the listening socket
+    is shared (the supervisor holds it too), and closing only this worker's descriptor
+    would leave new connections waiting in the backlog until the supervisor exits, then
+    reset them; shutting the socket down makes new connections fail at connect instead,
+    which a client can retry safely."""
+    for listener in getattr(server, "servers", []):
+        for sock in listener.sockets:
+            # The event loop's own socket objects refuse shutdown(); a duplicate descriptor
+            # of the same socket does it (the shutdown applies to the socket, not the fd).
+            with contextlib.suppress(OSError), socket.socket(fileno=os.dup(sock.fileno())) as dup:
+                dup.shutdown(socket.SHUT_RDWR)
+        listener.close()
