@@ -1,18 +1,26 @@
-"""Retrain: the next version is trained with what the latest one recorded, overrides applied.
+"""Retrain: the next version is trained with what the latest one recorded, overrides applied,
+and a running server with several workers serves it.
 
 A tiny breast-cancer MLP, trained with settings that are none of the defaults,
 is exported as version 1; each test retrains a copy of that repository through
-the CLI.
+the CLI. The server is a real ``python -m service`` process on 127.0.0.1.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -22,12 +30,16 @@ from service.model_format import FOLDED_FILE, UNFOLDED_FILE, VersionMetadata, wr
 from training.__main__ import app
 from training.data import load_dataset
 from training.export import export_run
+from training.server import LoadError, load_version
 from training.train import DatasetSpec, TrainConfig, save_run, train
 from training.zoo import ModelConfig
 
 NAME = "bc"
 # Not TrainConfig's defaults, so a retrain that used the defaults would differ.
 RECORDED = TrainConfig(epochs=2, batch_size=32, lr=1e-2, weight_decay=0.0, seed=4)
+API_KEY = "retrain-key"
+WORKERS = 2
+REQUESTS = 12  # per check, each on a new connection: both workers answer some
 
 runner = CliRunner()
 
@@ -209,4 +221,133 @@ def test_retrain_user_errors_are_one_line(
     assert result.exit_code == 2, result.output
     assert message in one_line(result.output)
     assert "Traceback" not in result.output
+    assert not (repository / NAME / "2").exists()
+
+
+# -- with a running server ------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def workers_started(runtime: Path) -> bool:
+    """Every worker has registered and finished its first scan (docs/service.md, "Workers")."""
+    generations = []
+    for ack in (runtime / "workers").glob("*.json"):
+        try:
+            generations.append(json.loads(ack.read_text())["generation"])
+        except (OSError, ValueError):
+            return False
+    return len(generations) == WORKERS and min(generations) >= 0
+
+
+@contextmanager
+def serve(repository: Path) -> Iterator[tuple[str, httpx.Client]]:
+    """``python -m service`` with ``WORKERS`` workers and an API key; its URL and a client
+    that opens a new connection per request."""
+    port, runtime, log = free_port(), repository.parent / "runtime", repository.parent / "log"
+    command = [sys.executable, "-m", "service", "--repository", str(repository)]
+    command += ["--port", str(port), "--workers", str(WORKERS), "--providers", "cpu"]
+    command += ["--threads", "1", "--runtime-dir", str(runtime), "--log-level", "warning"]
+    env = {**os.environ, "FOLDSERVE_API_KEY": API_KEY, "FOLDSERVE_ACCESS_LOG": "false"}
+    url = f"http://127.0.0.1:{port}"
+    with log.open("w") as stderr:
+        proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+    client = httpx.Client(
+        base_url=url, timeout=30.0, limits=httpx.Limits(max_keepalive_connections=0)
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "the server did not become ready"
+            try:
+                if client.get("/v2/health/ready").status_code == 200 and workers_started(runtime):
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        yield url, client
+    finally:
+        client.close()
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def served(client: httpx.Client) -> list[tuple[str, list[str]] | int]:
+    """What ``REQUESTS`` unversioned metadata requests answer: (version, versions) or status."""
+    seen: list[tuple[str, list[str]] | int] = []
+    for _ in range(REQUESTS):
+        r = client.get(f"/v2/models/{NAME}")
+        seen.append((r.json()["version"], r.json()["versions"]) if r.is_success else r.status_code)
+    return seen
+
+
+def test_retrain_while_it_serves(repository: Path) -> None:
+    """Retrain, load, every worker serves the new version; refusals exit 2 with the reason."""
+    with serve(repository) as (url, client):
+        assert served(client) == [("1", ["1"])] * REQUESTS
+        result = retrain(repository, "--epochs", "1", "--load", url, "--api-key", API_KEY)
+        assert result.exit_code == 0, result.output
+        assert f"{url} serves bc version 2 on all {WORKERS} workers (ready: 1, 2)" in one_line(
+            result.output
+        )
+        assert served(client) == [("2", ["1", "2"])] * REQUESTS
+
+        # The wrong key: version 3 is exported, the server refuses to load it.
+        result = retrain(repository, "--epochs", "1", "--load", url, "--api-key", "wrong")
+        assert result.exit_code == 2, result.output
+        assert f"{url} refused to load bc (HTTP 401): the API key is wrong" in one_line(
+            result.output
+        )
+        assert "Traceback" not in result.output
+        assert (repository / NAME / "3" / FOLDED_FILE).is_file()
+        assert served(client) == [("2", ["1", "2"])] * REQUESTS
+
+        # Version 3 corrupted on disk: the next retrain's load is refused with the reason.
+        (repository / NAME / "3" / FOLDED_FILE).write_bytes(b"not an onnx model")
+        result = retrain(repository, "--epochs", "1", "--load", url, "--api-key", API_KEY)
+        assert result.exit_code == 2, result.output
+        assert (
+            f"{url} refused to load bc (HTTP 400): model 'bc' did not load cleanly: "
+            "version 3: sha256 of model.onnx"
+        ) in one_line(result.output)
+        assert (repository / NAME / "4" / FOLDED_FILE).is_file()
+
+        # A 200 that leaves the version out (the policy does not select it) is no success.
+        (repository / NAME / "config.json").write_text(
+            json.dumps({"version_policy": {"specific": {"versions": [1, 2]}}})
+        )
+        with pytest.raises(LoadError) as refused:
+            load_version(url, NAME, 4, API_KEY)
+        assert str(refused.value) == (
+            f"{url} loaded bc but does not serve version 4 "
+            "(UNAVAILABLE: not selected by version policy specific [1, 2])"
+        )
+        assert served(client) == [("2", ["1", "2"])] * REQUESTS
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("http://127.0.0.1:{port}", "cannot reach http://127.0.0.1:{port}: [Errno 111]"),
+        ("127.0.0.1:{port}", "the server URL must start with http:// or https://"),
+    ],
+)
+def test_an_unreachable_server_fails_before_training(
+    repository: Path, url: str, message: str
+) -> None:
+    port = free_port()  # closed: nothing listens on it
+    result = retrain(repository, "--load", url.format(port=port))
+    assert result.exit_code == 2, result.output
+    assert message.format(port=port) in one_line(result.output)
+    assert "Traceback" not in result.output and "retraining" not in result.output
     assert not (repository / NAME / "2").exists()
