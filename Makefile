@@ -8,7 +8,7 @@ PORT ?= 8000
 REPOSITORY ?= models
 DEFAULT_MODELS := digits_cnn breast_cancer_mlp resnet_bench
 
-.PHONY: setup run models serve test lint typecheck pytest bench clean
+.PHONY: setup run models retrain serve test lint typecheck pytest bench clean
 
 setup: $(STAMP)
 
@@ -23,6 +23,18 @@ $(STAMP): pyproject.toml
 # Train and export each default model that the repository lacks.
 models: $(STAMP)
 	$(BIN)/python -m training defaults --repository $(REPOSITORY) --runs runs
+
+# Retrain MODEL with the configuration its latest version recorded; export the next version.
+# LOAD=http://127.0.0.1:8000: then that running server serves it on every worker (API key, if
+# the server has one: FOLDSERVE_API_KEY in the environment).
+ifneq ($(filter retrain,$(MAKECMDGOALS)),)
+ifndef MODEL
+$(error usage: make retrain MODEL=digits_cnn [LOAD=http://$(HOST):$(PORT)])
+endif
+endif
+retrain: $(STAMP)
+	$(BIN)/python -m training retrain --repository $(REPOSITORY) --name $(MODEL) \
+		$(if $(LOAD),--load $(LOAD))
 
 serve: $(STAMP)
 	$(BIN)/python -m service --repository $(REPOSITORY) --host $(HOST) --port $(PORT)

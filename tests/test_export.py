@@ -83,6 +83,11 @@ def test_export_writes_both_variants(runs, tmp_path: Path, run, bn_layers, folde
     assert md["sha256"]["model.unfolded.onnx"] == sha256_file(vdir / "model.unfolded.onnx")
     assert md["inputs"][0]["shape"][0] == -1
     assert md["parity"]["max_abs_diff"] < 1e-4
+    # How the run was made, for `retrain`: the run's own dataset spec and training config.
+    config = json.loads((runs[run] / "config.json").read_text())
+    assert md["training"]["dataset"] == config["dataset"]
+    assert md["training"]["config"] == config["train"]
+    assert md["training"]["config"]["epochs"] == 1 and md["training"]["epochs"] == 1
     assert len(md["fold_report"]["folded"]) == bn_layers - folded_bn
     # The reference batch reproduces through ONNX Runtime, at a batch size other than export's.
     ref_in = md["reference"]["inputs"]["input"]

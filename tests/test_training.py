@@ -148,6 +148,25 @@ def test_run_roundtrip_gives_identical_outputs(tmp_path: Path):
     assert json.loads((tmp_path / "metrics.json").read_text())["history"] == result.history
 
 
+@pytest.mark.parametrize(
+    ("spec", "direct"),
+    [
+        (DatasetSpec("wine", seed=3), {"name": "wine", "seed": 3}),
+        (
+            DatasetSpec("synthetic", seed=1, shape=[2, 4, 4], num_classes=3, n_samples=90),
+            {"name": "synthetic", "seed": 1, "shape": (2, 4, 4), "num_classes": 3, "n_samples": 90},
+        ),
+    ],
+)
+def test_a_recorded_dataset_spec_rebuilds_the_same_splits(spec: DatasetSpec, direct):
+    ds, again = spec.load(), load_dataset(**direct)
+    assert ds.input_shape == again.input_shape and ds.labels == again.labels
+    for split in ("X_train", "y_train", "X_val", "y_val", "X_test", "y_test"):
+        np.testing.assert_array_equal(getattr(ds, split), getattr(again, split))
+    other = DatasetSpec(**{**asdict(spec), "seed": spec.seed + 1}).load()
+    assert not np.array_equal(other.y_test, ds.y_test)  # the seed picks the split
+
+
 def test_load_run_names_what_is_missing(tmp_path: Path):
     with pytest.raises(RunError, match="not a run directory \\(missing model.pt\\)"):
         load_run(tmp_path)

@@ -12,6 +12,8 @@ One module (or package) per stage, each using only the ones before it:
    version (``onnx_graph``: the torch -> ONNX step that keeps BN nodes).
 
 Around the pipeline: ``__main__`` (the CLI), ``defaults`` (the models ``make run``
-serves), ``bench_torch`` (eager latency, folded vs unfolded) and ``experiments``
-(BN's common claims tested against the no-BN twins).
+serves), ``retrain`` (the next version, trained with what the latest one recorded),
+``server`` (asks a running server to load a version), ``bench_torch`` (eager
+latency, folded vs unfolded) and ``experiments`` (BN's common claims tested
+against the no-BN twins).
 """

@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from service.model_format import version_numbers
-from training.data import load_dataset
 from training.export import ExportResult, export_run
 from training.train import DatasetSpec, TrainConfig, load_run, save_run, train
 from training.zoo import ModelConfig
@@ -50,17 +49,10 @@ def train_default(spec: DefaultModel, runs: Path, progress: bool = True) -> Path
     if (out / "model.pt").is_file():
         load_run(out)  # fails loudly if the run is stale or broken
         return out
-    d = spec.dataset
-    ds = load_dataset(
-        d.name,
-        seed=d.seed,
-        shape=tuple(d.shape or (3, 32, 32)),
-        num_classes=d.num_classes or 10,
-        n_samples=d.n_samples or 2000,
-    )
+    ds = spec.dataset.load()
     cfg = ModelConfig(spec.model, ds.input_shape, ds.num_classes, **spec.options)  # type: ignore[arg-type]
     result = train(cfg, ds, spec.train, progress=progress)
-    save_run(out, result, cfg, d, spec.train, ds.labels)
+    save_run(out, result, cfg, spec.dataset, spec.train, ds.labels)
     log.info(
         "%s: test_accuracy=%.4f in %.1f s",
         spec.name,

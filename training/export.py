@@ -157,6 +157,9 @@ def build_version(
         _check(d <= atol, f"ONNX Runtime parity failed: {what} max abs diff {d:.3g} > {atol}")
     ref_x, ref_y = x[:reference_size], y_folded[:reference_size]
     training = {k: v for k, v in run.metrics.items() if k != "history"}
+    # How the run was made, beside its metrics: what `retrain` trains the next version with.
+    recorded = {"dataset": run.config.get("dataset"), "config": run.config.get("train")}
+    training.update({k: v for k, v in recorded.items() if v is not None})
     datatype = V2_DATATYPES[np_dtype]
     opset = next(o.version for o in folded_proto.opset_import if o.domain in ("", "ai.onnx"))
     metadata = VersionMetadata(

@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
-from training.data import Dataset
+from training.data import Dataset, load_dataset
 from training.zoo import ModelConfig, build_model
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,19 @@ class DatasetSpec:
     shape: list[int] | None = None
     num_classes: int | None = None
     n_samples: int | None = None
+
+    def load(self) -> Dataset:
+        """The dataset, split as when it was recorded; raises ``training.data.DatasetError``."""
+        synthetic: dict[str, Any] = {}
+        if self.shape is not None:
+            synthetic["shape"] = tuple(self.shape)
+        if self.num_classes is not None:
+            synthetic["num_classes"] = self.num_classes
+        if self.n_samples is not None:
+            synthetic["n_samples"] = self.n_samples
+        return load_dataset(
+            self.name, seed=self.seed, path=self.path, label_column=self.label_column, **synthetic
+        )
 
 
 @dataclass
