@@ -2,8 +2,10 @@
 
 ``POST {url}/v2/repository/models/{name}/load`` makes every worker process of the
 server rescan the model's directory; it answers 200 once all of them serve the
-same versions (``docs/service.md``). Standard library HTTP only: the training
-side needs no HTTP client package for one request.
+same versions, with ``{"name", "versions": [{"version", "state", "reason"}], "workers"}``
+(``docs/service.md``). Standard library HTTP and JSON only: the training side
+needs no HTTP client package for one request, and imports nothing of the service
+beyond the repository contract.
 """
 
 from __future__ import annotations
@@ -14,10 +16,6 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
-
-from pydantic import ValidationError
-
-from service.protocol import LoadResult
 
 LOAD_TIMEOUT_S = 120.0  # the server answers once every worker has loaded (or given up)
 
@@ -97,13 +95,18 @@ def load_version(
     if status != 200:
         raise LoadError(f"{url} refused to load {name} (HTTP {status}): {_reason(body)}")
     try:
-        result = LoadResult.model_validate_json(body)
-    except ValidationError as err:
+        result = json.loads(body)
+        states = {
+            str(v["version"]): (str(v["state"]), str(v.get("reason", "")))
+            for v in result["versions"]
+            if v.get("version") is not None
+        }
+        workers = int(result["workers"])
+    except (ValueError, TypeError, KeyError) as err:
         raise LoadError(f"{url} answered the load of {name} with an unknown body: {err}") from err
-    states = {v.version: v for v in result.versions if v.version is not None}
-    ready = sorted(int(v) for v, entry in states.items() if entry.state == "READY")
+    ready = sorted(int(v) for v, (state, _) in states.items() if state == "READY")
     if version not in ready:
-        entry = states.get(str(version))
-        why = f"{entry.state}: {entry.reason}" if entry is not None else "not in its index"
+        found = states.get(str(version))
+        why = f"{found[0]}: {found[1]}" if found is not None else "not in its index"
         raise LoadError(f"{url} loaded {name} but does not serve version {version} ({why})")
-    return ServedModel(result.name, ready[-1], ready, result.workers)
+    return ServedModel(name, ready[-1], ready, workers)
