@@ -9,14 +9,9 @@ the CLI. The server is a real ``python -m service`` process on 127.0.0.1.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -227,61 +222,6 @@ def test_retrain_user_errors_are_one_line(
 # -- with a running server ------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def workers_started(runtime: Path) -> bool:
-    """Every worker has registered and finished its first scan (docs/service.md, "Workers")."""
-    generations = []
-    for ack in (runtime / "workers").glob("*.json"):
-        try:
-            generations.append(json.loads(ack.read_text())["generation"])
-        except (OSError, ValueError):
-            return False
-    return len(generations) == WORKERS and min(generations) >= 0
-
-
-@contextmanager
-def serve(repository: Path) -> Iterator[tuple[str, httpx.Client]]:
-    """``python -m service`` with ``WORKERS`` workers and an API key; its URL and a client
-    that opens a new connection per request."""
-    port, runtime, log = free_port(), repository.parent / "runtime", repository.parent / "log"
-    command = [sys.executable, "-m", "service", "--repository", str(repository)]
-    command += ["--port", str(port), "--workers", str(WORKERS), "--providers", "cpu"]
-    command += ["--threads", "1", "--runtime-dir", str(runtime), "--log-level", "warning"]
-    env = {**os.environ, "FOLDSERVE_API_KEY": API_KEY, "FOLDSERVE_ACCESS_LOG": "false"}
-    url = f"http://127.0.0.1:{port}"
-    with log.open("w") as stderr:
-        proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
-    client = httpx.Client(
-        base_url=url, timeout=30.0, limits=httpx.Limits(max_keepalive_connections=0)
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, "the server did not become ready"
-            try:
-                if client.get("/v2/health/ready").status_code == 200 and workers_started(runtime):
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        yield url, client
-    finally:
-        client.close()
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 def served(client: httpx.Client) -> list[tuple[str, list[str]] | int]:
     """What ``REQUESTS`` unversioned metadata requests answer: (version, versions) or status."""
     seen: list[tuple[str, list[str]] | int] = []
@@ -291,9 +231,10 @@ def served(client: httpx.Client) -> list[tuple[str, list[str]] | int]:
     return seen
 
 
-def test_retrain_while_it_serves(repository: Path) -> None:
+def test_retrain_while_it_serves(repository: Path, serve_process: Any) -> None:
     """Retrain, load, every worker serves the new version; refusals exit 2 with the reason."""
-    with serve(repository) as (url, client):
+    with serve_process(repository, WORKERS, FOLDSERVE_API_KEY=API_KEY) as server:
+        url, client = server.url, server.client
         assert served(client) == [("1", ["1"])] * REQUESTS
         result = retrain(repository, "--epochs", "1", "--load", url, "--api-key", API_KEY)
         assert result.exit_code == 0, result.output
@@ -345,7 +286,9 @@ def test_retrain_while_it_serves(repository: Path) -> None:
 def test_an_unreachable_server_fails_before_training(
     repository: Path, url: str, message: str
 ) -> None:
-    port = free_port()  # closed: nothing listens on it
+    with socket.socket() as s:  # a port nothing listens on once this closes
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     result = retrain(repository, "--load", url.format(port=port))
     assert result.exit_code == 2, result.output
     assert message.format(port=port) in one_line(result.output)

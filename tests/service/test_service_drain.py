@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -19,16 +15,10 @@ BODY = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1
 CLIENTS = 16
 
 
-def test_sigterm_drains_without_losing_a_request(build: Any, tmp_path: Path) -> None:
+def test_sigterm_drains_without_losing_a_request(
+    build: Any, tmp_path: Path, serve_process: Any
+) -> None:
     build.write_version(tmp_path, "linear", 1, build.linear_model(4, 5))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    command = [sys.executable, "-m", "service", "--repository", str(tmp_path), "--port", str(port)]
-    command += ["--workers", "2", "--providers", "cpu", "--threads", "1", "--drain-seconds", "1.5"]
-    env = {**os.environ, "FOLDSERVE_ACCESS_LOG": "false", "FOLDSERVE_LOG_LEVEL": "warning"}
-    proc = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
     outcomes: Counter[str] = Counter()
     closing = Counter[str]()
     stop = threading.Event()
@@ -36,7 +26,7 @@ def test_sigterm_drains_without_losing_a_request(build: Any, tmp_path: Path) -> 
     lock = threading.Lock()
 
     def client_loop() -> None:  # keep-alive, one request after another, until the server is gone
-        with httpx.Client(base_url=url, timeout=30.0) as client:
+        with httpx.Client(base_url=server.url, timeout=30.0) as client:
             while not stop.is_set():
                 try:
                     r = client.post("/v2/models/linear/infer", json=BODY)
@@ -52,34 +42,22 @@ def test_sigterm_drains_without_losing_a_request(build: Any, tmp_path: Path) -> 
                 with lock:
                     outcomes[kind] += 1
 
-    try:
-        deadline = time.monotonic() + 60
-        with httpx.Client(base_url=url, timeout=5.0) as probe:
-            while True:
-                assert proc.poll() is None, proc.communicate()[1][-3000:]
-                assert time.monotonic() < deadline, "server did not start"
-                try:
-                    if probe.get("/v2/health/ready").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.1)
+    with serve_process(tmp_path, 2, "--drain-seconds", "1.5") as server:
+        url, proc = server.url, server.process
         threads = [threading.Thread(target=client_loop) for _ in range(CLIENTS)]
-        for t in threads:
-            t.start()
-        time.sleep(1.0)  # under load
-        before = outcomes["answered"]
-        sigterm_at.append(time.monotonic())
-        proc.send_signal(signal.SIGTERM)
-        time.sleep(0.8)  # uvicorn's supervisor passes SIGTERM on within 0.5 s
-        with httpx.Client(base_url=url, timeout=5.0) as probe:  # a new connection
-            readiness = probe.get("/v2/health/ready")
-        assert (readiness.status_code, readiness.json()) == (503, {"ready": False})
-        assert proc.wait(timeout=30) == 0
-    finally:
-        stop.set()
-        if proc.poll() is None:
-            proc.kill()
+        try:
+            for t in threads:
+                t.start()
+            time.sleep(1.0)  # under load
+            before = outcomes["answered"]
+            sigterm_at.append(time.monotonic())
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.8)  # uvicorn's supervisor passes SIGTERM on within 0.5 s
+            readiness = httpx.get(f"{url}/v2/health/ready", timeout=5.0)  # a new connection
+            assert (readiness.status_code, readiness.json()) == (503, {"ready": False})
+            assert proc.wait(timeout=30) == 0
+        finally:
+            stop.set()
     for t in threads:
         t.join(10)
     lost = sum(v for k, v in outcomes.items() if not k.startswith(("answered", "refused")))

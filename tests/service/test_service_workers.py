@@ -7,14 +7,7 @@ on whichever worker the kernel picks.
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,59 +17,6 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 REQUESTS = 40  # per check: with N workers, each takes some of them
-
-
-@contextmanager
-def serve(repository: Path, workers: int, **env: str) -> Iterator[httpx.Client]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    command = [sys.executable, "-m", "service", "--repository", str(repository)]
-    command += ["--workers", str(workers), "--port", str(port), "--providers", "cpu"]
-    command += ["--threads", "1", "--log-level", "warning"]
-    runtime = repository.parent / f"runtime-{port}"
-    command += ["--runtime-dir", str(runtime)]
-    proc = subprocess.Popen(
-        command,
-        env={**os.environ, "FOLDSERVE_ACCESS_LOG": "false", **env},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    # No keep-alive: every request opens a connection, which any worker may accept.
-    client = httpx.Client(
-        base_url=f"http://127.0.0.1:{port}",
-        timeout=30.0,
-        limits=httpx.Limits(max_keepalive_connections=0),
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while not all_workers_started(runtime, workers):
-            assert proc.poll() is None, proc.communicate()[1][-3000:]
-            assert time.monotonic() < deadline, "server did not become ready"
-            time.sleep(0.1)
-        assert client.get("/v2/health/ready").json() == {"ready": True}
-        yield client
-    finally:
-        client.close()
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def all_workers_started(runtime: Path, workers: int) -> bool:
-    """Every worker has finished its first scan: each acknowledges a generation >= 0 in the
-    runtime directory (docs/service.md, "Workers")."""
-    acks = []
-    for path in (runtime / "workers").glob("*.json"):
-        try:
-            acks.append(json.loads(path.read_text())["generation"])
-        except (OSError, ValueError):
-            return False
-    return len(acks) == workers and min(acks) >= 0
 
 
 def served_versions(client: httpx.Client, name: str) -> list[list[str] | int]:
@@ -102,9 +42,12 @@ def index(client: httpx.Client) -> list[Any]:
 
 
 @pytest.mark.parametrize("workers", [1, 2, 4])
-def test_load_and_unload_reach_every_worker(build: Any, tmp_path: Path, workers: int) -> None:
+def test_load_and_unload_reach_every_worker(
+    build: Any, tmp_path: Path, serve_process: Any, workers: int
+) -> None:
     build.write_version(tmp_path, "linear", 1, build.linear_model(4, 5))
-    with serve(tmp_path, workers) as client:
+    with serve_process(tmp_path, workers) as server:
+        client = server.client
         assert served_versions(client, "linear") == [["1"]] * REQUESTS
         build.write_version(tmp_path, "linear", 2, build.linear_model(4, 5, seed=2))
         r = client.post("/v2/repository/models/linear/load")
@@ -125,10 +68,11 @@ def test_load_and_unload_reach_every_worker(build: Any, tmp_path: Path, workers:
 
 
 def test_a_load_that_finds_a_corrupt_version_is_refused_everywhere(
-    build: Any, tmp_path: Path
+    build: Any, tmp_path: Path, serve_process: Any
 ) -> None:
     build.write_version(tmp_path, "linear", 1, build.linear_model(4, 5))
-    with serve(tmp_path, 2) as client:
+    with serve_process(tmp_path, 2) as server:
+        client = server.client
         bad = tmp_path / "linear" / "2"
         build.write_version(tmp_path, "linear", 2, build.linear_model(4, 5, seed=2))
         (bad / "model.onnx").write_bytes(b"not an onnx model")
@@ -142,9 +86,12 @@ def test_a_load_that_finds_a_corrupt_version_is_refused_everywhere(
         assert served_versions(client, "linear") == [["1"]] * REQUESTS
 
 
-def test_metrics_count_every_workers_requests(build: Any, tmp_path: Path) -> None:
+def test_metrics_count_every_workers_requests(
+    build: Any, tmp_path: Path, serve_process: Any
+) -> None:
     build.write_version(tmp_path, "linear", 1, build.linear_model(4, 5))
-    with serve(tmp_path, 2) as client:
+    with serve_process(tmp_path, 2) as server:
+        client = server.client
         sent = infer_versions(client, "linear") + infer_versions(client, "linear")
         assert sent == ["1"] * 2 * REQUESTS
         for _ in range(4):  # whichever worker answers the scrape
@@ -169,7 +116,7 @@ def test_metrics_count_every_workers_requests(build: Any, tmp_path: Path) -> Non
 
 
 def test_direct_inference_values_match_onnxruntime_on_every_worker(
-    build: Any, tmp_path: Path
+    build: Any, tmp_path: Path, serve_process: Any
 ) -> None:
     import onnxruntime as ort
 
@@ -178,18 +125,22 @@ def test_direct_inference_values_match_onnxruntime_on_every_worker(
     x = np.array([[1, 2, 3, 4]], np.float32)
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     expected = session.run(None, {"x": x})[0]
-    with serve(tmp_path, 2) as client:
+    with serve_process(tmp_path, 2) as server:
+        client = server.client
         body = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": x.tolist()}]}
         for _ in range(10):
             out = client.post("/v2/models/linear/infer", json=body).json()["outputs"][0]
             np.testing.assert_allclose(np.reshape(out["data"], (1, 5)), expected, atol=1e-6)
 
 
-def test_one_fold_latency_measurement_at_a_time_across_workers(build: Any, tmp_path: Path) -> None:
+def test_one_fold_latency_measurement_at_a_time_across_workers(
+    build: Any, tmp_path: Path, serve_process: Any
+) -> None:
     import threading
 
     build.write_version(tmp_path, "wide", 1, build.linear_model(512, 512))  # ~ms per run
-    with serve(tmp_path, 2, FOLDSERVE_FOLD_LATENCY_MAX_SECONDS="2") as client:
+    with serve_process(tmp_path, 2, FOLDSERVE_FOLD_LATENCY_MAX_SECONDS="2") as server:
+        client = server.client
         url = "/v2/models/wide/fold-latency"
         long: dict[str, httpx.Response] = {}
 

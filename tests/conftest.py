@@ -1,0 +1,94 @@
+"""Fixtures for every test: a real ``python -m service`` process with several workers."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+
+@dataclass
+class ServerProcess:
+    """A running ``python -m service``: its address, runtime directory and process."""
+
+    url: str
+    runtime: Path
+    process: subprocess.Popen[str]
+    client: httpx.Client  # a new connection per request: any worker may take it
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def workers_started(runtime: Path, workers: int) -> bool:
+    """Every worker has finished its first scan: each acknowledges a generation >= 0 in the
+    runtime directory (docs/service.md, "Workers")."""
+    generations = []
+    for path in (runtime / "workers").glob("*.json"):
+        try:
+            generations.append(json.loads(path.read_text())["generation"])
+        except (OSError, ValueError):
+            return False
+    return len(generations) == workers and min(generations) >= 0
+
+
+@contextmanager
+def server_process(
+    repository: Path, workers: int, *args: str, **env: str
+) -> Iterator[ServerProcess]:
+    """``python -m service --workers N`` on 127.0.0.1 (CPU, one thread each, quiet), ready
+    when every worker is; ``args`` are more flags, ``env`` more environment variables."""
+    port = free_port()
+    runtime = repository.parent / f"runtime-{port}"
+    command = [sys.executable, "-m", "service", "--repository", str(repository)]
+    command += ["--port", str(port), "--workers", str(workers), "--providers", "cpu"]
+    command += ["--threads", "1", "--log-level", "warning", "--runtime-dir", str(runtime), *args]
+    log = repository.parent / f"server-{port}.log"
+    with log.open("w") as stderr:
+        process = subprocess.Popen(
+            command,
+            env={**os.environ, "FOLDSERVE_ACCESS_LOG": "false", **env},
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            text=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    client = httpx.Client(
+        base_url=url, timeout=30.0, limits=httpx.Limits(max_keepalive_connections=0)
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not workers_started(runtime, workers):
+            assert process.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "the server did not become ready"
+            time.sleep(0.1)
+        assert client.get("/v2/health/ready").json() == {"ready": True}
+        yield ServerProcess(url, runtime, process, client)
+    finally:
+        client.close()
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+@pytest.fixture
+def serve_process() -> Callable[..., object]:
+    """``with serve_process(repository, workers, *flags, **env) as server``."""
+    return server_process
