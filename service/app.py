@@ -20,7 +20,7 @@ from fastapi.staticfiles import StaticFiles
 
 from service.drain import Drain
 from service.errors import install_error_handlers
-from service.latency import FoldLatencyLab
+from service.latency_lab import FoldLatencyLab
 from service.metrics import ServiceMetrics, leave_multiprocess
 from service.middleware import RequestContextMiddleware
 from service.repository import ModelRepository

@@ -7,7 +7,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, Field
 
-from service.latency import FoldLatencyLab, LatencyParams
+from service.latency import LatencyParams
+from service.latency_lab import FoldLatencyLab
 from service.protocol import error_responses
 from service.routes.deps import RepositoryDep, require_api_key
 

@@ -1,0 +1,80 @@
+"""FoldLatencyLab: what the fold-latency route needs around one measurement.
+
+One measurement at a time in the whole server (a file lock in the runtime
+directory, shared by the worker processes), in a worker thread of its own;
+its progress and the last report of each model kept there too, for every
+worker to read (:mod:`service.latency` measures).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from service.errors import MeasurementBusy, NoReportYet, NotMeasurable
+from service.latency import FoldLatencyReport, LatencyParams, Progress, measure_model
+from service.model_format import ModelVersionError
+from service.runtime import ServedVersion
+from service.worker_sync import write_atomic
+
+
+class FoldLatencyLab:
+    """Runs measurements for the HTTP route: one at a time in the whole server (a file lock
+    in the runtime directory, shared by the worker processes), in a worker thread of its
+    own; the last report of each model is kept there too, for every worker to return."""
+
+    def __init__(self, runtime: Path, max_seconds: float = 60.0) -> None:
+        self.max_seconds = max_seconds
+        self._lock_path = runtime / "fold-latency.lock"
+        self._progress_path = runtime / "fold-latency.progress.json"
+        self._reports = runtime / "fold-latency"
+        self._reports.mkdir(parents=True, exist_ok=True)
+        # A limiter of its own: a measurement never takes a thread token from inference.
+        self._limiter = anyio.CapacityLimiter(1)
+
+    def last(self, name: str) -> dict[str, Any]:
+        """The last report of model ``name`` (JSON-ready, with samples), measured by any
+        worker; :class:`NoReportYet` when there is none."""
+        try:
+            found: dict[str, Any] = json.loads((self._reports / f"{name}.json").read_bytes())
+        except FileNotFoundError:
+            raise NoReportYet(
+                f"no fold-latency report for model '{name}' yet: "
+                f"GET /v2/models/{name}/fold-latency (without cached=true) measures one"
+            ) from None
+        return found
+
+    async def measure(self, model: ServedVersion, params: LatencyParams) -> FoldLatencyReport:
+        """Measure ``model`` off the event loop; :class:`MeasurementBusy` (429) while another
+        measurement runs in any worker, with a Retry-After guessed from its pace."""
+        with self._lock_path.open("a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                progress = Progress.read(self._progress_path)
+                wait = progress.seconds_left(self.max_seconds) if progress else 1.0
+                raise MeasurementBusy(
+                    "a fold-latency measurement is already running (one at a time); retry later",
+                    headers={"Retry-After": str(max(1, math.ceil(wait)))},
+                ) from None
+            try:
+                progress = Progress(self._progress_path)
+                bounded = replace(params, max_seconds=min(params.max_seconds, self.max_seconds))
+                report = await anyio.to_thread.run_sync(
+                    measure_model, model, bounded, progress, limiter=self._limiter
+                )
+            except ModelVersionError as err:
+                raise NotMeasurable(
+                    f"model '{model.name}' version {model.version} cannot be measured: {err}"
+                ) from err
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+        body = json.dumps(report.to_dict(samples=True)).encode()
+        write_atomic(self._reports / f"{model.name}.json", body)
+        return report
