@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
+DEFAULT_ORT_SEVERITY = 2  # ONNX Runtime's default logger: warnings and above
 
 
 def usable_cpus() -> int:
@@ -52,6 +53,7 @@ class SessionFactory:
         self._cuda_failed = providers == "cpu" or CUDA not in ort.get_available_providers()
         if providers == "cuda" and self._cuda_failed:
             log.warning("providers=cuda but this onnxruntime has no CUDA provider; using CPU")
+        self._cuda_started = False  # a session has run on CUDA: no more probing
         self._lock = threading.Lock()
 
     def provider_list(self) -> list[str]:
@@ -77,12 +79,24 @@ class SessionFactory:
         )
         with self._lock:
             wanted = self.provider_list()
-            session = ort.InferenceSession(model, sess_options=options, providers=wanted)
+            probing = wanted[0] == CUDA and not self._cuda_started
+            if probing:  # a machine without CUDA libraries: no red ERROR line from ORT itself
+                ort.set_default_logger_severity(4)
+            try:
+                session = ort.InferenceSession(model, sess_options=options, providers=wanted)
+            finally:
+                if probing:
+                    ort.set_default_logger_severity(DEFAULT_ORT_SEVERITY)
             used = session.get_providers()[0]
             if wanted[0] == CUDA and used != CUDA:
                 self._cuda_failed = True
                 level = logging.WARNING if self.requested == "cuda" else logging.INFO
                 log.log(
-                    level, "CUDA provider did not start (providers=%s); using CPU", self.requested
+                    level,
+                    "CUDA provider did not start (providers=%s: no usable GPU or CUDA "
+                    "libraries); serving on the CPU",
+                    self.requested,
                 )
+            elif used == CUDA:
+                self._cuda_started = True
         return session

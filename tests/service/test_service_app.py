@@ -218,3 +218,31 @@ def test_each_inference_route_is_documented_once(client: httpx.Client) -> None:
         operation = paths[path]["post"]
         assert "application/json" in operation["requestBody"]["content"]
         assert {"200", "400", "404", "503"} <= set(operation["responses"])
+
+
+PROBE = """
+import onnx, numpy as np
+from onnx import helper, TensorProto, numpy_helper
+from service.sessions import SessionFactory
+g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+    [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+    [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+factory = SessionFactory("auto", 1, "off")
+for _ in range(2):
+    print(factory.create(m.SerializeToString()).get_providers()[0])
+"""
+
+
+def test_cpu_only_start_up_prints_no_onnxruntime_error() -> None:
+    """providers=auto on a machine without a usable GPU: CPU, and no red ERROR from ORT."""
+    import onnxruntime as ort
+
+    done = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    providers = done.stdout.split()
+    if "CUDAExecutionProvider" in providers:
+        pytest.skip("this machine runs CUDA: nothing falls back")
+    assert providers == ["CPUExecutionProvider"] * 2
+    assert "[E:onnxruntime" not in done.stderr, done.stderr[-2000:]
+    assert "CUDAExecutionProvider" in ort.get_available_providers()  # the probe really ran
