@@ -33,10 +33,3 @@ def test_service_and_autoscaler_target_the_deployment():
     labels = docs["Deployment"]["spec"]["template"]["metadata"]["labels"]
     assert docs["Service"]["spec"]["selector"] == labels
     assert docs["HorizontalPodAutoscaler"]["spec"]["scaleTargetRef"]["name"] == "foldserve"
-
-
-def test_serving_image_installs_no_torch():
-    dockerfile = (ROOT / "Dockerfile").read_text()
-    serve_stage = dockerfile.split("AS serve", 1)[1]
-    assert "torch" not in serve_stage.replace("no torch", "")
-    assert "'.[serve]'" in serve_stage
