@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -12,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from training.data import DatasetError, load_dataset, parse_shape
+from training.distributed import DistributedError, init_distributed, shutdown_distributed
 from training.train import DatasetSpec, Run, RunError, TrainConfig, load_run, save_run, train
 from training.zoo import (
     MODEL_DESCRIPTIONS,
@@ -101,8 +103,26 @@ def train_cmd(
     weight_decay: Annotated[float, typer.Option()] = 1e-4,
     seed: Annotated[int, typer.Option()] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    distributed: Annotated[
+        bool,
+        typer.Option(
+            help="one of torchrun's processes: DDP, gloo on CPU, NCCL on GPU; "
+            "--batch-size is the global batch"
+        ),
+    ] = False,
+    sync_bn: Annotated[
+        bool,
+        typer.Option(
+            "--sync-bn/--no-sync-bn",
+            help="with --distributed: BN statistics over the global batch (SyncBatchNorm)",
+        ),
+    ] = True,
 ) -> None:
-    """Train a zoo model and write model.pt, config.json and metrics.json to --out."""
+    """Train a zoo model and write model.pt, config.json and metrics.json to --out.
+
+    Under torchrun with --distributed, every process trains and rank 0 alone
+    writes the run directory, which exports like any other.
+    """
     if optimizer not in ("sgd", "adamw"):
         fail(f"unknown optimizer {optimizer!r}; choose sgd or adamw")
     if schedule not in ("cosine", "constant"):
@@ -144,7 +164,25 @@ def train_cmd(
         seed=seed,
         device=device,
     )
-    result = train(mcfg, ds, tcfg)
+    processes = int(os.environ.get("WORLD_SIZE", "1")) if distributed else 1
+    if batch_size % processes or batch_size // processes < 2:
+        fail(
+            f"--batch-size {batch_size} is the global batch: it must split evenly into "
+            f"{processes} processes, at least 2 samples each"
+        )
+    ctx = None
+    if distributed:
+        try:
+            ctx = init_distributed(device, sync_batchnorm=sync_bn)
+        except DistributedError as err:
+            fail(str(err))
+    try:
+        result = train(mcfg, ds, tcfg, distributed=ctx)
+    finally:
+        if ctx is not None:
+            shutdown_distributed()
+    if ctx is not None and not ctx.is_main:
+        return  # rank 0 alone writes the run directory
     spec = DatasetSpec(
         dataset if data is None else "file",
         seed,

@@ -20,10 +20,11 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from tqdm import tqdm
 
 from training.data import Dataset, load_dataset
+from training.distributed import DistributedContext, all_reduce_sum, data_parallel
 from training.zoo import ModelConfig, build_model
 
 log = logging.getLogger(__name__)
@@ -123,21 +124,40 @@ def train(
     *,
     progress: bool = True,
     on_backward: BackwardHook | None = None,
+    distributed: DistributedContext | None = None,
 ) -> TrainResult:
     """Train a zoo model on ``data``; keep the epoch with the best validation accuracy.
 
     The last partial batch is dropped when it would hold a single sample, since
     BN cannot normalize one value per channel in training mode.
+    With ``distributed`` (one call per torchrun process), ``cfg.batch_size`` is
+    the global batch: each process trains a DDP replica on its
+    ``batch_size / world_size`` samples of it, drawn by a DistributedSampler
+    (seeded with ``cfg.seed``, reshuffled each epoch, the shards padded to equal
+    length), and the BN layers are SyncBatchNorm unless the context says not.
+    Every process evaluates the same replica and returns the same result.
     ``on_backward`` sees every step's gradients (``param.grad``) before the
     update; its first call sees the weights as initialized. It must not change
     the model. A run stops after the first epoch whose training loss is not finite.
     Metrics: ``test_accuracy``, ``val_accuracy``, ``train_accuracy``, ``epochs``,
-    ``seconds``, ``best_epoch``, ``diverged`` and the per-epoch ``history``.
+    ``seconds``, ``best_epoch``, ``diverged``, ``world_size``,
+    ``samples_per_second`` (training samples, all processes together, per second
+    of the training steps alone) and the per-epoch ``history``.
     """
     seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
+    device = distributed.device if distributed is not None else resolve_device(cfg.device)
+    world_size = distributed.world_size if distributed is not None else 1
+    if cfg.batch_size % world_size:
+        raise ValueError(
+            f"batch size {cfg.batch_size} is the global batch: it must divide evenly "
+            f"among {world_size} processes"
+        )
+    local_batch = cfg.batch_size // world_size
     mean, std = data.standardization()
     model = build_model(model_cfg, mean, std).to(device)
+    # ``net`` takes the training steps (a DDP replica when distributed); ``model`` is the
+    # same parameters without the wrapper, for evaluation and checkpoints.
+    net: nn.Module = model if distributed is None else data_parallel(model, distributed)
     opt = _optimizer(model, cfg)
     sched = (
         torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.epochs, 1))
@@ -145,25 +165,38 @@ def train(
         else None
     )
     ds = TensorDataset(torch.from_numpy(data.X_train), torch.from_numpy(data.y_train))
-    gen = torch.Generator().manual_seed(cfg.seed)
+    sampler: DistributedSampler[Any] | None = (
+        None
+        if distributed is None
+        else DistributedSampler(
+            ds, num_replicas=world_size, rank=distributed.rank, shuffle=True, seed=cfg.seed
+        )
+    )
+    per_process = len(ds) if sampler is None else len(sampler)
     loader = DataLoader(
         ds,
-        batch_size=cfg.batch_size,
-        shuffle=True,
-        generator=gen,
-        drop_last=len(ds) % cfg.batch_size == 1,
+        batch_size=local_batch,
+        shuffle=sampler is None,
+        sampler=sampler,
+        generator=torch.Generator().manual_seed(cfg.seed) if sampler is None else None,
+        drop_last=per_process % local_batch == 1,
     )
     best_acc, best_state, best_epoch = -1.0, copy.deepcopy(model.state_dict()), 0
     history: list[dict[str, float]] = []
     diverged = False
     start = time.perf_counter()
-    bar = tqdm(range(1, cfg.epochs + 1), disable=not progress, desc="train", unit="epoch")
+    step_seconds, samples_trained = 0.0, 0.0
+    show = progress and (distributed is None or distributed.is_main)
+    bar = tqdm(range(1, cfg.epochs + 1), disable=not show, desc="train", unit="epoch")
     for epoch in bar:
+        if sampler is not None:
+            sampler.set_epoch(epoch)
         model.train()
         loss_sum, correct, seen = 0.0, 0, 0
+        steps_start = time.perf_counter()
         for xb, yb in loader:
             xb, yb = xb.to(device), yb.to(device)
-            logits = model(xb)
+            logits = net(xb)
             loss = nn.functional.cross_entropy(logits, yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]
@@ -173,6 +206,11 @@ def train(
             loss_sum += float(loss.detach()) * len(xb)
             correct += int((logits.argmax(1) == yb).sum())
             seen += len(xb)
+        if distributed is not None:
+            loss_sum, correct_sum, seen_sum = all_reduce_sum([loss_sum, correct, seen], device)
+            correct, seen = int(correct_sum), int(seen_sum)
+        step_seconds += time.perf_counter() - steps_start
+        samples_trained += seen
         if sched is not None:
             sched.step()
         train_loss = loss_sum / max(seen, 1)
@@ -208,8 +246,14 @@ def train(
         "seconds": seconds,
         "diverged": diverged,
         "device": str(device),
+        "world_size": world_size,
+        "samples_per_second": samples_trained / step_seconds if step_seconds > 0 else 0.0,
         "history": history,
     }
+    if distributed is not None:
+        # The checkpoint's keys are the plain network's: hand back the plain network.
+        model = build_model(model_cfg, mean, std)
+        model.load_state_dict(best_state)
     return TrainResult(model.cpu().eval(), metrics, history)
 
 
