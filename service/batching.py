@@ -147,6 +147,11 @@ def _run_batch(run: Runner, batch: list[_Pending]) -> tuple[list[Outputs | BaseE
     return answers, seconds
 
 
+def _retired(feeds: Feeds, names: list[str]) -> Outputs:
+    """The runner of a closed, drained batcher (it queues nothing more, so nothing calls it)."""
+    raise ModelNotReady("the model version was unloaded or replaced; retry")
+
+
 class DynamicBatcher:
     """The queue and dispatcher of one model version (lives on the event loop).
 
@@ -232,7 +237,17 @@ class DynamicBatcher:
         with self._lock:
             self._closed = True
             if self._dispatcher is None:
-                self._runner.shutdown(wait=False)
+                self._retire()
+
+    def _retire(self) -> None:
+        """Closed and drained (caller holds ``_lock``): end the worker thread, drop the runner.
+
+        The runner is a bound method of the served version that owns this batcher: kept,
+        that reference cycle would hold the closed version and its ONNX Runtime sessions
+        until the cyclic garbage collector ran, so memory piled up over hot swaps.
+        """
+        self._runner.shutdown(wait=False)
+        self._run = _retired
 
     def _enqueue(self, feeds: Feeds, names: list[str]) -> _Pending:
         config = self.config
@@ -313,7 +328,7 @@ class DynamicBatcher:
             with self._lock:
                 self._dispatcher = None
                 if self._closed:
-                    self._runner.shutdown(wait=False)
+                    self._retire()
 
     async def _hold_partial_batch(self) -> None:
         """Wait up to ``max_queue_delay_us`` after the oldest request for a full batch."""
