@@ -25,8 +25,9 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from training.fold.graph import fold_graph, trace_for_folding
+from training.fold.probe import FoldError, probe_model
 from training.fold.report import FoldedBN, FoldReport, KeptBN
-from training.fold.rules import BatchNormFolder, FoldError, probe_model
+from training.fold.rules import BatchNormFolder
 from training.fold.untraced import fold_untraced
 
 __all__ = ["FoldError", "FoldReport", "FoldedBN", "KeptBN", "fold_batchnorm"]

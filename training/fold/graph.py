@@ -1,8 +1,9 @@
 """Folding in a ``torch.fx`` graph: a BN's neighbours are the nodes around it.
 
-:func:`trace_for_folding` keeps every BN and foldable layer a ``call_module``
-node; :func:`fold_graph` asks the :class:`BatchNormFolder` about each BN node
-and removes the ones it folds, rewiring their users to the layer's output.
+:func:`trace_for_folding` keeps every BN and weight layer a ``call_module``
+node (a Conv subclass with a forward of its own too: the probe reads that
+forward); :func:`fold_graph` asks the :class:`BatchNormFolder` about each BN
+node and removes the ones it folds, rewiring their users to the BN's input.
 """
 
 from __future__ import annotations
@@ -13,18 +14,13 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
+from training.fold.layer_forward import base_layer
 from training.fold.report import KeptBN
-from training.fold.rules import (
-    BatchNormFolder,
-    Neighbour,
-    is_foldable_layer,
-    layer_kind,
-    qualified_name,
-)
+from training.fold.rules import BatchNormFolder, Neighbour, layer_kind, qualified_name
 
 
 class _Tracer(fx.Tracer):
-    """Keeps every BN and foldable layer (even user subclasses) a ``call_module`` node."""
+    """Keeps every BN and weight layer (even user subclasses) a ``call_module`` node."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return isinstance(m, _BatchNorm | _ConvNd | nn.Linear) or super().is_leaf_module(
@@ -64,7 +60,7 @@ def fold_graph(
         target = str(node.target)
         module = modules.get(target) if node.op == "call_module" else None
         name = qualified_name(prefix, target)
-        if module is None or not is_foldable_layer(module):  # not a foldable layer
+        if module is None or base_layer(module) is None:  # not a layer to fold into
             return Neighbour(name, None, describe(node))
         what = f"{role} {layer_kind(module)} '{name}'"
         refusal = None
