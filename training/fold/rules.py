@@ -28,6 +28,7 @@ from training.fold.weights import (
     fold_bn_into_next_linear,
     fold_conv_bn_weights,
     fold_linear_bn_weights,
+    round_to_dtype,
 )
 
 _Layer = nn.Linear | _ConvNd
@@ -218,5 +219,6 @@ class BatchNormFolder:
             w_dtype = dtype or layer.weight.dtype
             b_dtype = dtype or (layer.weight if layer.bias is None else layer.bias).dtype
             assert edit.bias is not None  # every fold produces a bias
-            layer.weight = nn.Parameter(edit.weight.to(w_dtype), requires_grad=grad)
-            layer.bias = nn.Parameter(edit.bias.to(b_dtype), requires_grad=grad)
+            weight, bias = round_to_dtype(edit.weight, w_dtype), round_to_dtype(edit.bias, b_dtype)
+            layer.weight = nn.Parameter(weight, requires_grad=grad)
+            layer.bias = nn.Parameter(bias, requires_grad=grad)
