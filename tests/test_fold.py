@@ -226,6 +226,84 @@ def hooked_conv() -> nn.Conv2d:
     return conv
 
 
+# --- BN after a channel concat (mixed-kernel convs, DenseNet's feature reuse) ------------------
+
+
+class MixedConv(nn.Module):
+    """As geffnet's MixedConv2d: split the channels, one conv per group and kernel size, concat.
+
+    ``zipped``: loop over the pieces of the split as pytorchcv's MixConv does.
+    """
+
+    def __init__(self, depthwise: bool, zipped: bool = False) -> None:
+        super().__init__()
+        self.zipped = zipped
+        self.splits, outs = [3, 3], [3, 3] if depthwise else [4, 3]
+        self.convs = nn.ModuleList(
+            [
+                nn.Conv2d(3, outs[0], 3, padding=1, groups=3 if depthwise else 1, bias=False),
+                DynamicSamePadConv(3, outs[1], 4, groups=3 if depthwise else 1, bias=False),
+            ]
+        )
+        self.bn = nn.BatchNorm2d(sum(outs))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        parts = torch.split(x, self.splits, 1)
+        if self.zipped:
+            return self.bn(
+                torch.cat(tuple(c(p) for p, c in zip(parts, self.convs, strict=True)), 1)
+            )
+        return self.bn(torch.cat([conv(parts[i]) for i, conv in enumerate(self.convs)], 1))
+
+
+class TwoBranches(nn.Module):
+    """``bn(cat([a(x), b(x)], dim))``, with optional extra uses of the pieces."""
+
+    def __init__(
+        self,
+        a: nn.Module,
+        b: nn.Module,
+        bn: nn.Module,
+        dim: int = 1,
+        reuse: str = "",  # "a": a's output also feeds the result; "cat": so does the concat's
+    ) -> None:
+        super().__init__()
+        self.a, self.b, self.bn, self.dim, self.reuse = a, b, bn, dim, reuse
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.a(x)
+        cat = torch.cat([a, self.b(x)], self.dim)
+        out = self.bn(cat)
+        if self.reuse == "a":
+            return out + a.mean()
+        if self.reuse == "cat":
+            return out + cat
+        return out
+
+
+class DenseFeatures(nn.Module):
+    """DenseNet's layer: the block input is concatenated with new features, then normalized."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 2, 3, padding=1), nn.BatchNorm2d(5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(torch.cat([x, self.conv(x)], 1))
+
+
+class FoldedThenConcat(nn.Module):
+    """conv1 -> bn1 -> cat with conv2 -> bn2: bn1 folds into conv1, then bn2 into both."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 2, 3, padding=1), nn.BatchNorm2d(2)
+        self.conv2, self.bn2 = StaticSamePadConv(3, 3, 3), nn.BatchNorm2d(5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn2(torch.cat([self.bn1(self.conv1(x)), self.conv2(x)], 1))
+
+
 # --- the cases ---------------------------------------------------------------------------------
 
 
@@ -336,6 +414,54 @@ SITE_CASES: dict[str, Case] = {
         IMG,
         {},
         {"1": "it has forward hooks"},
+    ),
+    # BN after a channel concat: each slice folds into its producer
+    "mixed_kernel_conv": Case(
+        lambda: MixedConv(depthwise=False), ((6, 6, 6),), {"bn": ("convs.0, convs.1", B)}
+    ),
+    "mixed_kernel_depthwise_conv": Case(
+        lambda: MixedConv(depthwise=True), ((6, 6, 6),), {"bn": ("convs.0, convs.1", B)}
+    ),
+    "mixed_kernel_conv_zipped_split": Case(
+        lambda: MixedConv(depthwise=True, zipped=True),
+        ((6, 6, 6),),
+        {"bn": ("convs.0, convs.1", B)},
+    ),
+    "concat_of_linears_dim_minus_1": Case(
+        lambda: TwoBranches(nn.Linear(5, 3), OwnForwardLinear(5, 4), nn.BatchNorm1d(7), dim=-1),
+        ((5,),),
+        {"bn": ("a, b", B)},
+    ),
+    "bn_folded_then_concat_folded": Case(
+        FoldedThenConcat, IMG, {"bn1": ("conv1", B), "bn2": ("conv1, conv2", B)}
+    ),
+    # ... kept where a slice's producer is not a layer, or feeds something else
+    "concat_input_used_elsewhere": Case(
+        lambda: TwoBranches(nn.Conv2d(3, 2, 3), nn.Conv2d(3, 3, 3), nn.BatchNorm2d(5), reuse="a"),
+        IMG,
+        {},
+        {"bn": "concatenated conv 'a' output has other consumers (mean)"},
+    ),
+    "concat_output_used_elsewhere": Case(
+        lambda: TwoBranches(nn.Conv2d(3, 2, 3), nn.Conv2d(3, 3, 3), nn.BatchNorm2d(5), reuse="cat"),
+        IMG,
+        {},
+        {"bn": "concat 'cat' (torch.cat, dim 1): its output has other consumers (add)"},
+    ),
+    "dense_features": Case(
+        DenseFeatures, IMG, {}, {"bn": "input 0 is model input 'x', not a layer"}
+    ),
+    "concat_on_spatial_axis": Case(
+        lambda: TwoBranches(nn.Conv2d(3, 4, 3), nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), dim=2),
+        IMG,
+        {},
+        {"bn": "is not along the channel axis (dim 1)"},
+    ),
+    "concat_with_standardized_conv": Case(
+        lambda: TwoBranches(nn.Conv2d(3, 2, 3), StdConv(3, 3, 3), nn.BatchNorm2d(5)),
+        IMG,
+        {},
+        {"bn": "concatenated conv 'b' (StdConv): its forward computes with its weight"},
     ),
 }
 

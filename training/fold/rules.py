@@ -1,17 +1,18 @@
-"""Whether folding one BatchNorm into a neighbouring layer is exact, and the weight edits if so.
+"""Whether folding one BatchNorm into neighbouring layers is exact, and the weight edits if so.
 
 Facts come from one eval run of the model on the example inputs
 (:func:`~training.fold.probe.probe_model`: call counts, input shapes, names,
 parameter owners, whether each layer's forward is torch's op on its own weights)
 and from the caller, who finds each BN's neighbours (a ``torch.fx`` graph, or
-the children of an ``nn.Sequential``). :class:`BatchNormFolder` refuses a fold
-that could change any output, with a reason for the :class:`FoldReport`, and
-stages every accepted fold in float64 until :meth:`BatchNormFolder.write_weights`.
+the children of an ``nn.Sequential``): one layer on each side, or a channel
+:class:`Concat` of several layers before it. :class:`BatchNormFolder` refuses a
+fold that could change any output, with a reason for the :class:`FoldReport`,
+and stages every accepted fold in float64 until :meth:`BatchNormFolder.write_weights`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -59,6 +60,19 @@ class Neighbour:
     description: str
     refusal: str | None = None  # found from the graph: other consumers, weights read elsewhere
     graph_calls: int = 0
+
+
+@dataclass
+class Concat:
+    """A concatenation along the channel axis feeding a BN: channel slice ``i`` is input ``i``.
+
+    Each input is a candidate producer to fold its slice of the BN into.
+    """
+
+    description: str
+    dim: int  # as written; the folder checks it is the channel axis of the BN's input
+    producers: list[Neighbour] = field(default_factory=list)
+    refusal: str | None = None  # found from the graph: the concat's other consumers, ...
 
 
 @dataclass
@@ -137,11 +151,30 @@ class BatchNormFolder:
             )
         if isinstance(layer, _ConvNd) and len(shape) != len(layer.kernel_size) + 2:
             return f"BN input {shape} is not the batched (N, C, ...) layout of {what}"
-        if bn.num_features != (channels := _channels(layer, role)):
+        if role != "concatenated" and bn.num_features != (channels := _channels(layer, role)):
             return f"BN has {bn.num_features} channels but {what} has {channels}"
         return None
 
-    def _backward_refusal(self, bn: _BatchNorm, nb: Neighbour) -> str | None:
+    def _concat_refusal(self, bn: _BatchNorm, cat: Concat) -> str | None:
+        if cat.refusal is not None:
+            return f"preceding {cat.description}: {cat.refusal}"
+        rank = len(self.probe.in_shapes[id(bn)])
+        if not -rank <= cat.dim < rank or cat.dim % rank != 1:
+            return f"preceding {cat.description} is not along the channel axis (dim 1) of the BN"
+        for i, nb in enumerate(cat.producers):
+            if nb.module is None:
+                return f"preceding {cat.description}: input {i} is {nb.description}, not a layer"
+            role = "concatenated"
+            if why := self._layer_refusal(nb, role) or self._shape_refusal(bn, nb, role):
+                return f"preceding {cat.description}: {why}"
+        channels = sum(_channels(nb.module, "preceding") for nb in cat.producers if nb.module)
+        if channels != bn.num_features:
+            return f"BN has {bn.num_features} channels but {cat.description} gives {channels}"
+        return None
+
+    def _backward_refusal(self, bn: _BatchNorm, nb: Neighbour | Concat) -> str | None:
+        if isinstance(nb, Concat):
+            return self._concat_refusal(bn, nb)
         if nb.module is None:
             return f"no layer to fold into before it ({nb.description})"
         return self._layer_refusal(nb, "preceding") or self._shape_refusal(bn, nb, "preceding")
@@ -166,15 +199,18 @@ class BatchNormFolder:
             )
         return self._layer_refusal(nb, "following") or self._shape_refusal(bn, nb, "following")
 
-    def decide(self, bn: _BatchNorm, name: str, before: Neighbour, after: Neighbour) -> bool:
-        """Fold ``bn`` into a neighbour if that is exact, else record why not; True if folded."""
+    def decide(
+        self, bn: _BatchNorm, name: str, before: Neighbour | Concat, after: Neighbour
+    ) -> bool:
+        """Fold ``bn`` into its neighbours if that is exact, else record why not; True if folded."""
         reason = self._bn_refusal(bn)
         if reason is None:
             if (back := self._backward_refusal(bn, before)) is None:
-                self._fold(bn, name, before, "backward")
+                producers = before.producers if isinstance(before, Concat) else [before]
+                self._fold(bn, name, producers, "backward")
                 return True
             if (fwd := self._forward_refusal(bn, after)) is None:
-                self._fold(bn, name, after, "forward")
+                self._fold(bn, name, [after], "forward")
                 return True
             reason = f"{back}; {fwd}"
         self.report.kept.append(KeptBN(name, reason))
@@ -191,13 +227,21 @@ class BatchNormFolder:
             self.edits[id(layer)] = edit
         return edit
 
-    def _fold(self, bn: _BatchNorm, name: str, nb: Neighbour, direction: Direction) -> None:
+    def _fold(
+        self, bn: _BatchNorm, name: str, layers: list[Neighbour], direction: Direction
+    ) -> None:
+        """Fold ``bn`` into one layer, or into each producer of its channel slices (in order)."""
         assert bn.running_mean is not None and bn.running_var is not None
         stats = (bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
-        edit = self._edit(nb.module)
-        scale, shift = (v.to(edit.weight.device) for v in batch_norm_affine(*stats))
-        edit.weight, edit.bias = self._folded(edit, scale, shift, direction)
-        self.report.folded.append(FoldedBN(name, nb.name, direction))
+        scale, shift = batch_norm_affine(*stats)
+        start = 0
+        for nb in layers:
+            edit = self._edit(nb.module)
+            width = _channels(edit.layer, "preceding") if len(layers) > 1 else scale.shape[0]
+            s, t = (v[start : start + width].to(edit.weight.device) for v in (scale, shift))
+            edit.weight, edit.bias = self._folded(edit, s, t, direction)
+            start += width
+        self.report.folded.append(FoldedBN(name, ", ".join(nb.name for nb in layers), direction))
 
     @staticmethod
     def _folded(
