@@ -226,6 +226,33 @@ def hooked_conv() -> nn.Conv2d:
     return conv
 
 
+@torch.jit.script
+def scripted_hard_swish(x: torch.Tensor) -> torch.Tensor:
+    return x * functional.relu6(x + 3.0) / 6.0
+
+
+class ScriptedActivation(nn.Module):
+    """As geffnet's HardSwishJit: torch.fx cannot trace into a TorchScript function."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return scripted_hard_swish(x)
+
+
+class ResidualBlock(nn.Module):
+    """Not an nn.Sequential: folding here needs the block's graph, so its activation's too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.act = (
+            nn.Conv2d(3, 3, 3, padding=1),
+            nn.BatchNorm2d(3),
+            ScriptedActivation(),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.act(self.bn(self.conv(x)))
+
+
 # --- BN after a channel concat (mixed-kernel convs, DenseNet's feature reuse) ------------------
 
 
@@ -354,6 +381,7 @@ SITE_CASES: dict[str, Case] = {
         {},
         {"0": "following conv '1' (DynamicSamePadConv) has a forward of its own"},
     ),
+    "block_with_scripted_activation": Case(ResidualBlock, IMG, {"bn": ("conv", B)}),
     # ... refused where the weight or bias is transformed, or the forward cannot be read
     "weight_standardized_conv": Case(
         seq(StdConv(3, 4, 3), nn.BatchNorm2d(4)),

@@ -57,12 +57,23 @@ class _SplitProxy(fx.Proxy):
         return (self[i] for i in range(self.pieces))  # type: ignore[index]
 
 
+def _holds_nothing_to_fold(m: nn.Module) -> bool:
+    return not any(isinstance(c, _BatchNorm | _ConvNd | nn.Linear) for c in m.modules())
+
+
 class _Tracer(fx.Tracer):
-    """Keeps every BN and weight layer (even user subclasses) a ``call_module`` node."""
+    """Keeps every BN and weight layer (even user subclasses) a ``call_module`` node.
+
+    So is every module holding neither (an activation, a pooling): folding needs
+    nothing from inside it, and its code need not be traceable (TorchScript or
+    custom autograd activations are not).
+    """
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, _BatchNorm | _ConvNd | nn.Linear) or super().is_leaf_module(
-            m, module_qualified_name
+        return (
+            isinstance(m, _BatchNorm | _ConvNd | nn.Linear)
+            or _holds_nothing_to_fold(m)
+            or super().is_leaf_module(m, module_qualified_name)
         )
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
