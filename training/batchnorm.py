@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 
 def batch_norm_affine(
@@ -41,6 +42,26 @@ def batch_norm_affine(
     beta = torch.zeros_like(var) if bias is None else bias.detach().to(torch.float64)
     scale = gamma / torch.sqrt(var + eps)
     return scale, beta - scale * mean
+
+
+def randomize_batchnorm(model: nn.Module, generator: torch.Generator) -> None:
+    """Give every torch BN in ``model`` random running statistics and affine parameters, in place.
+
+    A freshly built network's BNs are identities in eval mode (mean 0, var 1,
+    gamma 1, beta 0), so a wrong fold would go unseen; tests and benchmarks draw
+    mean ~ N(0, 1), var ~ U(0.5, 2), gamma ~ N(1, 0.3^2), beta ~ N(0, 0.3^2) instead.
+    """
+    with torch.no_grad():
+        for m in model.modules():
+            if not isinstance(m, _BatchNorm):
+                continue
+            n = m.num_features
+            if m.running_mean is not None and m.running_var is not None:
+                m.running_mean.copy_(torch.randn(n, generator=generator))
+                m.running_var.copy_(torch.rand(n, generator=generator) * 1.5 + 0.5)
+            if m.weight is not None and m.bias is not None:
+                m.weight.copy_(1 + 0.3 * torch.randn(n, generator=generator))
+                m.bias.copy_(0.3 * torch.randn(n, generator=generator))
 
 
 class ScratchBatchNorm(nn.Module):

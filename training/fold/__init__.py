@@ -1,17 +1,22 @@
 """Fold eval-mode BatchNorm into the Conv, ConvTranspose or Linear layer beside it.
 
 :func:`fold_batchnorm` rewrites the ``torch.fx`` graph of a deep copy. A BN folds
-*backward* into the layer feeding it (preferred) or *forward* into the Linear or
-zero-padding Conv it feeds; otherwise it is kept, with the reason, in the
-:class:`FoldReport`. Shapes and call counts come from one run on ``example_inputs``
-(forward hooks), so untraceable models work too: their traceable submodules are
-folded by graph rewrite, and within an untraceable ``nn.Sequential`` consecutive
-children ``layer -> BN`` / ``BN -> layer`` fold (the BN child becoming ``nn.Identity``).
+*backward* into the layer feeding it (preferred), or into each producer of a
+channel concat feeding it, or *forward* into the Linear or zero-padding Conv it
+feeds; otherwise it is kept, with the reason, in the :class:`FoldReport`. A layer
+subclass with a forward of its own (same-padding convs) is folded into once that
+forward is proved to be torch's op on its own weights. Shapes, call counts and
+those proofs come from one run on ``example_inputs`` (forward hooks), so
+untraceable models work too: their traceable submodules are folded by graph
+rewrite, and within an untraceable ``nn.Sequential`` consecutive children
+``layer -> BN`` / ``BN -> layer`` fold (the BN child becoming ``nn.Identity``).
 
-The package: :mod:`~training.fold.rules` decides whether each fold is exact
-and stages its weight edits (the math is in :mod:`~training.fold.weights`);
-:mod:`~training.fold.graph` folds in a traced graph, :mod:`~training.fold.untraced`
-in a module torch.fx cannot trace; :mod:`~training.fold.report` is what callers get.
+The package: :mod:`~training.fold.probe` makes that run, reading each layer's
+forward with :mod:`~training.fold.layer_forward`; :mod:`~training.fold.rules`
+decides whether each fold is exact and stages its weight edits (the math is in
+:mod:`~training.fold.weights`); :mod:`~training.fold.graph` folds in a traced
+graph, :mod:`~training.fold.untraced` in a module torch.fx cannot trace;
+:mod:`~training.fold.report` is what callers get.
 """
 
 from __future__ import annotations
@@ -25,8 +30,9 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from training.fold.graph import fold_graph, trace_for_folding
+from training.fold.probe import FoldError, probe_model
 from training.fold.report import FoldedBN, FoldReport, KeptBN
-from training.fold.rules import BatchNormFolder, FoldError, probe_model
+from training.fold.rules import BatchNormFolder
 from training.fold.untraced import fold_untraced
 
 __all__ = ["FoldError", "FoldReport", "FoldedBN", "KeptBN", "fold_batchnorm"]

@@ -1,17 +1,18 @@
-"""Whether folding one BatchNorm into a neighbouring layer is exact, and the weight edits if so.
+"""Whether folding one BatchNorm into neighbouring layers is exact, and the weight edits if so.
 
 Facts come from one eval run of the model on the example inputs
-(:func:`probe_model`: call counts, input shapes, names, parameter owners) and
-from the caller, who finds each BN's neighbours (a ``torch.fx`` graph, or the
-children of an ``nn.Sequential``). :class:`BatchNormFolder` refuses a fold
-that could change any output, with a reason for the :class:`FoldReport`, and
-stages every accepted fold in float64 until :meth:`BatchNormFolder.write_weights`.
+(:func:`~training.fold.probe.probe_model`: call counts, input shapes, names,
+parameter owners, whether each layer's forward is torch's op on its own weights)
+and from the caller, who finds each BN's neighbours (a ``torch.fx`` graph, or
+the children of an ``nn.Sequential``): one layer on each side, or a channel
+:class:`Concat` of several layers before it. :class:`BatchNormFolder` refuses a
+fold that could change any output, with a reason for the :class:`FoldReport`,
+and stages every accepted fold in float64 until :meth:`BatchNormFolder.write_weights`.
 """
 
 from __future__ import annotations
 
-from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -19,6 +20,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
 from training.batchnorm import batch_norm_affine
+from training.fold.layer_forward import WEIGHT_LAYERS, has_own_forward
+from training.fold.probe import Probe
 from training.fold.report import Direction, FoldedBN, FoldReport, KeptBN
 from training.fold.weights import (
     conv_padding_is_zero,
@@ -26,75 +29,11 @@ from training.fold.weights import (
     fold_bn_into_next_linear,
     fold_conv_bn_weights,
     fold_linear_bn_weights,
+    round_to_dtype,
 )
 
 _Layer = nn.Linear | _ConvNd
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_LAYER_TYPES = (nn.Linear, *_CONVS, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _BN_FORWARDS = (_BatchNorm.forward, nn.SyncBatchNorm.forward)
-
-
-class FoldError(ValueError):
-    """The model could not be run on ``example_inputs``; the message names the failing module."""
-
-
-@dataclass
-class Probe:
-    """What one eval run of the copy on the example inputs saw, keyed by ``id(module)``."""
-
-    names: dict[int, list[str]]  # every qualified name the module is registered under
-    calls: Counter[int]
-    in_shapes: dict[int, tuple[int, ...]]  # shape of the first call's first tensor argument
-    param_owners: dict[int, set[int]]  # id(parameter) -> ids of the modules holding it
-
-
-def probe_model(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Probe:
-    """Run ``model`` once on ``inputs`` (no gradients) with hooks on every module.
-
-    Raises :class:`FoldError` naming the innermost module that was running when it failed.
-    """
-    names: dict[int, list[str]] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        names.setdefault(id(module), []).append(name or "<model>")
-    owners: dict[int, set[int]] = {}
-    for module in model.modules():
-        for p in module.parameters(recurse=False):
-            owners.setdefault(id(p), set()).add(id(module))
-    calls: Counter[int] = Counter()
-    shapes: dict[int, tuple[int, ...]] = {}
-    stack: list[int] = []
-
-    def before(module: nn.Module, args: tuple[object, ...]) -> None:
-        calls[id(module)] += 1
-        stack.append(id(module))
-        if args and isinstance(args[0], torch.Tensor):
-            shapes.setdefault(id(module), tuple(args[0].shape))
-
-    def after(module: nn.Module, args: tuple[object, ...], out: object) -> None:
-        stack.pop()
-
-    handles = [m.register_forward_pre_hook(before) for m in model.modules()]
-    handles += [m.register_forward_hook(after) for m in model.modules()]
-    try:
-        with torch.no_grad():
-            model(*inputs)
-    except Exception as exc:  # re-raised with the name of the module that failed
-        where = names[stack[-1]][0] if stack else "<model>"
-        raise FoldError(
-            f"the model failed on example_inputs in module '{where}': {type(exc).__name__}: {exc}"
-        ) from exc
-    finally:
-        for h in handles:
-            h.remove()
-    return Probe(names, calls, shapes, owners)
-
-
-def is_foldable_layer(m: nn.Module) -> bool:
-    """A Linear/Conv/ConvTranspose whose computation is torch's own (subclasses may override it)."""
-    base = next((t for t in _LAYER_TYPES if isinstance(m, t)), None)
-    return base is not None and all(
-        getattr(type(m), f, None) is getattr(base, f, None) for f in ("forward", "_conv_forward")
-    )
 
 
 def layer_kind(m: nn.Module) -> str:
@@ -111,7 +50,10 @@ def qualified_name(prefix: str, name: str) -> str:
 
 @dataclass
 class Neighbour:
-    """The node on one side of a BN: a foldable layer (``module``) or a description of it."""
+    """The node on one side of a BN: a Linear/Conv/ConvTranspose (``module``) or a description.
+
+    Whether folding into ``module`` is exact is the folder's call, not the caller's.
+    """
 
     name: str
     module: nn.Module | None
@@ -121,12 +63,33 @@ class Neighbour:
 
 
 @dataclass
+class Concat:
+    """A concatenation along the channel axis feeding a BN: channel slice ``i`` is input ``i``.
+
+    Each input is a candidate producer to fold its slice of the BN into.
+    """
+
+    description: str
+    dim: int  # as written; the folder checks it is the channel axis of the BN's input
+    producers: list[Neighbour] = field(default_factory=list)
+    refusal: str | None = None  # found from the graph: the concat's other consumers, ...
+
+
+@dataclass
 class _Edit:
     """A layer's weights in float64 while folds accumulate; written back once at the end."""
 
     layer: _Layer
     weight: torch.Tensor
     bias: torch.Tensor | None
+
+
+def _channels(layer: nn.Module, role: str) -> int:
+    """Output channels of a preceding layer, input channels of a following one."""
+    if isinstance(layer, nn.Linear):
+        return layer.out_features if role != "following" else layer.in_features
+    assert isinstance(layer, _ConvNd)
+    return layer.out_channels if role != "following" else layer.in_channels
 
 
 class BatchNormFolder:
@@ -168,12 +131,18 @@ class BatchNormFolder:
             return f"{what} is registered under several names ({', '.join(names)})"
         if any(len(self.probe.param_owners[id(p)]) > 1 for p in layer.parameters(recurse=False)):
             return f"{what} shares its parameters with another module (folding would untie them)"
-        return nb.refusal
+        if nb.refusal is not None:
+            return nb.refusal
+        if id(layer) not in self.probe.layer_refusals:
+            return f"{what} did not run on example_inputs, so its forward could not be read"
+        if (why := self.probe.layer_refusals[id(layer)]) is not None:
+            return f"{what} ({type(layer).__name__}): {why}"
+        return None
 
     def _shape_refusal(self, bn: _BatchNorm, nb: Neighbour, role: str) -> str | None:
         """Whether the BN's per-channel axis (dim 1) is the layer's channel axis."""
         layer, shape = nb.module, self.probe.in_shapes[id(bn)]
-        assert isinstance(layer, _LAYER_TYPES)
+        assert isinstance(layer, WEIGHT_LAYERS)
         what = f"{role} {layer_kind(layer)} '{nb.name}'"
         if isinstance(layer, nn.Linear) and len(shape) != 2:
             return (
@@ -182,15 +151,30 @@ class BatchNormFolder:
             )
         if isinstance(layer, _ConvNd) and len(shape) != len(layer.kernel_size) + 2:
             return f"BN input {shape} is not the batched (N, C, ...) layout of {what}"
-        if isinstance(layer, nn.Linear):
-            channels = layer.out_features if role == "preceding" else layer.in_features
-        else:
-            channels = layer.out_channels if role == "preceding" else layer.in_channels
-        if bn.num_features != channels:
+        if role != "concatenated" and bn.num_features != (channels := _channels(layer, role)):
             return f"BN has {bn.num_features} channels but {what} has {channels}"
         return None
 
-    def _backward_refusal(self, bn: _BatchNorm, nb: Neighbour) -> str | None:
+    def _concat_refusal(self, bn: _BatchNorm, cat: Concat) -> str | None:
+        if cat.refusal is not None:
+            return f"preceding {cat.description}: {cat.refusal}"
+        rank = len(self.probe.in_shapes[id(bn)])
+        if not -rank <= cat.dim < rank or cat.dim % rank != 1:
+            return f"preceding {cat.description} is not along the channel axis (dim 1) of the BN"
+        for i, nb in enumerate(cat.producers):
+            if nb.module is None:
+                return f"preceding {cat.description}: input {i} is {nb.description}, not a layer"
+            role = "concatenated"
+            if why := self._layer_refusal(nb, role) or self._shape_refusal(bn, nb, role):
+                return f"preceding {cat.description}: {why}"
+        channels = sum(_channels(nb.module, "preceding") for nb in cat.producers if nb.module)
+        if channels != bn.num_features:
+            return f"BN has {bn.num_features} channels but {cat.description} gives {channels}"
+        return None
+
+    def _backward_refusal(self, bn: _BatchNorm, nb: Neighbour | Concat) -> str | None:
+        if isinstance(nb, Concat):
+            return self._concat_refusal(bn, nb)
         if nb.module is None:
             return f"no layer to fold into before it ({nb.description})"
         return self._layer_refusal(nb, "preceding") or self._shape_refusal(bn, nb, "preceding")
@@ -201,6 +185,11 @@ class BatchNormFolder:
             return f"no layer to fold into after it ({nb.description})"
         if isinstance(layer, _ConvTransposeNd):
             return f"following transposed conv '{nb.name}': forward folding needs a Linear or Conv"
+        if has_own_forward(layer):
+            return (
+                f"following {layer_kind(layer)} '{nb.name}' ({type(layer).__name__}) has a forward "
+                "of its own (it may pad its input): forward folding needs torch's own layer"
+            )
         if isinstance(layer, _ConvNd) and not conv_padding_is_zero(
             layer.padding, layer.kernel_size, layer.dilation
         ):
@@ -210,15 +199,18 @@ class BatchNormFolder:
             )
         return self._layer_refusal(nb, "following") or self._shape_refusal(bn, nb, "following")
 
-    def decide(self, bn: _BatchNorm, name: str, before: Neighbour, after: Neighbour) -> bool:
-        """Fold ``bn`` into a neighbour if that is exact, else record why not; True if folded."""
+    def decide(
+        self, bn: _BatchNorm, name: str, before: Neighbour | Concat, after: Neighbour
+    ) -> bool:
+        """Fold ``bn`` into its neighbours if that is exact, else record why not; True if folded."""
         reason = self._bn_refusal(bn)
         if reason is None:
             if (back := self._backward_refusal(bn, before)) is None:
-                self._fold(bn, name, before, "backward")
+                producers = before.producers if isinstance(before, Concat) else [before]
+                self._fold(bn, name, producers, "backward")
                 return True
             if (fwd := self._forward_refusal(bn, after)) is None:
-                self._fold(bn, name, after, "forward")
+                self._fold(bn, name, [after], "forward")
                 return True
             reason = f"{back}; {fwd}"
         self.report.kept.append(KeptBN(name, reason))
@@ -226,32 +218,43 @@ class BatchNormFolder:
 
     # --- weight edits ------------------------------------------------------------------------
 
-    def _fold(self, bn: _BatchNorm, name: str, nb: Neighbour, direction: Direction) -> None:
-        layer = nb.module
-        assert isinstance(layer, _LAYER_TYPES) and bn.running_mean is not None
-        assert bn.running_var is not None
+    def _edit(self, layer: nn.Module | None) -> _Edit:
+        assert isinstance(layer, nn.Linear | _ConvNd)
         edit = self.edits.get(id(layer))
         if edit is None:
             bias = None if layer.bias is None else layer.bias.detach().to(torch.float64)
             edit = _Edit(layer, layer.weight.detach().to(torch.float64), bias)
             self.edits[id(layer)] = edit
+        return edit
+
+    def _fold(
+        self, bn: _BatchNorm, name: str, layers: list[Neighbour], direction: Direction
+    ) -> None:
+        """Fold ``bn`` into one layer, or into each producer of its channel slices (in order)."""
+        assert bn.running_mean is not None and bn.running_var is not None
         stats = (bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
-        scale, shift = (v.to(edit.weight.device) for v in batch_norm_affine(*stats))
-        w, b = edit.weight, edit.bias
-        if direction == "backward" and isinstance(layer, nn.Linear):
-            edit.weight, edit.bias = fold_linear_bn_weights(w, b, scale, shift)
-        elif direction == "backward":
-            assert isinstance(layer, _ConvNd)
+        scale, shift = batch_norm_affine(*stats)
+        start = 0
+        for nb in layers:
+            edit = self._edit(nb.module)
+            width = _channels(edit.layer, "preceding") if len(layers) > 1 else scale.shape[0]
+            s, t = (v[start : start + width].to(edit.weight.device) for v in (scale, shift))
+            edit.weight, edit.bias = self._folded(edit, s, t, direction)
+            start += width
+        self.report.folded.append(FoldedBN(name, ", ".join(nb.name for nb in layers), direction))
+
+    @staticmethod
+    def _folded(
+        edit: _Edit, scale: torch.Tensor, shift: torch.Tensor, direction: Direction
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        layer, w, b = edit.layer, edit.weight, edit.bias
+        if isinstance(layer, nn.Linear):
+            fold = fold_linear_bn_weights if direction == "backward" else fold_bn_into_next_linear
+            return fold(w, b, scale, shift)
+        if direction == "backward":
             transpose = isinstance(layer, _ConvTransposeNd)
-            edit.weight, edit.bias = fold_conv_bn_weights(
-                w, b, scale, shift, transpose, layer.groups
-            )
-        elif isinstance(layer, nn.Linear):
-            edit.weight, edit.bias = fold_bn_into_next_linear(w, b, scale, shift)
-        else:
-            assert isinstance(layer, _ConvNd)
-            edit.weight, edit.bias = fold_bn_into_next_conv(w, b, scale, shift, layer.groups)
-        self.report.folded.append(FoldedBN(name, nb.name, direction))
+            return fold_conv_bn_weights(w, b, scale, shift, transpose, layer.groups)
+        return fold_bn_into_next_conv(w, b, scale, shift, layer.groups)
 
     def write_weights(self, dtype: torch.dtype | None) -> None:
         """Cast each edited layer's float64 weights once: to ``dtype``, else to its own dtype."""
@@ -260,5 +263,6 @@ class BatchNormFolder:
             w_dtype = dtype or layer.weight.dtype
             b_dtype = dtype or (layer.weight if layer.bias is None else layer.bias).dtype
             assert edit.bias is not None  # every fold produces a bias
-            layer.weight = nn.Parameter(edit.weight.to(w_dtype), requires_grad=grad)
-            layer.bias = nn.Parameter(edit.bias.to(b_dtype), requires_grad=grad)
+            weight, bias = round_to_dtype(edit.weight, w_dtype), round_to_dtype(edit.bias, b_dtype)
+            layer.weight = nn.Parameter(weight, requires_grad=grad)
+            layer.bias = nn.Parameter(bias, requires_grad=grad)

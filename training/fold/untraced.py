@@ -12,8 +12,9 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
+from training.fold.layer_forward import base_layer
 from training.fold.report import KeptBN
-from training.fold.rules import BatchNormFolder, Neighbour, is_foldable_layer, qualified_name
+from training.fold.rules import BatchNormFolder, Neighbour, qualified_name
 
 FoldModule = Callable[[nn.Module, str], nn.Module]
 """Folds inside a module (its qualified name given) and returns what replaces it."""
@@ -57,9 +58,8 @@ def _fold_sequence(folder: BatchNormFolder, seq: nn.Module, prefix: str) -> None
             return Neighbour("", None, f"the {end} of {where}")
         name, child = items[i]
         full = qualified_name(prefix, name)
-        return Neighbour(
-            full, child if is_foldable_layer(child) else None, f"'{full}' ({type(child).__name__})"
-        )
+        layer = child if base_layer(child) is not None else None
+        return Neighbour(full, layer, f"'{full}' ({type(child).__name__})")
 
     for i, (name, child) in enumerate(items):
         if isinstance(child, _BatchNorm) and folder.decide(
