@@ -47,46 +47,13 @@ from service.errors import (
     ServiceError,
 )
 from service.metrics import BatcherMetrics
-from service.model_config import BatchingOverrides
-from service.settings import Settings
+from service.model_config import BatchingConfig
 
 Receive = Callable[[], Awaitable[Mapping[str, Any]]]
 WATCH_AFTER_S = 0.05  # a queued request's connection is watched once it has waited this long
 Outputs = dict[str, np.ndarray]
 Feeds = dict[str, np.ndarray]
 Runner = Callable[[Feeds, list[str]], Outputs]  # one ONNX Runtime call: feeds, output names
-
-
-@dataclass(frozen=True)
-class BatchingConfig:
-    """How one model version batches; the server's settings, then its ``config.json``."""
-
-    enabled: bool
-    max_batch_size: int  # samples per call
-    max_queue_delay_us: int  # how long an idle model holds a partial batch
-    max_queue_size: int  # requests waiting, beyond which 503
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> BatchingConfig:
-        return cls(
-            settings.batching,
-            settings.max_batch_size,
-            settings.max_queue_delay_us,
-            settings.max_queue_size,
-        )
-
-    def merged(self, overrides: BatchingOverrides) -> BatchingConfig:
-        """This config with a model's ``config.json`` values put over it."""
-
-        def pick(mine: Any, theirs: Any) -> Any:
-            return mine if theirs is None else theirs
-
-        return BatchingConfig(
-            pick(self.enabled, overrides.enabled),
-            pick(self.max_batch_size, overrides.max_batch_size),
-            pick(self.max_queue_delay_us, overrides.max_queue_delay_us),
-            pick(self.max_queue_size, overrides.max_queue_size),
-        )
 
 
 @dataclass(eq=False, slots=True)

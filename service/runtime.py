@@ -19,11 +19,11 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
-from service.batching import BatchingConfig, DynamicBatcher, Feeds, Outputs, Receive
+from service.batching import DynamicBatcher, Feeds, Outputs, Receive
 from service.codecs import DecodedRequest, OutputTensor, RequestedOutput
 from service.inference import classify, prepare_feeds, select_outputs
 from service.metrics import ServiceMetrics
-from service.model_config import BatchingOverrides
+from service.model_config import BatchingConfig, BatchingOverrides
 from service.model_format import (
     V2_DATATYPES,
     ModelVersionError,

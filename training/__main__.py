@@ -337,32 +337,13 @@ def bench_torch_cmd(
     warmup: Annotated[int, typer.Option(min=0, max=10000)] = 20,
 ) -> None:
     """Eager PyTorch latency, folded vs unfolded, interleaved, on CPU (and CUDA if present)."""
-    from training.bench_torch import bench_folding
+    from training.bench_torch import bench_table
 
     r = _load(run)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    table = Table(title=f"eager PyTorch, {run}, batch {batch_size}, {iterations} interleaved runs")
-    for col in ("device", "unfolded p50 ms", "folded p50 ms", "speedup (95% CI)", "max abs diff"):
-        table.add_column(col)
-    for dev in devices:
-        b = bench_folding(
-            r.model,
-            r.model_cfg.input_shape,
-            batch_size=batch_size,
-            iterations=iterations,
-            warmup=warmup,
-            device=dev,
-        )
-        s = b.speedup()
-        unfolded_ms, folded_ms = b.p50_ms()
-        table.add_row(
-            dev,
-            f"{unfolded_ms:.3f}",
-            f"{folded_ms:.3f}",
-            f"{s.ratio:.3f}x [{s.ci_low:.3f}, {s.ci_high:.3f}]",
-            f"{b.max_abs_diff:.2g}",
-        )
-    console.print(table)
+    console.print(
+        bench_table(r.model, r.model_cfg.input_shape, devices, batch_size, iterations, warmup)
+    )
 
 
 @app.command("defaults")

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from rich.table import Table
 from scipy import stats
 from torch import nn
 
@@ -118,3 +119,36 @@ def bench_folding(
             tf[i], tu[i] = run_f(), run_u()
     unfolded.cpu()
     return TorchBench(device, batch_size, tu, tf, diff)
+
+
+def bench_table(
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    devices: list[str],
+    batch_size: int,
+    iterations: int,
+    warmup: int,
+) -> Table:
+    """``bench_folding`` on each device, as a rich table for the ``bench-torch`` command."""
+    table = Table(title=f"eager PyTorch, batch {batch_size}, {iterations} interleaved runs")
+    for col in ("device", "unfolded p50 ms", "folded p50 ms", "speedup (95% CI)", "max abs diff"):
+        table.add_column(col)
+    for device in devices:
+        b = bench_folding(
+            model,
+            input_shape,
+            batch_size=batch_size,
+            iterations=iterations,
+            warmup=warmup,
+            device=device,
+        )
+        s = b.speedup()
+        unfolded_ms, folded_ms = b.p50_ms()
+        table.add_row(
+            device,
+            f"{unfolded_ms:.3f}",
+            f"{folded_ms:.3f}",
+            f"{s.ratio:.3f}x [{s.ci_low:.3f}, {s.ci_high:.3f}]",
+            f"{b.max_abs_diff:.2g}",
+        )
+    return table
