@@ -39,7 +39,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
-from fold_latency_report import CONTROL, RUNTIMES, Cell, plot, table, verdicts, write_section
+from fold_latency_report import CONTROL, END, RUNTIMES, START, Cell, plot, table, verdicts
+from markdown_section import write_section
 
 from service.latency import LatencyParams, measure_model, random_feeds, time_interleaved
 from service.machine import machine_facts
@@ -326,7 +327,7 @@ def main() -> None:
         plot(cells, args.plot, batch_sizes)
         rel = os.path.relpath(args.plot, args.doc.parent)
         lines += ["", f"![folded vs unfolded speedups]({rel})"]
-        write_section(args.doc, "\n".join(lines))
+        write_section(args.doc, START, END, "\n".join(lines))
     if args.json is not None:
         args.json.write_text(json.dumps([asdict(c) for c in cells], indent=1))
     print("\n".join(lines))

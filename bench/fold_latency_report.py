@@ -158,15 +158,3 @@ def plot(cells: list[Cell], path: Path, batch_sizes: list[int]) -> None:
     )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-
-
-def write_section(path: Path, section: str) -> None:
-    """Replace (or append) the text between the fold_latency markers; leave the rest."""
-    text = path.read_text() if path.is_file() else "# Benchmarks\n"
-    block = f"{START}\n{section.rstrip()}\n{END}"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + block + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)

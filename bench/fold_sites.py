@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 from fold_latency import OtherCpu, wait_for_quiet  # a sibling script, as throughput.py does
+from markdown_section import write_section
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm import tqdm
@@ -177,17 +178,6 @@ def conditions(iterations: int, warmup: int) -> list[str]:
     ]
 
 
-def write_section(path: Path, section: str) -> None:
-    text = path.read_text()
-    block = f"{START}\n{section.rstrip()}\n{END}"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + block + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -222,7 +212,7 @@ def main() -> None:
     section = "\n".join(lines)
     print(section)
     if not args.no_write:
-        write_section(args.doc, section)
+        write_section(args.doc, START, END, section)
 
 
 if __name__ == "__main__":

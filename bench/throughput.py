@@ -43,7 +43,8 @@ import numpy as np
 import onnxruntime as ort
 import throughput_load as load
 import throughput_servers as servers
-from throughput_report import Cell, Row, model_table, record, targets
+from markdown_section import write_section
+from throughput_report import END, START, Cell, Row, model_table, targets
 
 QUIET_CORES = 0.25  # a cell measured while other processes took more CPU than this is redone
 
@@ -297,7 +298,7 @@ def main() -> None:
     text = "\n".join(report)
     print("\n" + text)
     if args.record:
-        record(args.record, text)
+        write_section(args.record, START, END, text)
         print(f"\nrecorded in {args.record}")
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import throughput_load as load
 
@@ -128,15 +127,3 @@ def targets(
         3.0,
     )
     return lines
-
-
-def record(path: Path, text: str) -> None:
-    """Put ``text`` between the throughput markers of ``path`` (appended when absent)."""
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{START}\n{text.rstrip()}\n{END}"
-    if START in old and END in old:
-        head, rest = old.split(START, 1)
-        new = head + block + rest.split(END, 1)[1]
-    else:
-        new = old.rstrip() + "\n\n" + block + "\n"
-    path.write_text(new)
