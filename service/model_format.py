@@ -158,14 +158,23 @@ class VersionFiles(BaseModel):
 
 
 class FoldedBatchNorm(BaseModel):
+    """One BN folded into a neighbouring layer: "backward" into the layer before it (that
+    layer's weights absorb the scale and shift), "forward" into the layer after it."""
+
     bn: str
     into: str
     direction: str
+    bn_type: str = ""  # e.g. "BatchNorm2d", "BatchNormalization", "Mul+Add"
+    bn_shape: list[int] = []  # the per-channel parameters' shape
+    into_type: str = ""  # e.g. "Conv2d", "Gemm"
+    into_shape: list[int] = []  # the absorbing layer's weight shape
 
 
 class KeptBatchNorm(BaseModel):
     bn: str
     reason: str
+    bn_type: str = ""
+    bn_shape: list[int] = []
 
 
 class FoldRecord(BaseModel):
