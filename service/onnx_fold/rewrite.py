@@ -1,0 +1,97 @@
+"""The fold loop: every affine site of every graph (subgraphs of If/Loop/Scan included) is
+tried backward, then forward, until a pass folds nothing; what is left is reported with the
+reasons from that last pass."""
+
+from __future__ import annotations
+
+import onnx
+
+from service.model_format import FoldedBatchNorm, KeptBatchNorm
+from service.onnx_fold.backward import fold_backward
+from service.onnx_fold.edits import Editor, Fold
+from service.onnx_fold.forward import fold_forward
+from service.onnx_fold.graph import Scope, all_names, drop_unused_constants, node_label, scopes
+from service.onnx_fold.sites import BATCHNORM, Site, affine_run, batchnorm_site
+
+LAYERS = "a Conv, ConvTranspose, Gemm, MatMul with a constant weight, or a Concat of Convs"
+
+
+def _site(scope: Scope, node: onnx.NodeProto) -> Site | str | None:
+    if node.op_type == BATCHNORM and node.domain in ("", "ai.onnx"):
+        return batchnorm_site(scope, node)
+    return affine_run(scope, node)
+
+
+def _neighbours(scope: Scope, site: Site) -> str:
+    before = scope.producer.get(site.input)
+    after = [n.op_type for n in scope.consumers.get(site.output, [])]
+    return (
+        f"no layer it can fold into (before it: {before.op_type if before else 'a graph input'}"
+        f", after it: {', '.join(after) or 'a graph output'}; it needs {LAYERS})"
+    )
+
+
+def _try(scope: Scope, site: Site, edit: Editor) -> Fold | str | None:
+    """Fold ``site`` if a neighbour can absorb it; else the reason (None: a Mul/Add with no
+    layer next to it, which is no BN and not worth a report line)."""
+    back = fold_backward(scope, site, edit)
+    if isinstance(back, Fold):
+        return back
+    ahead = fold_forward(scope, site, edit)
+    if isinstance(ahead, Fold):
+        return ahead
+    reasons = [r for r in (back, ahead) if r]
+    if not reasons:
+        return _neighbours(scope, site) if site.is_batchnorm else None
+    return "; ".join(reasons)
+
+
+def _record(site: Site, done: Fold) -> FoldedBatchNorm:
+    return FoldedBatchNorm(
+        bn=site.label,
+        into=done.into,
+        direction=done.direction,
+        bn_type=site.kind,
+        bn_shape=[done.channels],
+        into_type=done.into_type,
+        into_shape=done.into_shape,
+    )
+
+
+def fold_graphs(model: onnx.ModelProto) -> tuple[list[FoldedBatchNorm], list[KeptBatchNorm]]:
+    """Fold every foldable site of ``model`` in place (the caller passes its own copy)."""
+    edit = Editor(all_names(model), set(), model.ir_version < 4)
+    folded: list[FoldedBatchNorm] = []
+    kept: dict[str, KeptBatchNorm] = {}
+    ranks = None
+    changed = True
+    while changed:
+        changed, kept = False, {}
+        indexed = scopes(model, ranks)
+        ranks = indexed[0].ranks
+        for k in range(len(indexed)):
+            for first_output in [n.output[0] for n in indexed[k].graph.node]:
+                scope = indexed[k]
+                node = scope.producer.get(first_output)
+                if node is None:
+                    continue  # dropped by an earlier fold of this pass
+                site = _site(scope, node)
+                if site is None:
+                    continue
+                outcome = _try(scope, site, edit) if isinstance(site, Site) else site
+                if isinstance(outcome, Fold):
+                    assert isinstance(site, Site)
+                    edit.commit(scope.graph)
+                    folded.append(_record(site, outcome))
+                    changed = True
+                    indexed = scopes(model, ranks)
+                elif outcome is not None:
+                    label = site.label if isinstance(site, Site) else node_label(node)
+                    kept[label] = KeptBatchNorm(
+                        bn=label,
+                        reason=outcome,
+                        bn_type=site.kind if isinstance(site, Site) else BATCHNORM,
+                        bn_shape=site.shape if isinstance(site, Site) else [],
+                    )
+    drop_unused_constants(model, edit.released)
+    return folded, list(kept.values())

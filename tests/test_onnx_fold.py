@@ -1,0 +1,91 @@
+"""The torch-free ONNX folder: every pattern folds (fp32, fp16, bf16), every refusal keeps
+the graph and says why, the outputs match the original in ONNX Runtime."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto
+from onnx_graphs import PATTERNS, build, op_count
+
+from service.onnx_fold import fold_model
+from service.onnx_fold.check import widened
+
+
+def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    return [np.asarray(o, np.float64) for o in session.run(None, feeds)]
+
+
+def feeds_for(model: onnx.ModelProto, np_type: type, seed: int = 1) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    feeds: dict[str, np.ndarray] = {}
+    inits = {t.name for t in model.graph.initializer}
+    for info in model.graph.input:
+        if info.name in inits:
+            continue
+        if info.type.tensor_type.elem_type == TensorProto.BOOL:
+            feeds[info.name] = np.array(True)
+            continue
+        dims = [d.dim_value or 3 for d in info.type.tensor_type.shape.dim]
+        feeds[info.name] = rng.standard_normal(dims).astype(np_type)
+    return feeds
+
+
+def max_diff(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+    return max(float(np.max(np.abs(x - y))) for x, y in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("pattern", sorted(PATTERNS))
+def test_pattern_folds_exactly(pattern: str, dtype: str) -> None:
+    model = build(pattern, dtype)
+    before = model.SerializeToString()
+    outcome = fold_model(model)
+    report, folded = outcome.report, outcome.model
+    assert model.SerializeToString() == before  # the input is never mutated
+    assert report.batchnorm_before == op_count(model, "BatchNormalization")
+    assert report.batchnorm_after == op_count(folded, "BatchNormalization") == 0
+    assert op_count(folded, "Mul") == 0
+    # what is left of Add is a MatMul's bias, one per MatMul at most
+    assert op_count(folded, "Add") <= op_count(folded, "MatMul")
+    assert report.kept == [] and len(report.folded) >= 1 and report.passed
+    onnx.checker.check_model(folded, full_check=True)
+    feeds = feeds_for(model, np.float32 if dtype == "float32" else np.float16)
+    expected, got = run(model, feeds), run(folded, feeds)
+    assert max_diff(expected, got) <= report.tolerance
+    if dtype == "float32":
+        assert report.max_abs_diff < 1e-4 * max(1.0, float(np.max(np.abs(expected[0]))))
+
+
+@pytest.mark.parametrize("pattern", sorted(PATTERNS))
+def test_float16_fold_costs_at_most_one_rounding(pattern: str) -> None:
+    """Against the float32 run of the same fp16 weights (exact widening), the folded fp16
+    graph is off by no more than the original fp16 graph plus one fp16 rounding of the
+    output's magnitude."""
+    model = build(pattern, "float16")
+    folded = fold_model(model).model
+    feeds = feeds_for(model, np.float16)
+    wide = {k: v.astype(np.float32) if v.dtype == np.float16 else v for k, v in feeds.items()}
+    reference = run(widened(model), wide)
+    err_original = max_diff(run(model, feeds), reference)
+    err_folded = max_diff(run(folded, feeds), reference)
+    scale = max(float(np.max(np.abs(r))) for r in reference)
+    one_rounding = float(np.finfo(np.float16).eps) * scale
+    assert err_folded <= err_original + one_rounding
+
+
+@pytest.mark.parametrize("pattern", ["conv_bn", "gemm_transb_c_bn", "bn_matmul", "concat_bn"])
+def test_bfloat16_folds(pattern: str) -> None:
+    model = build(pattern, "bfloat16")
+    outcome = fold_model(model)
+    assert outcome.report.batchnorm_after == 0 and outcome.report.passed
+    assert "float32 copies" in outcome.report.check_inputs
+    weights = [t for t in outcome.model.graph.initializer if t.data_type != TensorProto.BFLOAT16]
+    assert weights == []  # still bfloat16: rounded once, not widened
