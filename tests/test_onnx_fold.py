@@ -3,14 +3,17 @@ the graph and says why, the outputs match the original in ONNX Runtime."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto
-from onnx_graphs import PATTERNS, build, op_count
+from onnx import TensorProto, numpy_helper
+from onnx_graphs import PATTERNS, REFUSALS, SHARED_WEIGHT, Builder, build, build_refusal, op_count
+from typer.testing import CliRunner
 
-from service.onnx_fold import fold_model
+from service.onnx_fold import FoldCheckFailed, OnnxFoldReport, fold_model
 from service.onnx_fold.check import widened
 
 
@@ -89,3 +92,67 @@ def test_bfloat16_folds(pattern: str) -> None:
     assert "float32 copies" in outcome.report.check_inputs
     weights = [t for t in outcome.model.graph.initializer if t.data_type != TensorProto.BFLOAT16]
     assert weights == []  # still bfloat16: rounded once, not widened
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("name", sorted(REFUSALS))
+def test_refusal_keeps_the_graph_and_says_why(name: str, dtype: str) -> None:
+    model = build_refusal(name, dtype)
+    outcome = fold_model(model)
+    report = outcome.report
+    assert report.folded == []
+    assert report.batchnorm_after == report.batchnorm_before == 1
+    assert [k.bn_type for k in report.kept] == ["BatchNormalization"]
+    assert REFUSALS[name][1] in report.kept[0].reason
+    assert report.max_abs_diff == 0.0  # nothing changed, so exactly the same outputs
+
+
+def test_shared_weight_is_copied_never_changed() -> None:
+    """The BN folds into a private copy of the weight; the other Conv still reads the
+    original, unchanged."""
+    model = SHARED_WEIGHT(Builder())
+    original = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "w"))
+    outcome = fold_model(model)
+    folded = outcome.model
+    assert outcome.report.batchnorm_after == 0
+    convs = [n for n in folded.graph.node if n.op_type == "Conv"]
+    assert convs[0].input[1] != "w" and convs[1].input[1] == "w"
+    kept_w = next(t for t in folded.graph.initializer if t.name == "w")
+    assert np.array_equal(numpy_helper.to_array(kept_w), original)
+    feeds = feeds_for(model, np.float32)
+    assert max_diff(run(model, feeds), run(folded, feeds)) < 1e-4
+
+
+def test_cli_folds_a_file_and_writes_the_report(tmp_path: Path) -> None:
+    from training.__main__ import app
+
+    src, dst, report = tmp_path / "in.onnx", tmp_path / "out.onnx", tmp_path / "r.json"
+    onnx.save(build("concat_bn"), src)
+    result = CliRunner().invoke(app, ["fold-onnx", str(src), str(dst), "--report", str(report)])
+    assert result.exit_code == 0, result.output
+    assert "folded BatchNormalization 'batchnormalization5' backward into Concat" in result.output
+    assert "BatchNormalization nodes 1 -> 0" in result.output and "PASS" in result.output
+    assert op_count(onnx.load(dst), "BatchNormalization") == 0
+    written = OnnxFoldReport.model_validate_json(report.read_text())
+    assert written.passed and written.batchnorm_after == 0 and written.max_abs_diff < 1e-4
+
+
+def test_cli_refuses_to_write_a_fold_beyond_tolerance(tmp_path: Path) -> None:
+    from training.__main__ import app
+
+    src, dst = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    onnx.save(build("conv_bn"), src)
+    result = CliRunner().invoke(app, ["fold-onnx", str(src), str(dst), "--tolerance", "1e-12"])
+    assert result.exit_code == 2
+    assert "FAIL" in result.output and "error: folded outputs differ by" in result.output
+    assert "Traceback" not in result.output and not dst.exists()
+    assert list(tmp_path.iterdir()) == [src]  # no temporary file left behind either
+    result = CliRunner().invoke(app, ["fold-onnx", str(tmp_path / "missing.onnx"), str(dst)])
+    assert result.exit_code == 2 and result.output.startswith("error: cannot read")
+
+
+def test_fold_check_failed_carries_the_report() -> None:
+    with pytest.raises(FoldCheckFailed) as caught:
+        fold_model(build("gemm_bn"), tolerance=0.0 - 1.0)
+    assert caught.value.report.folded[0].into_type == "Gemm"
+    assert not caught.value.report.passed
