@@ -129,7 +129,10 @@ def outputs(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.nda
 def feeds_for(model: onnx.ModelProto, seed: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     feeds: dict[str, np.ndarray] = {}
+    stored = {t.name for t in model.graph.initializer}  # inputs with a default: not fed
     for info in model.graph.input:
+        if info.name in stored:
+            continue
         kind = info.type.tensor_type.elem_type
         if kind == onnx.TensorProto.BOOL:
             feeds[info.name] = np.array(True)

@@ -218,9 +218,17 @@ def _conv_bn_bn(b: Builder) -> onnx.ModelProto:
     return b.model([b.bn(b.bn(b.conv(x, 3, 4), 4), 4)])
 
 
+def _initializers_as_inputs(b: Builder) -> onnx.ModelProto:
+    """Every initializer also listed as a graph input (keep_initializers_as_inputs)."""
+    y = b.bn(b.conv(b.input("x", ["N", 3, 8, 8]), 3, 4), 4)
+    b.inputs += [helper.make_tensor_value_info(t.name, t.data_type, t.dims) for t in b.inits]
+    return b.model([y])
+
+
 # Patterns that must fold to zero BN (and zero constant Mul/Add beyond a layer's bias).
 PATTERNS: dict[str, Callable[[Builder], onnx.ModelProto]] = {
     "conv_bn": _conv_bn,
+    "conv_bn_opset7": lambda b: _conv_bn(b, 7),  # BN-7: the spatial attribute
     "conv_bn_opset9": lambda b: _conv_bn(b, 9),
     "conv_bn_opset14": lambda b: _conv_bn(b, 14),
     "conv_nobias_bn": _conv_nobias_bn,
@@ -247,6 +255,7 @@ PATTERNS: dict[str, Callable[[Builder], onnx.ModelProto]] = {
     "mul_add_conv_unpadded": _mul_add_conv,
     "concat_bn": _concat_bn,
     "bn_in_if": _bn_in_if,
+    "initializers_as_inputs": _initializers_as_inputs,
     "bn_constant_nodes": lambda b: b.model(
         [b.bn(b.conv(b.input("x", ["N", 3, 8, 8]), 3, 4), 4, "constant_nodes")]
     ),
@@ -282,11 +291,9 @@ def _bn_output_shared(b: Builder) -> onnx.ModelProto:
     return b.model([b.node("Gemm", [y, b.const("w", [8, 6])]), b.node("Sigmoid", [y])])
 
 
-def _overridable_weight(b: Builder) -> onnx.ModelProto:
+def _weight_fed_at_run_time(b: Builder) -> onnx.ModelProto:
     x = b.input("x", ["N", 3, 8, 8])
-    y = b.bn(b.node("Conv", [x, b.const("w", [4, 3, 3, 3])], pads=[1] * 4), 4)
-    b.inputs.append(helper.make_tensor_value_info("w", b.type, [4, 3, 3, 3]))
-    return b.model([y])
+    return b.model([b.bn(b.node("Conv", [x, b.input("w", [4, 3, 3, 3])], pads=[1] * 4), 4)])
 
 
 def _shared_weight(b: Builder) -> onnx.ModelProto:
@@ -327,7 +334,7 @@ SHARED_WEIGHT = _shared_weight
 REFUSALS: dict[str, tuple[Callable[[Builder], onnx.ModelProto], str]] = {
     "layer_output_shared": (_layer_output_shared, "'conv1' is read by 2 nodes"),
     "bn_output_shared": (_bn_output_shared, "'batchnormalization2' is read by 2 nodes"),
-    "overridable_weight": (_overridable_weight, "'w' of Conv 'conv1' is not a constant"),
+    "weight_fed_at_run_time": (_weight_fed_at_run_time, "'w' of Conv 'conv1' is not a constant"),
     "training_mode": (_training_mode, "training mode"),
     "nonconstant_params": (
         lambda b: b.model([b.bn(b.conv(b.input("x", ["N", 3, 8, 8]), 3, 4), 4, "inputs")]),

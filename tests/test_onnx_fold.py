@@ -123,6 +123,15 @@ def test_shared_weight_is_copied_never_changed() -> None:
     assert max_diff(run(model, feeds), run(folded, feeds)) < 1e-4
 
 
+def test_folded_initializers_leave_the_graph_inputs() -> None:
+    """With keep_initializers_as_inputs, folded weights stop being (optional) inputs."""
+    model = build("initializers_as_inputs")
+    assert len(model.graph.input) == 7  # x, w, b, and the 4 BN parameters
+    folded = fold_model(model).model
+    assert [i.name for i in folded.graph.input] == ["x"]
+    assert {t.name for t in folded.graph.initializer} == set(folded.graph.node[0].input[1:])
+
+
 def test_cli_folds_a_file_and_writes_the_report(tmp_path: Path) -> None:
     from training.__main__ import app
 
@@ -130,7 +139,8 @@ def test_cli_folds_a_file_and_writes_the_report(tmp_path: Path) -> None:
     onnx.save(build("concat_bn"), src)
     result = CliRunner().invoke(app, ["fold-onnx", str(src), str(dst), "--report", str(report)])
     assert result.exit_code == 0, result.output
-    assert "folded BatchNormalization 'batchnormalization5' backward into Concat" in result.output
+    line = "folded BatchNormalization 'batchnormalization5' backward into Concat(Conv, Conv, Conv)"
+    assert f"{line} 'conv1, conv2, conv3'" in result.output
     assert "BatchNormalization nodes 1 -> 0" in result.output and "PASS" in result.output
     assert op_count(onnx.load(dst), "BatchNormalization") == 0
     written = OnnxFoldReport.model_validate_json(report.read_text())
