@@ -132,6 +132,15 @@ def test_folded_initializers_leave_the_graph_inputs() -> None:
     assert {t.name for t in folded.graph.initializer} == set(folded.graph.node[0].input[1:])
 
 
+def test_dynamic_height_and_width_are_sized_so_the_graph_runs() -> None:
+    """A 3x3 unpadded Conv cannot run on 2x2: the check sizes H and W up until it does."""
+    b = Builder()
+    y = b.bn(b.conv(b.input("x", ["N", 3, "H", "W"]), 3, 4, pad=0), 4)
+    report = fold_model(b.model([y])).report
+    assert report.batchnorm_after == 0
+    assert report.check_inputs == "4 random batches, symbolic dims set to 2 (leading), 32"
+
+
 def test_cli_folds_a_file_and_writes_the_report(tmp_path: Path) -> None:
     from training.__main__ import app
 
