@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 from onnx_graphs import PATTERNS, REFUSALS, SHARED_WEIGHT, Builder, build, build_refusal, op_count
 from typer.testing import CliRunner
 
@@ -139,6 +139,52 @@ def test_dynamic_height_and_width_are_sized_so_the_graph_runs() -> None:
     report = fold_model(b.model([y])).report
     assert report.batchnorm_after == 0
     assert report.check_inputs == "4 random batches, symbolic dims set to 2 (leading), 32"
+
+
+def test_ir3_model_lists_its_new_initializers_as_inputs() -> None:
+    """Before IR 4 every initializer must also be a graph input (the checker enforces it)."""
+    model = build("conv_bn_opset7")
+    model.ir_version = 3
+    model.graph.input.extend(
+        helper.make_tensor_value_info(t.name, t.data_type, t.dims) for t in model.graph.initializer
+    )
+    folded = fold_model(model).model  # passes onnx.checker (full) or raises
+    assert op_count(folded, "BatchNormalization") == 0
+    inputs = {i.name for i in folded.graph.input}
+    assert {t.name for t in folded.graph.initializer} | {"x"} == inputs
+
+
+def test_batchnorm_in_a_local_function_is_reported_kept() -> None:
+    b = Builder()
+    x = b.input("x", ["N", 3, 8, 8])
+    params = [b.const(n, [3], 0.5) for n in ("g", "beta", "mean", "var")]
+    bn = helper.make_node("BatchNormalization", ["x", "g", "beta", "mean", "var"], ["y"])
+    function = helper.make_function(
+        "local",
+        "norm",
+        ["x", "g", "beta", "mean", "var"],
+        ["y"],
+        [bn],
+        [helper.make_opsetid("", 17)],
+    )
+    b.nodes.append(helper.make_node("norm", [x, *params], ["out"], domain="local"))
+    graph = helper.make_graph(
+        b.nodes,
+        "g",
+        b.inputs,
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        b.inits,
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local", 1)],
+        functions=[function],
+    )
+    model.ir_version = 10
+    report = fold_model(model).report
+    assert report.batchnorm_before == report.batchnorm_after == 1
+    assert [k.bn for k in report.kept] == ["norm/BatchNormalization->y"]
+    assert "inside the model-local function 'norm'" in report.kept[0].reason
 
 
 def test_cli_folds_a_file_and_writes_the_report(tmp_path: Path) -> None:

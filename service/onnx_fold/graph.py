@@ -219,8 +219,6 @@ def drop_unused_constants(model: onnx.ModelProto, candidates: set[str]) -> None:
     initializer is the caller's and stays."""
     uses = model_uses(model)
     dead = {name for name in candidates if uses[name] == 0}
-    if not dead:
-        return
     for graph in all_graphs(model.graph):
         dropped = {t.name for t in graph.initializer if t.name in dead}
         if dropped:
@@ -235,7 +233,7 @@ def drop_unused_constants(model: onnx.ModelProto, candidates: set[str]) -> None:
             {n.output[0] for n in graph.node if n.op_type == "Constant" and n.output[0] in dead},
         )
     produced = {o for g in all_graphs(model.graph) for n in g.node for o in n.output}
-    for graph in all_graphs(model.graph):
+    for graph in all_graphs(model.graph):  # shapes of values a fold renamed away
         infos = [v for v in graph.value_info if v.name in produced]
         del graph.value_info[:]
         graph.value_info.extend(infos)

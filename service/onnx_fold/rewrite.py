@@ -98,4 +98,19 @@ def fold_graphs(model: onnx.ModelProto) -> tuple[list[FoldedBatchNorm], list[Kep
                         bn_shape=site.shape if isinstance(site, Site) else [],
                     )
     drop_unused_constants(model, edit.released)
-    return folded, list(kept.values())
+    return folded, [*kept.values(), *_in_functions(model)]
+
+
+def _in_functions(model: onnx.ModelProto) -> list[KeptBatchNorm]:
+    """BNs inside model-local functions: counted in the report's BN totals, not folded."""
+    return [
+        KeptBatchNorm(
+            bn=f"{function.name}/{node_label(node)}",
+            reason=f"inside the model-local function '{function.name}', whose weights are "
+            "its inputs: inline the function to fold it",
+            bn_type=BATCHNORM,
+        )
+        for function in model.functions
+        for node in function.node
+        if node.op_type == BATCHNORM and node.domain in ("", "ai.onnx")
+    ]
