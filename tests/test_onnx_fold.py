@@ -141,6 +141,23 @@ def test_dynamic_height_and_width_are_sized_so_the_graph_runs() -> None:
     assert report.check_inputs == "4 random batches, symbolic dims set to 2 (leading), 32"
 
 
+@pytest.mark.parametrize("shape", [[], [4, 1, 1]])
+def test_kept_mul_add_is_reported_only_when_per_channel(shape: list[int]) -> None:
+    """Conv output read twice (as hard-swish's x * relu6(x + 3) does): the Add cannot fold.
+    A scalar Add is arithmetic, not a BN, and not reported; a per-channel one is."""
+    b = Builder()
+    y = b.conv(b.input("x", ["N", 3, 8, 8]), 3, 4)
+    shifted = b.node("Add", [y, b.const("three", shape)])
+    model = b.model([b.node("Mul", [y, b.node("Relu", [shifted])])])
+    report = fold_model(model).report
+    assert report.folded == []
+    if shape:
+        assert [(k.bn, k.bn_type, k.bn_shape) for k in report.kept] == [("add2", "Add", shape)]
+        assert report.kept[0].reason.startswith("before it: 'conv1' is read by 2 nodes")
+    else:
+        assert report.kept == []
+
+
 def test_ir3_model_lists_its_new_initializers_as_inputs() -> None:
     """Before IR 4 every initializer must also be a graph input (the checker enforces it)."""
     model = build("conv_bn_opset7")
