@@ -151,6 +151,11 @@ def _gemm(scope: Scope, site: Site, layer: onnx.NodeProto, edit: Editor) -> Fold
     return fold(layer, b_mat, "backward", n)
 
 
+def per_feature(bias: np.ndarray, rank: int) -> bool:
+    """Whether a MatMul bias varies along the last axis only and does not raise the rank."""
+    return bias.ndim <= rank and all(d == 1 for d in bias.shape[:-1])
+
+
 def matmul_bias(scope: Scope, add: onnx.NodeProto) -> tuple[onnx.NodeProto, int, np.ndarray] | None:
     """For ``Add(MatMul(x, W), b)`` with constant W and b: (the MatMul, b's input index, b)."""
     if add.op_type != "Add" or len(add.input) != 2:
@@ -183,7 +188,7 @@ def _matmul(
     st = site.per_channel(rank - 1, rank, n)
     if isinstance(st, str):
         return st
-    if bias is not None and (bias.ndim > 1 and any(d != 1 for d in bias.shape[:-1])):
+    if bias is not None and not per_feature(bias, rank):
         return "the bias after the MatMul is not per-channel"
     new_w, new_b = weights.matmul_backward(w, None if bias is None else bias.reshape(-1), *st)
     edit.set_input(scope, layer, 1, new_w, dtype, layer.input[1])

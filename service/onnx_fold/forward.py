@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 
 from service.onnx_fold import weights
-from service.onnx_fold.backward import matmul_bias
+from service.onnx_fold.backward import matmul_bias, per_feature
 from service.onnx_fold.edits import Editor, Fold, bias_base, fold, readers
 from service.onnx_fold.graph import (
     Scope,
@@ -113,7 +113,7 @@ def _matmul(scope: Scope, site: Site, layer: onnx.NodeProto, edit: Editor) -> Fo
     after = scope.only_consumer(layer.output[0])
     bias_info = matmul_bias(scope, after) if after is not None else None
     bias = None if bias_info is None else bias_info[2]
-    if bias is not None and bias.ndim > 1 and any(d != 1 for d in bias.shape[:-1]):
+    if bias is not None and not per_feature(bias, rank):
         bias_info = bias = None  # a bias that is not per-channel: leave that Add alone
     new_w, new_b = weights.matmul_forward(w, None if bias is None else bias.reshape(-1), *st)
     edit.set_input(scope, layer, 1, new_w, dtype, layer.input[1])
