@@ -157,7 +157,13 @@ def test_real_process_starts_from_the_command_line(tmp_path: Path, build: Any) -
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "FOLDSERVE_PORT": str(port), "FOLDSERVE_LOG_FORMAT": "json"}
+    # No drain window: this test stops the server, it does not test draining (test_service_drain).
+    env = {
+        **os.environ,
+        "FOLDSERVE_PORT": str(port),
+        "FOLDSERVE_LOG_FORMAT": "json",
+        "FOLDSERVE_DRAIN_SECONDS": "0",
+    }
     args = [
         sys.executable,
         "-m",
