@@ -1,4 +1,5 @@
-"""``python -m training``: train, list-models, fold, export, retrain, bench-torch, experiment."""
+"""``python -m training``: train, list-models, fold, export, import-onnx, retrain, bench-torch,
+experiment."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from rich.table import Table
 
 from training.data import DatasetError, load_dataset, parse_shape
 from training.distributed import DistributedError, init_distributed, shutdown_distributed
+from training.import_onnx import import_onnx_cmd
 from training.train import DatasetSpec, Run, RunError, TrainConfig, load_run, save_run, train
 from training.zoo import (
     MODEL_DESCRIPTIONS,
@@ -381,6 +383,8 @@ def experiment_cmd(
         return
     console.print(f"wrote {report}", highlight=False)
 
+
+app.command("import-onnx")(import_onnx_cmd)
 
 if __name__ == "__main__":
     app()

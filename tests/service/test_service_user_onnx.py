@@ -7,6 +7,7 @@ nodes kept); the truth every served output is compared with is ONNX Runtime on t
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import API_KEY, live_server, server_settings, serving_options
+from typer.testing import CliRunner
 from user_onnx import (
     CLASSES,
     batchnorm_count,
@@ -230,3 +232,54 @@ def test_workers_derive_once_and_serve_alike(tmp_path: Path, serve_process: Any)
     names = sorted(p.name for p in (version_dir / CACHE_DIR).iterdir())
     assert names == [sha256_hex(data), f"{sha256_hex(data)}.lock"]
     assert batchnorm_count(version_dir / CACHE_DIR / sha256_hex(data) / DERIVED_FILE) == 0
+
+
+def test_import_onnx_writes_a_version_that_serves(tmp_path: Path) -> None:
+    from training.__main__ import app
+
+    data = cnn_with_bn(5).SerializeToString()
+    user_file = tmp_path / "resnet_from_keras.onnx"
+    user_file.write_bytes(data)
+    repo = tmp_path / "models"
+    args = ["import-onnx", str(user_file), "--repository", str(repo), "--name", "imported"]
+    result = CliRunner().invoke(app, [*args, "--version", "3"])
+    assert result.exit_code == 0, result.output
+    assert "BN nodes 2 -> 0" in result.output
+
+    version_dir = repo / "imported" / "3"
+    meta = VersionMetadata.read(version_dir)
+    assert (version_dir / "model.unfolded.onnx").read_bytes() == data
+    assert batchnorm_count(version_dir / "model.onnx") == 0
+    assert meta.bn_nodes == {"folded": 0, "unfolded": 2}
+    assert meta.sha256 == {
+        "model.onnx": sha256_hex((version_dir / "model.onnx").read_bytes()),
+        "model.unfolded.onnx": sha256_hex(data),
+    }
+    assert [f.bn for f in meta.fold_report.folded] == ["bn1", "bn2"]
+    assert meta.parity is not None and meta.parity.max_abs_diff <= meta.parity.atol
+    assert (meta.model_extra or {})["derived_from"]["file"] == "resnet_from_keras.onnx"
+    # The reference batch: random inputs of the declared shapes, the user's file's outputs.
+    ref_x = meta.reference.inputs["x"].array()
+    assert ref_x.shape[1:] == (3, 8, 8)
+    np.testing.assert_array_equal(
+        meta.reference.outputs["logits"].array(), run_original(data, {"x": ref_x})[0]
+    )
+
+    # Taken again: the next number; a broken file: exit 2, a reason, nothing written.
+    assert CliRunner().invoke(app, args).exit_code == 0
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"\x00garbage")
+    failed = CliRunner().invoke(
+        app, ["import-onnx", str(broken), "--repository", str(repo), "--name", "imported"]
+    )
+    assert failed.exit_code == 2 and "not an ONNX model" in failed.output
+    assert sorted(p.name for p in (repo / "imported").iterdir()) == ["3", "4"]
+
+    with live_server(server_settings(repo)) as live, live.client() as client:
+        assert client.get("/v2/models/imported").json()["versions"] == ["3", "4"]
+        x = batch(6)
+        np.testing.assert_allclose(
+            infer(client, "imported", x), run_original(data, {"x": x})[0], atol=ATOL
+        )
+        info = json.loads((version_dir / "metadata.json").read_text())
+        assert info["derived_from"]["sha256"] == sha256_hex(data)
