@@ -83,6 +83,7 @@ def user_repo(build: Any, tmp_path: Path) -> Path:
     write_bare(repo, "plain", 1, build.linear_model(4, 5).SerializeToString())
     write_bare(repo, "broken", 1, b"this is not an ONNX model")
     write_bare(repo, "bf16", 1, bfloat16_input().SerializeToString())
+    write_bare(repo, "batch1", 1, cnn_with_bn(batch=1).SerializeToString())
     build.write_version(repo, "linear", 1, build.linear_model(4, 5))
     return repo
 
@@ -128,6 +129,21 @@ def test_bare_model_onnx_serves_folded(user_repo: Path) -> None:
         assert report["unfolded_bn_inputs"] == {"Conv": 1, "Gemm": 1}
         assert report["max_abs_diff"] < ATOL
 
+        # Exported for batch size 1: served so (no batching), measured so, 409 otherwise.
+        fixed = client.get("/v2/models/batch1").json()
+        assert fixed["inputs"][0]["shape"] == [1, 3, 8, 8]
+        assert fixed["bn_nodes"] == {"folded": 0, "unfolded": 2}
+        x1 = batch(7, n=1)
+        np.testing.assert_allclose(
+            infer(client, "batch1", x1), run_original(original, {"x": x1})[0], atol=ATOL
+        )
+        latency = "/v2/models/batch1/fold-latency"
+        params = {"iterations": 10, "warmup": 0}
+        assert client.get(latency, params=params, headers=KEY).status_code == 200
+        r = client.get(latency, params={**params, "batch_size": 2}, headers=KEY)
+        assert r.status_code == 409
+        assert "input 'x' has a fixed batch axis of 1" in r.json()["error"]
+
         # No BN: served as it is, and the metadata says nothing was folded.
         plain = client.get("/v2/models/plain").json()
         assert plain["derived_from"]["unchanged"] is True
@@ -147,6 +163,7 @@ def test_bare_model_onnx_serves_folded(user_repo: Path) -> None:
         states = {e["name"]: e["state"] for e in client.get("/v2/repository/index").json()}
         assert states == {
             "bf16": "UNAVAILABLE",
+            "batch1": "READY",
             "broken": "UNAVAILABLE",
             "linear": "READY",
             "plain": "READY",

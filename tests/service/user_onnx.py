@@ -30,8 +30,8 @@ def _bn(
     return node, inits
 
 
-def cnn_with_bn(seed: int = 0) -> onnx.ModelProto:
-    """x (N, 3, 8, 8) -> Conv+BN+Relu -> GlobalAveragePool -> Gemm+BN+Relu -> Gemm -> logits
+def cnn_with_bn(seed: int = 0, batch: int | str = "N") -> onnx.ModelProto:
+    """x (``batch``, 3, 8, 8) -> Conv+BN+Relu -> GlobalAveragePool -> Gemm+BN+Relu -> Gemm -> logits
     (N, 3): two BatchNormalization nodes, one after a Conv, one after a Gemm."""
     rng = np.random.default_rng(seed)
 
@@ -64,8 +64,8 @@ def cnn_with_bn(seed: int = 0) -> onnx.ModelProto:
     graph = helper.make_graph(
         nodes,
         "user_cnn",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", CLASSES])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, CLASSES])],
         inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
