@@ -24,6 +24,7 @@ from user_onnx import (
     bfloat16_input,
     cnn_with_bn,
     run_original,
+    to_float16,
     write_bare,
 )
 
@@ -171,6 +172,24 @@ def test_bare_model_onnx_serves_folded(user_repo: Path) -> None:
         }
         # An exported model beside them is not one: no derived_from.
         assert client.get("/v2/models/linear").json()["derived_from"] is None
+
+
+def test_float16_file_serves_with_float16_specs(tmp_path: Path) -> None:
+    data = to_float16(cnn_with_bn()).SerializeToString()
+    write_bare(tmp_path / "models", "half", 1, data)
+    repository = ModelRepository(tmp_path / "models", serving_options(), tmp_path / "runtime")
+    repository.load_all()
+    model = repository.get("half")
+    meta = model.metadata
+    assert [(s.name, s.datatype, s.shape) for s in meta.inputs] == [("x", "FP16", (-1, 3, 8, 8))]
+    assert [(s.datatype, s.shape) for s in meta.outputs] == [("FP16", (-1, CLASSES))]
+    assert meta.bn_nodes == {"folded": 0, "unfolded": 2}
+    assert meta.parity is not None and meta.parity.max_abs_diff <= meta.parity.atol <= 2e-2
+    x = batch(8).astype(np.float16)
+    got = model.run({"x": x})["logits"]
+    assert got.dtype == np.float16
+    np.testing.assert_allclose(got, run_original(data, {"x": x})[0], atol=meta.parity.atol)
+    model.close()
 
 
 def test_cache_is_reused_and_a_replaced_file_is_derived_again(tmp_path: Path) -> None:

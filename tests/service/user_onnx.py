@@ -100,3 +100,17 @@ def bfloat16_input() -> onnx.ModelProto:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])],
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+
+
+def to_float16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The same graph with float16 weights, inputs and outputs."""
+    half = onnx.ModelProto()
+    half.CopyFrom(model)
+    for init in half.graph.initializer:
+        init.CopyFrom(
+            numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16), init.name)
+        )
+    for value in [*half.graph.input, *half.graph.output]:
+        value.type.tensor_type.elem_type = TensorProto.FLOAT16
+    onnx.checker.check_model(half, full_check=True)
+    return half
