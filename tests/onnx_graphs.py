@@ -52,7 +52,9 @@ class Builder:
         self.nodes.append(helper.make_node(op, inputs, outputs, name=name, **attrs))
         return name
 
-    def bn(self, x: str, c: int, params_as: str = "initializer", **attrs: Any) -> str:
+    def bn(
+        self, x: str, c: int, params_as: str = "initializer", n_out: int = 1, **attrs: Any
+    ) -> str:
         """BatchNormalization over ``c`` channels with non-trivial statistics."""
         k = self.count + 1
         names = [f"bn{k}_{p}" for p in ("scale", "bias", "mean", "var")]
@@ -67,7 +69,7 @@ class Builder:
             for name in names:
                 self.inits = [t for t in self.inits if t.name != name]
                 self.input(name, [c])
-        return self.node("BatchNormalization", [x, *names], epsilon=1e-3, **attrs)
+        return self.node("BatchNormalization", [x, *names], n_out, epsilon=1e-3, **attrs)
 
     def conv(self, x: str, cin: int, cout: int, k: int = 3, pad: int = 1, group: int = 1) -> str:
         w = self.const(f"w{self.count + 1}", [cout, cin // group, k, k])
@@ -216,9 +218,17 @@ def _conv_bn_bn(b: Builder) -> onnx.ModelProto:
     return b.model([b.bn(b.bn(b.conv(x, 3, 4), 4), 4)])
 
 
+def _initializers_as_inputs(b: Builder) -> onnx.ModelProto:
+    """Every initializer also listed as a graph input (keep_initializers_as_inputs)."""
+    y = b.bn(b.conv(b.input("x", ["N", 3, 8, 8]), 3, 4), 4)
+    b.inputs += [helper.make_tensor_value_info(t.name, t.data_type, t.dims) for t in b.inits]
+    return b.model([y])
+
+
 # Patterns that must fold to zero BN (and zero constant Mul/Add beyond a layer's bias).
 PATTERNS: dict[str, Callable[[Builder], onnx.ModelProto]] = {
     "conv_bn": _conv_bn,
+    "conv_bn_opset7": lambda b: _conv_bn(b, 7),  # BN-7: the spatial attribute
     "conv_bn_opset9": lambda b: _conv_bn(b, 9),
     "conv_bn_opset14": lambda b: _conv_bn(b, 14),
     "conv_nobias_bn": _conv_nobias_bn,
@@ -245,6 +255,7 @@ PATTERNS: dict[str, Callable[[Builder], onnx.ModelProto]] = {
     "mul_add_conv_unpadded": _mul_add_conv,
     "concat_bn": _concat_bn,
     "bn_in_if": _bn_in_if,
+    "initializers_as_inputs": _initializers_as_inputs,
     "bn_constant_nodes": lambda b: b.model(
         [b.bn(b.conv(b.input("x", ["N", 3, 8, 8]), 3, 4), 4, "constant_nodes")]
     ),
@@ -268,3 +279,72 @@ def op_count(model: onnx.ModelProto, op: str) -> int:
         return n
 
     return walk(model.graph)
+
+
+def _layer_output_shared(b: Builder) -> onnx.ModelProto:
+    y = b.conv(b.input("x", ["N", 3, 8, 8]), 3, 4)
+    return b.model([b.bn(y, 4), b.node("Relu", [y])])
+
+
+def _bn_output_shared(b: Builder) -> onnx.ModelProto:
+    y = b.bn(b.node("Relu", [b.input("x", ["N", 8])]), 8)
+    return b.model([b.node("Gemm", [y, b.const("w", [8, 6])]), b.node("Sigmoid", [y])])
+
+
+def _weight_fed_at_run_time(b: Builder) -> onnx.ModelProto:
+    x = b.input("x", ["N", 3, 8, 8])
+    return b.model([b.bn(b.node("Conv", [x, b.input("w", [4, 3, 3, 3])], pads=[1] * 4), 4)])
+
+
+def _shared_weight(b: Builder) -> onnx.ModelProto:
+    """Two Convs read one weight; only the first is followed by BN."""
+    x = b.input("x", ["N", 3, 8, 8])
+    w = b.const("w", [3, 3, 3, 3])
+    y = b.bn(b.node("Conv", [x, w], pads=[1] * 4), 3)
+    return b.model([b.node("Conv", [y, w], pads=[1] * 4)])
+
+
+def _training_mode(b: Builder) -> onnx.ModelProto:
+    y = b.conv(b.input("x", ["N", 3, 8, 8]), 3, 4)
+    k = b.count + 1
+    bn = b.bn(y, 4, n_out=3, training_mode=1)
+    assert bn == f"batchnormalization{k}"
+    return b.model([bn])
+
+
+def _padded_conv_after_bn(b: Builder) -> onnx.ModelProto:
+    x = b.bn(b.node("Relu", [b.input("x", ["N", 4, 8, 8])]), 4)
+    return b.model([b.conv(x, 4, 4, pad=1)])
+
+
+def _output_in_middle(b: Builder) -> onnx.ModelProto:
+    y = b.conv(b.input("x", ["N", 3, 8, 8]), 3, 4)
+    return b.model([b.bn(y, 4), y])
+
+
+def _matmul_3d_bn(b: Builder) -> onnx.ModelProto:
+    """BN over axis 1 of a (N, 5, 6) MatMul output: axis 1 is not the weight's channels."""
+    y = b.node("MatMul", [b.input("x", ["N", 5, 8]), b.const("w", [8, 6])])
+    return b.model([b.bn(y, 5)])
+
+
+SHARED_WEIGHT = _shared_weight
+
+# name -> (builder, a phrase the kept reason must contain)
+REFUSALS: dict[str, tuple[Callable[[Builder], onnx.ModelProto], str]] = {
+    "layer_output_shared": (_layer_output_shared, "'conv1' is read by 2 nodes"),
+    "bn_output_shared": (_bn_output_shared, "'batchnormalization2' is read by 2 nodes"),
+    "weight_fed_at_run_time": (_weight_fed_at_run_time, "'w' of Conv 'conv1' is not a constant"),
+    "training_mode": (_training_mode, "training mode"),
+    "nonconstant_params": (
+        lambda b: b.model([b.bn(b.conv(b.input("x", ["N", 3, 8, 8]), 3, 4), 4, "inputs")]),
+        "parameters are not constants",
+    ),
+    "padded_conv_after_bn": (_padded_conv_after_bn, "pads its input (pads=[1, 1, 1, 1])"),
+    "graph_output_in_middle": (_output_in_middle, "'conv1' is a graph output"),
+    "matmul_3d_bn": (_matmul_3d_bn, "normalizes axis 1, but the layer's channels are axis 2"),
+}
+
+
+def build_refusal(name: str, dtype: str = "float32") -> onnx.ModelProto:
+    return REFUSALS[name][0](Builder(dtype))

@@ -3,14 +3,17 @@ the graph and says why, the outputs match the original in ONNX Runtime."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto
-from onnx_graphs import PATTERNS, build, op_count
+from onnx import TensorProto, helper, numpy_helper
+from onnx_graphs import PATTERNS, REFUSALS, SHARED_WEIGHT, Builder, build, build_refusal, op_count
+from typer.testing import CliRunner
 
-from service.onnx_fold import fold_model
+from service.onnx_fold import FoldCheckFailed, OnnxFoldReport, fold_model
 from service.onnx_fold.check import widened
 
 
@@ -89,3 +92,132 @@ def test_bfloat16_folds(pattern: str) -> None:
     assert "float32 copies" in outcome.report.check_inputs
     weights = [t for t in outcome.model.graph.initializer if t.data_type != TensorProto.BFLOAT16]
     assert weights == []  # still bfloat16: rounded once, not widened
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("name", sorted(REFUSALS))
+def test_refusal_keeps_the_graph_and_says_why(name: str, dtype: str) -> None:
+    model = build_refusal(name, dtype)
+    outcome = fold_model(model)
+    report = outcome.report
+    assert report.folded == []
+    assert report.batchnorm_after == report.batchnorm_before == 1
+    assert [k.bn_type for k in report.kept] == ["BatchNormalization"]
+    assert REFUSALS[name][1] in report.kept[0].reason
+    assert report.max_abs_diff == 0.0  # nothing changed, so exactly the same outputs
+
+
+def test_shared_weight_is_copied_never_changed() -> None:
+    """The BN folds into a private copy of the weight; the other Conv still reads the
+    original, unchanged."""
+    model = SHARED_WEIGHT(Builder())
+    original = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "w"))
+    outcome = fold_model(model)
+    folded = outcome.model
+    assert outcome.report.batchnorm_after == 0
+    convs = [n for n in folded.graph.node if n.op_type == "Conv"]
+    assert convs[0].input[1] != "w" and convs[1].input[1] == "w"
+    kept_w = next(t for t in folded.graph.initializer if t.name == "w")
+    assert np.array_equal(numpy_helper.to_array(kept_w), original)
+    feeds = feeds_for(model, np.float32)
+    assert max_diff(run(model, feeds), run(folded, feeds)) < 1e-4
+
+
+def test_folded_initializers_leave_the_graph_inputs() -> None:
+    """With keep_initializers_as_inputs, folded weights stop being (optional) inputs."""
+    model = build("initializers_as_inputs")
+    assert len(model.graph.input) == 7  # x, w, b, and the 4 BN parameters
+    folded = fold_model(model).model
+    assert [i.name for i in folded.graph.input] == ["x"]
+    assert {t.name for t in folded.graph.initializer} == set(folded.graph.node[0].input[1:])
+
+
+def test_dynamic_height_and_width_are_sized_so_the_graph_runs() -> None:
+    """A 3x3 unpadded Conv cannot run on 2x2: the check sizes H and W up until it does."""
+    b = Builder()
+    y = b.bn(b.conv(b.input("x", ["N", 3, "H", "W"]), 3, 4, pad=0), 4)
+    report = fold_model(b.model([y])).report
+    assert report.batchnorm_after == 0
+    assert report.check_inputs == "4 random batches, symbolic dims set to 2 (leading), 32"
+
+
+def test_ir3_model_lists_its_new_initializers_as_inputs() -> None:
+    """Before IR 4 every initializer must also be a graph input (the checker enforces it)."""
+    model = build("conv_bn_opset7")
+    model.ir_version = 3
+    model.graph.input.extend(
+        helper.make_tensor_value_info(t.name, t.data_type, t.dims) for t in model.graph.initializer
+    )
+    folded = fold_model(model).model  # passes onnx.checker (full) or raises
+    assert op_count(folded, "BatchNormalization") == 0
+    inputs = {i.name for i in folded.graph.input}
+    assert {t.name for t in folded.graph.initializer} | {"x"} == inputs
+
+
+def test_batchnorm_in_a_local_function_is_reported_kept() -> None:
+    b = Builder()
+    x = b.input("x", ["N", 3, 8, 8])
+    params = [b.const(n, [3], 0.5) for n in ("g", "beta", "mean", "var")]
+    bn = helper.make_node("BatchNormalization", ["x", "g", "beta", "mean", "var"], ["y"])
+    function = helper.make_function(
+        "local",
+        "norm",
+        ["x", "g", "beta", "mean", "var"],
+        ["y"],
+        [bn],
+        [helper.make_opsetid("", 17)],
+    )
+    b.nodes.append(helper.make_node("norm", [x, *params], ["out"], domain="local"))
+    graph = helper.make_graph(
+        b.nodes,
+        "g",
+        b.inputs,
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        b.inits,
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local", 1)],
+        functions=[function],
+    )
+    model.ir_version = 10
+    report = fold_model(model).report
+    assert report.batchnorm_before == report.batchnorm_after == 1
+    assert [k.bn for k in report.kept] == ["norm/BatchNormalization->y"]
+    assert "inside the model-local function 'norm'" in report.kept[0].reason
+
+
+def test_cli_folds_a_file_and_writes_the_report(tmp_path: Path) -> None:
+    from training.__main__ import app
+
+    src, dst, report = tmp_path / "in.onnx", tmp_path / "out.onnx", tmp_path / "r.json"
+    onnx.save(build("concat_bn"), src)
+    result = CliRunner().invoke(app, ["fold-onnx", str(src), str(dst), "--report", str(report)])
+    assert result.exit_code == 0, result.output
+    line = "folded BatchNormalization 'batchnormalization5' backward into Concat(Conv, Conv, Conv)"
+    assert f"{line} 'conv1, conv2, conv3'" in result.output
+    assert "BatchNormalization nodes 1 -> 0" in result.output and "PASS" in result.output
+    assert op_count(onnx.load(dst), "BatchNormalization") == 0
+    written = OnnxFoldReport.model_validate_json(report.read_text())
+    assert written.passed and written.batchnorm_after == 0 and written.max_abs_diff < 1e-4
+
+
+def test_cli_refuses_to_write_a_fold_beyond_tolerance(tmp_path: Path) -> None:
+    from training.__main__ import app
+
+    src, dst = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    onnx.save(build("conv_bn"), src)
+    result = CliRunner().invoke(app, ["fold-onnx", str(src), str(dst), "--tolerance", "1e-12"])
+    assert result.exit_code == 2
+    assert "FAIL" in result.output and "error: folded outputs differ by" in result.output
+    assert "Traceback" not in result.output and not dst.exists()
+    assert list(tmp_path.iterdir()) == [src]  # no temporary file left behind either
+    result = CliRunner().invoke(app, ["fold-onnx", str(tmp_path / "missing.onnx"), str(dst)])
+    assert result.exit_code == 2 and result.output.startswith("error: cannot read")
+
+
+def test_fold_check_failed_carries_the_report() -> None:
+    with pytest.raises(FoldCheckFailed) as caught:
+        fold_model(build("gemm_bn"), tolerance=0.0 - 1.0)
+    assert caught.value.report.folded[0].into_type == "Gemm"
+    assert not caught.value.report.passed

@@ -1,5 +1,5 @@
-"""``python -m training``: train, list-models, fold, export, import-onnx, retrain, bench-torch,
-experiment."""
+"""``python -m training``: train, list-models, fold, export, retrain, bench-torch, experiment,
+fold-onnx, import-onnx."""
 
 from __future__ import annotations
 
@@ -10,12 +10,13 @@ from typing import Annotated
 
 import torch
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from training.data import DatasetError, load_dataset, parse_shape
 from training.distributed import DistributedError, init_distributed, shutdown_distributed
 from training.import_onnx import import_onnx_cmd
+from training.onnx_cli import fold_onnx_cmd
+from training.terminal import console, fail
 from training.train import DatasetSpec, Run, RunError, TrainConfig, load_run, save_run, train
 from training.zoo import (
     MODEL_DESCRIPTIONS,
@@ -31,14 +32,9 @@ app = typer.Typer(
     no_args_is_help=True,
     help="Train BN networks, fold BN, export folded and unfolded ONNX.",
 )
-console = Console()
 log = logging.getLogger("training")
-
-
-def fail(message: str) -> None:
-    """One-line error, exit code 2 (no traceback for user mistakes)."""
-    console.print(f"[red]error:[/red] {message}", highlight=False)
-    raise typer.Exit(2)
+app.command("fold-onnx")(fold_onnx_cmd)
+app.command("import-onnx")(import_onnx_cmd)
 
 
 @app.callback()
@@ -383,8 +379,6 @@ def experiment_cmd(
         return
     console.print(f"wrote {report}", highlight=False)
 
-
-app.command("import-onnx")(import_onnx_cmd)
 
 if __name__ == "__main__":
     app()

@@ -15,8 +15,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from service.model_format import (
     FOLDED_FILE,
@@ -27,8 +25,7 @@ from service.model_format import (
     write_version,
 )
 from service.onnx_fold import OnnxFoldReport, derive_version
-
-console = Console()
+from training.terminal import console, fail
 
 
 class OnnxImportError(ValueError):
@@ -70,18 +67,6 @@ def import_onnx(
     return ImportResult(path, number, VersionMetadata.read(path), derived.report)
 
 
-def fold_table(report: OnnxFoldReport) -> Table:
-    """What was folded into what, and what was kept and why."""
-    table = Table(title="BatchNorm folding")
-    for column in ("BN", "result", "into / reason"):
-        table.add_column(column)
-    for folded in report.folded:
-        table.add_row(folded.bn, f"folded {folded.direction}", folded.into)
-    for kept in report.kept:
-        table.add_row(kept.bn, "kept", kept.reason)
-    return table
-
-
 def import_onnx_cmd(
     file: Annotated[Path, typer.Argument(help="the user's ONNX file (BN nodes may remain)")],
     name: Annotated[str, typer.Option(help="model name in the repository")],
@@ -98,11 +83,12 @@ def import_onnx_cmd(
         with console.status(f"folding and checking {file}"):
             result = import_onnx(file, repository, name, version, tolerance)
     except OnnxImportError as err:
-        console.print(f"[red]error:[/red] {err}", highlight=False)
-        raise typer.Exit(2) from None
+        fail(str(err))
+        return
     md = result.metadata
     parity = md.parity.max_abs_diff if md.parity is not None else float("nan")
-    console.print(fold_table(result.report))
+    for line in result.report.summary():
+        console.print(line, highlight=False, soft_wrap=True, markup=False)
     console.print(
         f"wrote {result.path}: BN nodes {md.bn_nodes['unfolded']} -> {md.bn_nodes['folded']}, "
         f"max abs diff folded vs original {parity:.3g}",

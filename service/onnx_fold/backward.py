@@ -121,7 +121,10 @@ def _concat(scope: Scope, site: Site, concat: onnx.NodeProto, edit: Editor) -> F
         _fold_conv(scope, part, plan, st[0][lo:hi], st[1][lo:hi], edit)
     edit.drop_site(scope, site)
     concat.output[0] = site.output
-    return Fold(node_label(concat), "Concat", [sum(sizes)], "backward", sum(sizes))
+    # into: the Convs, comma-separated, as training.fold reports a concat; shape: channels
+    into = ", ".join(node_label(p) for p in parts if p is not None)
+    kinds = ", ".join(p.op_type for p in parts if p is not None)
+    return Fold(into, f"Concat({kinds})", [sum(sizes)], "backward", sum(sizes))
 
 
 def _gemm(scope: Scope, site: Site, layer: onnx.NodeProto, edit: Editor) -> Fold | str:
@@ -202,7 +205,7 @@ def _matmul(
 def fold_backward(scope: Scope, site: Site, edit: Editor) -> Fold | str | None:
     layer = scope.producer.get(site.input)
     if layer is None:
-        return "before it: a graph input, no layer" if site.is_batchnorm else None
+        return None
     absorbs = layer.op_type in (*CONVS, "Gemm", "MatMul", "Concat") or matmul_bias(scope, layer)
     if not (site.is_batchnorm or absorbs):
         return None  # a Mul/Add with no layer before it: nothing to report

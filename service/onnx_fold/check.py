@@ -1,10 +1,12 @@
 """The self-check: original and folded graphs run in ONNX Runtime on the same random inputs.
 
 CPUExecutionProvider with graph optimizations disabled, so ORT's own Conv+BN fusion cannot
-hide a wrong fold. Inputs follow the declared shapes, symbolic (or unknown) dims set to
-:data:`SYMBOLIC_DIM`. ORT's CPU provider has no bfloat16 kernels (and lacks some float16
-ones): such graphs run as float32 copies, every 16-bit constant widened exactly, which
-measures the error of the folded weights themselves."""
+hide a wrong fold. Inputs follow the declared shapes; a symbolic (or unknown) leading dim
+is :data:`SYMBOLIC_DIM`, the others the first of :data:`OTHER_DIMS` the original runs with
+(a CNN with dynamic height and width needs more than 2). ORT's CPU provider has no
+bfloat16 kernels (and lacks some float16 ones): such graphs run as float32 copies, every
+16-bit constant widened exactly, which measures the error of the folded weights
+themselves."""
 
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ from onnx import numpy_helper
 
 from service.onnx_fold.graph import all_graphs
 
-SYMBOLIC_DIM = 2
+SYMBOLIC_DIM = 2  # the leading (batch) dim, and every other one when the graph runs so
+OTHER_DIMS = (2, 32, 224)  # else tried in turn for the others (a CNN's dynamic H, W)
 BATCHES = 4
 # Max abs diff allowed, relative to the largest |output| (at least 1): 1e-4, or 10 units in
 # the last place of the model's narrowest float type where that is larger (float16: ~1e-2,
@@ -91,8 +94,11 @@ def _session(model: onnx.ModelProto) -> ort.InferenceSession:
         raise CheckError(f"ONNX Runtime cannot run the model: {err}") from err
 
 
-def _random_input(arg: ort.NodeArg, rng: np.random.Generator) -> np.ndarray:
-    shape = [d if isinstance(d, int) and d >= 0 else SYMBOLIC_DIM for d in arg.shape]
+def _random_input(arg: ort.NodeArg, rng: np.random.Generator, other: int) -> np.ndarray:
+    shape = [
+        d if isinstance(d, int) and d >= 0 else (SYMBOLIC_DIM if i == 0 else other)
+        for i, d in enumerate(arg.shape)
+    ]
     kind = arg.type
     if "float16" in kind:
         return rng.standard_normal(shape).astype(np.float16)
@@ -119,10 +125,11 @@ def compare(original: onnx.ModelProto, folded: onnx.ModelProto, seed: int) -> Pa
             note = ", run as float32 copies (ORT's CPU provider lacks 16-bit kernels)"
     else:
         sessions = (_session(original), _session(folded))
+    other = _runnable_size(sessions[0], seed)
     rng = np.random.default_rng(seed)
     diff, scale = 0.0, 1.0
     for _ in range(BATCHES):
-        feeds = {a.name: _random_input(a, rng) for a in sessions[0].get_inputs()}
+        feeds = {a.name: _random_input(a, rng, other) for a in sessions[0].get_inputs()}
         try:
             expected, got = (s.run(None, feeds) for s in sessions)
         except Exception as err:  # ORT's runtime errors have no common public base class
@@ -134,5 +141,22 @@ def compare(original: onnx.ModelProto, folded: onnx.ModelProto, seed: int) -> Pa
                 gap[(e64 == g64) | (np.isnan(e64) & np.isnan(g64))] = 0.0  # inf == inf, nan
                 diff = max(diff, float(np.max(gap)))
                 scale = max(scale, float(np.max(np.abs(e64[np.isfinite(e64)]), initial=0.0)))
-    inputs = f"{BATCHES} random batches, symbolic dims set to {SYMBOLIC_DIM}{note}"
+    dims = f"{SYMBOLIC_DIM}" if other == SYMBOLIC_DIM else f"{SYMBOLIC_DIM} (leading), {other}"
+    inputs = f"{BATCHES} random batches, symbolic dims set to {dims}{note}"
     return Parity(diff, scale, inputs)
+
+
+def _runnable_size(session: ort.InferenceSession, seed: int) -> int:
+    """The first of :data:`OTHER_DIMS` the original graph runs with."""
+    symbolic = any(
+        not (isinstance(d, int) and d >= 0) for a in session.get_inputs() for d in a.shape[1:]
+    )
+    error: Exception | None = None
+    for other in OTHER_DIMS if symbolic else OTHER_DIMS[:1]:
+        rng = np.random.default_rng(seed)
+        try:
+            session.run(None, {a.name: _random_input(a, rng, other) for a in session.get_inputs()})
+            return other
+        except Exception as err:  # ORT's runtime errors have no common public base class
+            error = err
+    raise CheckError(f"ONNX Runtime failed to run the original model: {error}")

@@ -45,7 +45,7 @@ class Editor:
         base: str,
     ) -> None:
         """``node.input[index]`` := a new initializer holding ``values`` rounded once."""
-        name = fresh_name(self.names, f"{base}_folded")
+        name = fresh_name(self.names, f"{base.split('_folded')[0]}_folded")
         scope.graph.initializer.append(tensor_like(values, data_type, name))
         if self.legacy_inputs and scope.parent is None:
             scope.graph.input.append(

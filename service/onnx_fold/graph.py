@@ -76,7 +76,6 @@ class Scope:
     graph: onnx.GraphProto
     parent: Scope | None
     uses: Counter[str]
-    overridable: set[str]  # initializers that are also graph inputs (callers may feed them)
     ranks: dict[str, int]
     producer: dict[str, onnx.NodeProto] = field(default_factory=dict)
     consumers: dict[str, list[onnx.NodeProto]] = field(default_factory=dict)
@@ -101,7 +100,10 @@ class Scope:
         scope: Scope | None = self
         while scope is not None:
             if name in scope.initializers:
-                return None if name in scope.overridable else scope.initializers[name]
+                # An initializer also listed as a graph input (older exporters'
+                # keep_initializers_as_inputs) counts with its stored value, as the
+                # self-check runs it; the folded model stops reading it.
+                return scope.initializers[name]
             if name in scope.constant_nodes:
                 node = scope.constant_nodes[name]
                 for attr in node.attribute:
@@ -155,14 +157,10 @@ def scopes(model: onnx.ModelProto, ranks: dict[str, int] | None = None) -> list[
     an earlier call (folds keep every value's rank), else inferred."""
     uses = model_uses(model)
     ranks = value_ranks(model) if ranks is None else ranks
-    overridable: set[str] = set()
-    if model.ir_version >= 4:  # before IR 4 every initializer is listed as an input
-        inputs = {i.name for i in model.graph.input}
-        overridable = {t.name for t in model.graph.initializer if t.name in inputs}
     found: list[Scope] = []
 
     def walk(graph: onnx.GraphProto, parent: Scope | None) -> None:
-        scope = Scope(graph, parent, uses, overridable if parent is None else set(), ranks)
+        scope = Scope(graph, parent, uses, ranks)
         found.append(scope)
         for node in graph.node:
             for sub in subgraphs(node):
@@ -216,29 +214,26 @@ def insert_after(graph: onnx.GraphProto, anchor_output: str, node: onnx.NodeProt
 
 
 def drop_unused_constants(model: onnx.ModelProto, candidates: set[str]) -> None:
-    """Remove initializers and Constant nodes among ``candidates`` that nothing reads any more
-    (never graph inputs: a caller may still feed those)."""
+    """Remove initializers (with their graph-input entries, if listed there) and Constant
+    nodes among ``candidates`` that nothing reads any more. A graph input with no
+    initializer is the caller's and stays."""
     uses = model_uses(model)
     dead = {name for name in candidates if uses[name] == 0}
-    if not dead:
-        return
-    inputs = {i.name for i in model.graph.input} if model.ir_version >= 4 else set()
     for graph in all_graphs(model.graph):
-        kept = [t for t in graph.initializer if t.name not in dead or t.name in inputs]
-        if len(kept) != len(graph.initializer):
+        dropped = {t.name for t in graph.initializer if t.name in dead}
+        if dropped:
+            kept = [t for t in graph.initializer if t.name not in dropped]
             del graph.initializer[:]
             graph.initializer.extend(kept)
-            if model.ir_version < 4 and graph is model.graph:
-                names = {t.name for t in kept}
-                ins = [i for i in graph.input if i.name in names or i.name not in dead]
-                del graph.input[:]
-                graph.input.extend(ins)
+            ins = [i for i in graph.input if i.name not in dropped]
+            del graph.input[:]
+            graph.input.extend(ins)
         drop_nodes(
             graph,
             {n.output[0] for n in graph.node if n.op_type == "Constant" and n.output[0] in dead},
         )
     produced = {o for g in all_graphs(model.graph) for n in g.node for o in n.output}
-    for graph in all_graphs(model.graph):
+    for graph in all_graphs(model.graph):  # shapes of values a fold renamed away
         infos = [v for v in graph.value_info if v.name in produced]
         del graph.value_info[:]
         graph.value_info.extend(infos)

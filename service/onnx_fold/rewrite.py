@@ -13,8 +13,6 @@ from service.onnx_fold.forward import fold_forward
 from service.onnx_fold.graph import Scope, all_names, drop_unused_constants, node_label, scopes
 from service.onnx_fold.sites import BATCHNORM, Site, affine_run, batchnorm_site
 
-LAYERS = "a Conv, ConvTranspose, Gemm, MatMul with a constant weight, or a Concat of Convs"
-
 
 def _site(scope: Scope, node: onnx.NodeProto) -> Site | str | None:
     if node.op_type == BATCHNORM and node.domain in ("", "ai.onnx"):
@@ -22,28 +20,34 @@ def _site(scope: Scope, node: onnx.NodeProto) -> Site | str | None:
     return affine_run(scope, node)
 
 
-def _neighbours(scope: Scope, site: Site) -> str:
-    before = scope.producer.get(site.input)
-    after = [n.op_type for n in scope.consumers.get(site.output, [])]
-    return (
-        f"no layer it can fold into (before it: {before.op_type if before else 'a graph input'}"
-        f", after it: {', '.join(after) or 'a graph output'}; it needs {LAYERS})"
-    )
+def _before(scope: Scope, site: Site) -> str:
+    layer = scope.producer.get(site.input)
+    if layer is not None:
+        return f"before it: {layer.op_type} '{node_label(layer)}' cannot absorb it"
+    if any(i.name == site.input for i in scope.graph.input) or scope.parent is None:
+        return "before it: the graph input, no layer"
+    return "before it: a value of the enclosing graph, no layer here"
+
+
+def _after(scope: Scope, site: Site) -> str:
+    readers = [f"{n.op_type} '{node_label(n)}'" for n in scope.consumers.get(site.output, [])]
+    if not readers:
+        return "after it: a graph output, no layer"
+    return f"after it: {', '.join(readers)} cannot absorb it"
 
 
 def _try(scope: Scope, site: Site, edit: Editor) -> Fold | str | None:
-    """Fold ``site`` if a neighbour can absorb it; else the reason (None: a Mul/Add with no
-    layer next to it, which is no BN and not worth a report line)."""
+    """Fold ``site`` if a neighbour can absorb it; else the reason on both sides (None: a
+    Mul/Add with no layer next to it, which is no BN and not worth a report line)."""
     back = fold_backward(scope, site, edit)
     if isinstance(back, Fold):
         return back
     ahead = fold_forward(scope, site, edit)
     if isinstance(ahead, Fold):
         return ahead
-    reasons = [r for r in (back, ahead) if r]
-    if not reasons:
-        return _neighbours(scope, site) if site.is_batchnorm else None
-    return "; ".join(reasons)
+    if not (back or ahead or site.is_batchnorm):
+        return None
+    return f"{back or _before(scope, site)}; {ahead or _after(scope, site)}"
 
 
 def _record(site: Site, done: Fold) -> FoldedBatchNorm:
@@ -94,4 +98,19 @@ def fold_graphs(model: onnx.ModelProto) -> tuple[list[FoldedBatchNorm], list[Kep
                         bn_shape=site.shape if isinstance(site, Site) else [],
                     )
     drop_unused_constants(model, edit.released)
-    return folded, list(kept.values())
+    return folded, [*kept.values(), *_in_functions(model)]
+
+
+def _in_functions(model: onnx.ModelProto) -> list[KeptBatchNorm]:
+    """BNs inside model-local functions: counted in the report's BN totals, not folded."""
+    return [
+        KeptBatchNorm(
+            bn=f"{function.name}/{node_label(node)}",
+            reason=f"inside the model-local function '{function.name}', whose weights are "
+            "its inputs: inline the function to fold it",
+            bn_type=BATCHNORM,
+        )
+        for function in model.functions
+        for node in function.node
+        if node.op_type == BATCHNORM and node.domain in ("", "ai.onnx")
+    ]
