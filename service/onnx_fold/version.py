@@ -17,6 +17,7 @@ whose message says what is wrong with the file.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError
@@ -49,8 +50,9 @@ log = logging.getLogger(__name__)
 
 DERIVATION = "onnx-fold/1"  # bump when a change to the folder must re-derive cached versions
 METADATA_KEY = "derived_from"  # the metadata.json key that marks a version made from a user file
-REFERENCE_BATCH = 4  # samples of the reference batch (the dynamic batch axis)
-OTHER_DYNAMIC_AXIS = 8  # size given to a symbolic axis other than the batch axis
+REFERENCE_BATCH = 4  # samples of the reference batch (a symbolic axis 0), at most
+REFERENCE_VALUES = 1 << 16  # fewer samples when one has more input values (metadata.json)
+OTHER_DYNAMIC_AXES = (8, 32, 224)  # a symbolic axis past 0: the first size the file runs with
 ATOL_FLOOR = {"FP16": 2e-2, "FP32": 1e-4, "FP64": 1e-8}  # reference atol at least this
 
 ONNX_DATATYPES: dict[int, Datatype] = {
@@ -130,16 +132,20 @@ def graph_specs(model: onnx.ModelProto) -> tuple[list[TensorSpec], list[TensorSp
     return inputs, outputs
 
 
-def reference_feeds(specs: list[TensorSpec], seed: int) -> dict[str, np.ndarray]:
-    """Random inputs of the declared shapes: axis 0, when symbolic, has
-    :data:`REFERENCE_BATCH` samples, another symbolic axis :data:`OTHER_DYNAMIC_AXIS`.
-    Floats ~ N(0, 1), integers in [0, 10), booleans fair coins."""
+def reference_feeds(
+    specs: list[TensorSpec], seed: int, other: int = OTHER_DYNAMIC_AXES[0]
+) -> dict[str, np.ndarray]:
+    """Random inputs of the declared shapes: a symbolic axis 0 has up to
+    :data:`REFERENCE_BATCH` samples (fewer when a sample has over :data:`REFERENCE_VALUES`
+    input values, at least one), any other symbolic axis ``other``. Floats ~ N(0, 1),
+    integers in [0, 10), booleans fair coins."""
     rng = np.random.default_rng(seed)
+    per_sample = sum(math.prod(d if d >= 0 else other for d in spec.shape[1:]) for spec in specs)
+    samples = max(1, min(REFERENCE_BATCH, REFERENCE_VALUES // max(per_sample, 1)))
     feeds: dict[str, np.ndarray] = {}
     for spec in specs:
         shape = [
-            d if d >= 0 else (REFERENCE_BATCH if axis == 0 else OTHER_DYNAMIC_AXIS)
-            for axis, d in enumerate(spec.shape)
+            d if d >= 0 else (samples if axis == 0 else other) for axis, d in enumerate(spec.shape)
         ]
         kind = spec.dtype.kind
         if kind == "f":
@@ -151,17 +157,44 @@ def reference_feeds(specs: list[TensorSpec], seed: int) -> dict[str, np.ndarray]
     return feeds
 
 
-def _run(model: bytes, feeds: dict[str, np.ndarray], label: str) -> dict[str, np.ndarray]:
+def _session(model: bytes, label: str) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.log_severity_level = 3
     try:
-        session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-        names = [o.name for o in session.get_outputs()]
+        return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    except Exception as err:  # ONNX Runtime's own error types: report what it said
+        reason = f"{type(err).__name__}: {err}".splitlines()[0]
+        raise ModelVersionError(f"ONNX Runtime cannot load the {label} model: {reason}") from err
+
+
+def _run(
+    session: ort.InferenceSession, feeds: dict[str, np.ndarray], label: str
+) -> dict[str, np.ndarray]:
+    names = [o.name for o in session.get_outputs()]
+    try:
         return dict(zip(names, session.run(names, feeds), strict=True))
     except Exception as err:  # ONNX Runtime's own error types: report what it said
         reason = f"{type(err).__name__}: {err}".splitlines()[0]
         raise ModelVersionError(f"ONNX Runtime cannot run the {label} model: {reason}") from err
+
+
+def reference_batch(
+    specs: list[TensorSpec], session: ort.InferenceSession, seed: int
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Reference inputs and the user's file's outputs for them: symbolic axes past 0 take
+    the first of :data:`OTHER_DYNAMIC_AXES` the file runs with (a deep CNN with symbolic
+    height and width does not run on 8x8)."""
+    symbolic = any(d < 0 for spec in specs for d in spec.shape[1:])
+    sizes = OTHER_DYNAMIC_AXES if symbolic else OTHER_DYNAMIC_AXES[:1]
+    for other in sizes[:-1]:
+        feeds = reference_feeds(specs, seed, other)
+        try:
+            return feeds, _run(session, feeds, "original")
+        except ModelVersionError:
+            continue  # too small for this graph: the next size
+    feeds = reference_feeds(specs, seed, sizes[-1])
+    return feeds, _run(session, feeds, "original")
 
 
 def _output_specs(declared: list[TensorSpec], outputs: dict[str, np.ndarray]) -> list[TensorSpec]:
@@ -246,9 +279,8 @@ def derive_version(
     folded_model = model if unchanged else outcome.model
     folded = source if unchanged else folded_model.SerializeToString()
 
-    feeds = reference_feeds(inputs, seed)
-    expected = _run(source, feeds, "original")
-    got = _run(folded, feeds, "folded")
+    feeds, expected = reference_batch(inputs, _session(source, "original"), seed)
+    got = _run(_session(folded, "folded"), feeds, "folded")
     outputs = _output_specs(declared_outputs, expected)
     diff = _max_diff(expected, got)
     floor = max((ATOL_FLOOR.get(s.datatype, 0.0) for s in outputs), default=0.0)

@@ -22,6 +22,7 @@ from user_onnx import (
     CLASSES,
     batchnorm_count,
     bfloat16_input,
+    cnn_any_size,
     cnn_with_bn,
     run_original,
     to_float16,
@@ -30,6 +31,7 @@ from user_onnx import (
 
 from service.derived import CACHE_DIR, DERIVED_FILE, RUNTIME_CACHE_DIR
 from service.model_format import VersionMetadata, sha256_hex
+from service.onnx_fold import derive_version
 from service.repository import ModelRepository
 
 KEY = {"Authorization": f"Bearer {API_KEY}"}
@@ -190,6 +192,18 @@ def test_float16_file_serves_with_float16_specs(tmp_path: Path) -> None:
     assert got.dtype == np.float16
     np.testing.assert_allclose(got, run_original(data, {"x": x})[0], atol=meta.parity.atol)
     model.close()
+
+
+def test_symbolic_height_and_width_take_a_size_the_file_runs_with() -> None:
+    data = cnn_any_size().SerializeToString()
+    meta = derive_version(data, "any_size").metadata
+    assert [s.shape for s in meta.inputs] == [(-1, 3, -1, -1)]
+    x = meta.reference.inputs["x"].array()
+    assert x.shape == (4, 3, 32, 32)  # 8x8 cannot pass a 16x16 pool; 32x32 is the next size
+    np.testing.assert_array_equal(
+        meta.reference.outputs["y"].array(), run_original(data, {"x": x})[0]
+    )
+    assert meta.bn_nodes == {"folded": 0, "unfolded": 1}
 
 
 def test_cache_is_reused_and_a_replaced_file_is_derived_again(tmp_path: Path) -> None:

@@ -114,3 +114,24 @@ def to_float16(model: onnx.ModelProto) -> onnx.ModelProto:
         value.type.tensor_type.elem_type = TensorProto.FLOAT16
     onnx.checker.check_model(half, full_check=True)
     return half
+
+
+def cnn_any_size(seed: int = 0) -> onnx.ModelProto:
+    """x (N, 3, H, W) -> Conv+BN -> MaxPool 16x16 -> GlobalAveragePool -> (N, 4, 1, 1): runs
+    only when H and W are at least 16."""
+    rng = np.random.default_rng(seed)
+    bn, bn_inits = _bn(rng, "bn", "conv.y", 4)
+    w = numpy_helper.from_array(rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "conv.w")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "conv.w"], ["conv.y"], name="conv", pads=[1] * 4),
+            bn,
+            helper.make_node("MaxPool", ["bn.y"], ["pool.y"], kernel_shape=[16, 16]),
+            helper.make_node("GlobalAveragePool", ["pool.y"], ["y"]),
+        ],
+        "any_size",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 1, 1])],
+        [w, *bn_inits],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
