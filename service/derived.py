@@ -120,6 +120,7 @@ class DerivedVersions:
             found = _read_entry(place / key, key)
             if found is not None:
                 return _as_version(found, name, number, "cache")
+        failures = []
         for place in places:
             try:
                 with _locked(place, key):
@@ -131,9 +132,12 @@ class DerivedVersions:
                 log.info(
                     "model %s version %d: no derived cache in %s: %s", name, number, place, err
                 )
+                failures.append(f"{place}: {err.strerror or err}")
+        if self.runtime_cache is None:
+            failures.append("the server has no runtime directory")
         raise ModelVersionError(
-            "model.onnx has no metadata.json, and its folded variant could not be cached: "
-            "the repository is read-only and the server has no runtime directory"
+            f"{FOLDED_FILE} has no {METADATA_FILE}, and its folded variant cannot be cached: "
+            + "; ".join(failures)
         )
 
 
