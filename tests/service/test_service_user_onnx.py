@@ -24,6 +24,7 @@ from user_onnx import (
     bfloat16_input,
     cnn_any_size,
     cnn_with_bn,
+    custom_op,
     run_original,
     to_float16,
     write_bare,
@@ -87,6 +88,7 @@ def user_repo(build: Any, tmp_path: Path) -> Path:
     write_bare(repo, "broken", 1, b"this is not an ONNX model")
     write_bare(repo, "bf16", 1, bfloat16_input().SerializeToString())
     write_bare(repo, "batch1", 1, cnn_with_bn(batch=1).SerializeToString())
+    write_bare(repo, "custom", 1, custom_op().SerializeToString())
     build.write_version(repo, "linear", 1, build.linear_model(4, 5))
     return repo
 
@@ -161,6 +163,9 @@ def test_bare_model_onnx_serves_folded(user_repo: Path) -> None:
         assert "model.onnx is not an ONNX model" in ready.json()["reason"]
         r = client.post("/v2/models/broken/infer", json={"inputs": []})
         assert r.status_code == 503 and "not an ONNX model" in r.json()["error"]
+        custom = client.get("/v2/models/custom/ready").json()["reason"]
+        assert custom.startswith("version 1: model.onnx: the folded graph failed its check: ")
+        assert "com.example:Frobnicate" in custom
         bf16 = client.get("/v2/models/bf16/ready").json()["reason"]
         assert "input 'x' has element type BFLOAT16, which the V2 protocol cannot carry" in bf16
         states = {e["name"]: e["state"] for e in client.get("/v2/repository/index").json()}
@@ -168,6 +173,7 @@ def test_bare_model_onnx_serves_folded(user_repo: Path) -> None:
             "bf16": "UNAVAILABLE",
             "batch1": "READY",
             "broken": "UNAVAILABLE",
+            "custom": "UNAVAILABLE",
             "linear": "READY",
             "plain": "READY",
             "user_cnn": "READY",
@@ -268,19 +274,29 @@ def test_read_only_repository_caches_in_the_runtime_directory(tmp_path: Path) ->
 
 def test_workers_derive_once_and_serve_alike(tmp_path: Path, serve_process: Any) -> None:
     repo = tmp_path / "models"
-    data = cnn_with_bn().SerializeToString()
+    data, second = cnn_with_bn(0).SerializeToString(), cnn_with_bn(1).SerializeToString()
     version_dir = write_bare(repo, "user_cnn", 1, data)
     x = batch(4)
     expected = run_original(data, {"x": x})[0]
     with serve_process(repo, 2, "--log-level", "info") as server:
+        client = server.client
         for _ in range(12):  # new connection each: every worker answers some
-            meta = server.client.get("/v2/models/user_cnn").json()
+            meta = client.get("/v2/models/user_cnn").json()
             assert meta["derived_from"]["sha256"] == sha256_hex(data)
-            np.testing.assert_allclose(infer(server.client, "user_cnn", x), expected, atol=ATOL)
+            np.testing.assert_allclose(infer(client, "user_cnn", x), expected, atol=ATOL)
+        # A second user file dropped in while serving: every worker loads it.
+        write_bare(repo, "user_cnn", 2, second)
+        r = client.post("/v2/repository/models/user_cnn/load", headers=KEY)
+        assert r.status_code == 200, r.text
+        assert r.json()["workers"] == 2
+        assert [v["state"] for v in r.json()["versions"]] == ["READY", "READY"]
+        for _ in range(12):
+            got = infer(client, "user_cnn", x)
+            np.testing.assert_allclose(got, run_original(second, {"x": x})[0], atol=ATOL)
         port = server.url.rsplit(":", 1)[1]
         log = (repo.parent / f"server-{port}.log").read_text()
-    # The lock made one worker derive; the others read its entry. No temporary left behind.
-    assert log.count("derived the folded variant") == 1, log
+    # The lock made one worker derive each; the other read its entry. No temporary is left.
+    assert log.count("derived the folded variant") == 2, log
     names = sorted(p.name for p in (version_dir / CACHE_DIR).iterdir())
     assert names == [sha256_hex(data), f"{sha256_hex(data)}.lock"]
     assert batchnorm_count(version_dir / CACHE_DIR / sha256_hex(data) / DERIVED_FILE) == 0

@@ -135,3 +135,15 @@ def cnn_any_size(seed: int = 0) -> onnx.ModelProto:
         [w, *bn_inits],
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+
+
+def custom_op() -> onnx.ModelProto:
+    """A valid graph with an operator of a custom domain: no ONNX Runtime here runs it."""
+    graph = helper.make_graph(
+        [helper.make_node("Frobnicate", ["x"], ["y"], domain="com.example")],
+        "custom",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])],
+    )
+    opsets = [helper.make_opsetid("", 13), helper.make_opsetid("com.example", 1)]
+    return helper.make_model(graph, opset_imports=opsets, ir_version=8)
