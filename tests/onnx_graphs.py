@@ -127,10 +127,12 @@ def _conv_transpose_bn(b: Builder, group: int = 1) -> onnx.ModelProto:
     return b.model([b.bn(y, 3 * group)])
 
 
-def _gemm_bn(b: Builder, trans_b: int = 0, with_c: bool = True) -> onnx.ModelProto:
+def _gemm_bn(
+    b: Builder, trans_b: int = 0, with_c: bool = True, c_shape: tuple[int, ...] = (6,)
+) -> onnx.ModelProto:
     x = b.input("x", ["N", 8])
     w = b.const("w", [6, 8] if trans_b else [8, 6])
-    c = [b.const("c", [6])] if with_c else []
+    c = [b.const("c", list(c_shape))] if with_c else []
     y = b.node("Gemm", [x, w, *c], transB=trans_b, alpha=0.5, beta=2.0)
     return b.model([b.bn(y, 6)])
 
@@ -167,18 +169,24 @@ def _mul_add(b: Builder, x: str, shape: list[int], mul: bool = True, add: bool =
     return x
 
 
-def _conv_mul_add(b: Builder, mul: bool = True, add: bool = True) -> onnx.ModelProto:
-    x = b.input("x", ["N", 3, 8, 8])
-    y = b.node("Conv", [x, b.const("w", [4, 1, 3, 3])], pads=[1] * 4, group=1)
-    b.inits[-1] = numpy_helper.from_array(
-        b.rng.standard_normal([4, 3, 3, 3]).astype(b.np_type), "w"
-    )
+def _conv_mul_add(
+    b: Builder, mul: bool = True, add: bool = True, group: int = 1
+) -> onnx.ModelProto:
+    """A bias-free Conv then BN as Mul/Add (tf2onnx leaves this after depthwise convs)."""
+    x = b.input("x", ["N", 4, 8, 8])
+    y = b.node("Conv", [x, b.const("w", [4, 4 // group, 3, 3])], pads=[1] * 4, group=group)
     return b.model([_mul_add(b, y, [4, 1, 1], mul, add)])
 
 
 def _linear_mul_add(b: Builder, op: str) -> onnx.ModelProto:
     x = b.input("x", ["N", 8])
     y = b.node(op, [x, b.const("w", [8, 6])])
+    return b.model([_mul_add(b, y, [6])])
+
+
+def _matmul3d_mul_add(b: Builder) -> onnx.ModelProto:
+    """A MatMul on (N, T, K) activations, scaled and shifted per output feature."""
+    y = b.node("MatMul", [b.input("x", ["N", 5, 8]), b.const("w", [8, 6])])
     return b.model([_mul_add(b, y, [6])])
 
 
@@ -238,6 +246,7 @@ PATTERNS: dict[str, Callable[[Builder], onnx.ModelProto]] = {
     "gemm_bn": lambda b: _gemm_bn(b, 0, False),
     "gemm_transb_c_bn": lambda b: _gemm_bn(b, 1, True),
     "gemm_c_bn": lambda b: _gemm_bn(b, 0, True),
+    "gemm_c_row_bn": lambda b: _gemm_bn(b, 1, True, (1, 6)),
     "matmul_bn": _matmul_bn,
     "matmul_add_bn": lambda b: _matmul_bn(b, True),
     "bn_gemm": _bn_gemm,
@@ -248,8 +257,10 @@ PATTERNS: dict[str, Callable[[Builder], onnx.ModelProto]] = {
     "conv_mul_add": _conv_mul_add,
     "conv_mul": lambda b: _conv_mul_add(b, add=False),
     "conv_add": lambda b: _conv_mul_add(b, mul=False),
+    "depthwise_conv_mul_add": lambda b: _conv_mul_add(b, group=4),
     "gemm_mul_add": lambda b: _linear_mul_add(b, "Gemm"),
     "matmul_mul_add": lambda b: _linear_mul_add(b, "MatMul"),
+    "matmul3d_mul_add": _matmul3d_mul_add,
     "mul_add_gemm": lambda b: _mul_add_linear(b, "Gemm"),
     "mul_add_matmul": lambda b: _mul_add_linear(b, "MatMul"),
     "mul_add_conv_unpadded": _mul_add_conv,
@@ -343,6 +354,18 @@ REFUSALS: dict[str, tuple[Callable[[Builder], onnx.ModelProto], str]] = {
     "padded_conv_after_bn": (_padded_conv_after_bn, "pads its input (pads=[1, 1, 1, 1])"),
     "graph_output_in_middle": (_output_in_middle, "'conv1' is a graph output"),
     "matmul_3d_bn": (_matmul_3d_bn, "normalizes axis 1, but the layer's channels are axis 2"),
+    "bn_gemm_transa": (
+        lambda b: b.model(
+            [
+                b.node(
+                    "Gemm",
+                    [b.bn(b.node("Relu", [b.input("x", [8, 3])]), 3), b.const("w", [8, 6])],
+                    transA=1,
+                )
+            ]
+        ),
+        "transposes its input (transA=1)",
+    ),
 }
 
 

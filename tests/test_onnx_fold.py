@@ -141,6 +141,68 @@ def test_dynamic_height_and_width_are_sized_so_the_graph_runs() -> None:
     assert report.check_inputs == "4 random batches, symbolic dims set to 2 (leading), 32"
 
 
+@pytest.mark.parametrize("shape", [[], [4, 1, 1]])
+def test_kept_mul_add_is_reported_only_when_per_channel(shape: list[int]) -> None:
+    """Conv output read twice (as hard-swish's x * relu6(x + 3) does): the Add cannot fold.
+    A scalar Add is arithmetic, not a BN, and not reported; a per-channel one is."""
+    b = Builder()
+    y = b.conv(b.input("x", ["N", 3, 8, 8]), 3, 4)
+    shifted = b.node("Add", [y, b.const("three", shape)])
+    model = b.model([b.node("Mul", [y, b.node("Relu", [shifted])])])
+    report = fold_model(model).report
+    assert report.folded == []
+    if shape:
+        assert [(k.bn, k.bn_type, k.bn_shape) for k in report.kept] == [("add2", "Add", shape)]
+        assert report.kept[0].reason.startswith("before it: 'conv1' is read by 2 nodes")
+    else:
+        assert report.kept == []
+
+
+def test_batchnorm_in_a_loop_body_folds() -> None:
+    """A Loop applies Conv+BN to its carried value; the body reads the outer weights."""
+    outer = Builder()
+    x = outer.input("x", ["N", 3, 8, 8])
+    body = Builder()
+    body.count = 100
+    y = body.bn(body.node("Conv", ["carried", outer.const("w", [3, 3, 3, 3])], pads=[1] * 4), 3)
+    body.nodes.append(helper.make_node("Identity", ["cond_in"], ["cond_out"]))
+    graph = helper.make_graph(
+        body.nodes,
+        "body",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("carried", TensorProto.FLOAT, ["N", 3, 8, 8]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info(y, TensorProto.FLOAT, ["N", 3, 8, 8]),
+        ],
+        body.inits,
+    )
+    outer.inits.append(numpy_helper.from_array(np.array(2, np.int64), "trips"))
+    out = outer.node("Loop", ["trips", "", x], body=graph)
+    model = outer.model([out])
+    model.graph.output[0].CopyFrom(
+        helper.make_tensor_value_info(out, TensorProto.FLOAT, ["N", 3, 8, 8])
+    )
+    outcome = fold_model(model)
+    assert outcome.report.batchnorm_before == 1 and outcome.report.batchnorm_after == 0
+    assert outcome.report.folded[0].into == "conv101" and outcome.report.passed
+    feeds = feeds_for(model, np.float32)
+    assert max_diff(run(model, feeds), run(outcome.model, feeds)) < 1e-4
+
+
+def test_mul_that_is_not_per_channel_says_so() -> None:
+    """A Mul by a (W,) vector after a Conv scales columns, not channels: kept, with why."""
+    b = Builder()
+    y = b.conv(b.input("x", ["N", 3, 8, 8]), 3, 4)
+    model = b.model([b.node("Add", [b.node("Mul", [y, b.const("s", [8])]), b.const("t", [8])])])
+    report = fold_model(model).report
+    assert report.folded == [] and [k.bn_type for k in report.kept] == ["Mul+Add"]
+    assert "its constant (shape [8]) is not per-channel on axis 1" in report.kept[0].reason
+
+
 def test_ir3_model_lists_its_new_initializers_as_inputs() -> None:
     """Before IR 4 every initializer must also be a graph input (the checker enforces it)."""
     model = build("conv_bn_opset7")
@@ -188,6 +250,7 @@ def test_batchnorm_in_a_local_function_is_reported_kept() -> None:
 
 
 def test_cli_folds_a_file_and_writes_the_report(tmp_path: Path) -> None:
+    pytest.importorskip("torch")  # the training CLI imports it (the folder does not)
     from training.__main__ import app
 
     src, dst, report = tmp_path / "in.onnx", tmp_path / "out.onnx", tmp_path / "r.json"
@@ -203,6 +266,7 @@ def test_cli_folds_a_file_and_writes_the_report(tmp_path: Path) -> None:
 
 
 def test_cli_refuses_to_write_a_fold_beyond_tolerance(tmp_path: Path) -> None:
+    pytest.importorskip("torch")  # the training CLI imports it (the folder does not)
     from training.__main__ import app
 
     src, dst = tmp_path / "in.onnx", tmp_path / "out.onnx"

@@ -15,7 +15,8 @@ from service.onnx_fold import weights
 from service.onnx_fold.edits import Editor, Fold, bias_base, fold, readers, same
 from service.onnx_fold.graph import (
     Scope,
-    attribute,
+    float_attribute,
+    int_attribute,
     node_label,
     set_attribute,
     tensor_like,
@@ -25,12 +26,10 @@ from service.onnx_fold.sites import Site
 CONVS = ("Conv", "ConvTranspose")
 
 
-def _bias(
-    scope: Scope, layer: onnx.NodeProto, index: int, channels: int
-) -> np.ndarray | str | None:
-    """The layer's optional bias input as float64, zeros if absent, a reason if not constant."""
+def _bias(scope: Scope, layer: onnx.NodeProto, index: int) -> np.ndarray | str | None:
+    """The layer's optional bias input as float64 (None if absent), a reason if not constant."""
     if len(layer.input) <= index or not layer.input[index]:
-        return np.zeros(channels) if channels else None
+        return None
     const = scope.constant(layer.input[index])
     if const is None:
         return f"{layer.op_type} '{node_label(layer)}' has a bias that is not a constant"
@@ -55,12 +54,12 @@ def _conv_plan(
     if isinstance(got, str):
         return got
     w, dtype = got
-    group = int(attribute(layer, "group", 1))  # type: ignore[call-overload]
+    group = int_attribute(layer, "group", 1)
     channels = w.shape[0] if layer.op_type == "Conv" else w.shape[1] * group
-    bias = _bias(scope, layer, 2, channels)
-    if isinstance(bias, str) or bias is None:
-        return bias or "no bias"
-    return w, dtype, bias, channels
+    bias = _bias(scope, layer, 2)
+    if isinstance(bias, str):
+        return bias
+    return w, dtype, np.zeros(channels) if bias is None else bias, channels
 
 
 def _fold_conv(
@@ -75,7 +74,7 @@ def _fold_conv(
     if layer.op_type == "Conv":
         new_w, new_b = weights.conv_backward(w, bias, s, t)
     else:
-        group = int(attribute(layer, "group", 1))  # type: ignore[call-overload]
+        group = int_attribute(layer, "group", 1)
         new_w, new_b = weights.conv_transpose_backward(w, bias, s, t, group)
     edit.set_input(scope, layer, 1, new_w, dtype, layer.input[1])
     edit.set_input(scope, layer, 2, new_b, dtype, bias_base(layer, 2))
@@ -108,7 +107,7 @@ def _concat(scope: Scope, site: Site, concat: onnx.NodeProto, edit: Editor) -> F
             return plan
         plans.append(plan)
     rank = plans[0][0].ndim
-    axis = int(attribute(concat, "axis", 1))  # type: ignore[call-overload]
+    axis = int_attribute(concat, "axis", 1)
     if axis % rank != 1:
         return f"the Concat joins axis {axis}, not the channels"
     sizes = [p[3] for p in plans]
@@ -132,16 +131,16 @@ def _gemm(scope: Scope, site: Site, layer: onnx.NodeProto, edit: Editor) -> Fold
     if isinstance(got, str):
         return got
     b_mat, dtype = got
-    trans_b = attribute(layer, "transB", 0) == 1
+    trans_b = int_attribute(layer, "transB", 0) == 1
     n = b_mat.shape[0] if trans_b else b_mat.shape[1]
-    c = _bias(scope, layer, 2, 0)
+    c = _bias(scope, layer, 2)
     if isinstance(c, str):
         return c
     st = site.per_channel(1, 2, n)
     if isinstance(st, str):
         return st
-    alpha = float(attribute(layer, "alpha", 1.0))  # type: ignore[arg-type]
-    beta = float(attribute(layer, "beta", 1.0))  # type: ignore[arg-type]
+    alpha = float_attribute(layer, "alpha", 1.0)
+    beta = float_attribute(layer, "beta", 1.0)
     new_b, new_c = weights.gemm_backward(b_mat, c, *st, alpha, beta, trans_b)
     edit.set_input(scope, layer, 1, new_b, dtype, layer.input[1])
     edit.set_input(scope, layer, 2, new_c, dtype, bias_base(layer, 2))
@@ -150,6 +149,11 @@ def _gemm(scope: Scope, site: Site, layer: onnx.NodeProto, edit: Editor) -> Fold
     edit.drop_site(scope, site)
     layer.output[0] = site.output
     return fold(layer, b_mat, "backward", n)
+
+
+def per_feature(bias: np.ndarray, rank: int) -> bool:
+    """Whether a MatMul bias varies along the last axis only and does not raise the rank."""
+    return bias.ndim <= rank and all(d == 1 for d in bias.shape[:-1])
 
 
 def matmul_bias(scope: Scope, add: onnx.NodeProto) -> tuple[onnx.NodeProto, int, np.ndarray] | None:
@@ -184,7 +188,7 @@ def _matmul(
     st = site.per_channel(rank - 1, rank, n)
     if isinstance(st, str):
         return st
-    if bias is not None and (bias.ndim > 1 and any(d != 1 for d in bias.shape[:-1])):
+    if bias is not None and not per_feature(bias, rank):
         return "the bias after the MatMul is not per-channel"
     new_w, new_b = weights.matmul_backward(w, None if bias is None else bias.reshape(-1), *st)
     edit.set_input(scope, layer, 1, new_w, dtype, layer.input[1])

@@ -9,11 +9,13 @@ import numpy as np
 import onnx
 
 from service.onnx_fold import weights
-from service.onnx_fold.backward import matmul_bias
+from service.onnx_fold.backward import matmul_bias, per_feature
 from service.onnx_fold.edits import Editor, Fold, bias_base, fold, readers
 from service.onnx_fold.graph import (
     Scope,
     attribute,
+    float_attribute,
+    int_attribute,
     node_label,
     set_attribute,
     tensor_like,
@@ -36,7 +38,8 @@ def _optional(scope: Scope, layer: onnx.NodeProto, index: int) -> np.ndarray | s
 
 
 def _conv(scope: Scope, site: Site, layer: onnx.NodeProto, edit: Editor) -> Fold | str:
-    pads = list(attribute(layer, "pads", []))  # type: ignore[call-overload]
+    pads = attribute(layer, "pads", [])
+    assert isinstance(pads, list)
     auto_pad = attribute(layer, "auto_pad", b"NOTSET")
     auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
     if any(pads) or auto_pad not in ("NOTSET", "VALID"):
@@ -52,7 +55,7 @@ def _conv(scope: Scope, site: Site, layer: onnx.NodeProto, edit: Editor) -> Fold
     bias = _optional(scope, layer, 2)
     if isinstance(bias, str):
         return bias
-    group = int(attribute(layer, "group", 1))  # type: ignore[call-overload]
+    group = int_attribute(layer, "group", 1)
     st = site.per_channel(1, w.ndim, w.shape[1] * group)
     if isinstance(st, str):
         return st
@@ -67,7 +70,7 @@ def _conv(scope: Scope, site: Site, layer: onnx.NodeProto, edit: Editor) -> Fold
 
 
 def _gemm(scope: Scope, site: Site, layer: onnx.NodeProto, edit: Editor) -> Fold | str:
-    if attribute(layer, "transA", 0) == 1:
+    if int_attribute(layer, "transA", 0) == 1:
         return f"after it: Gemm '{node_label(layer)}' transposes its input (transA=1)"
     got = _constant(scope, layer, 1)
     if isinstance(got, str):
@@ -76,13 +79,13 @@ def _gemm(scope: Scope, site: Site, layer: onnx.NodeProto, edit: Editor) -> Fold
     c = _optional(scope, layer, 2)
     if isinstance(c, str):
         return c
-    trans_b = attribute(layer, "transB", 0) == 1
+    trans_b = int_attribute(layer, "transB", 0) == 1
     k = b_mat.shape[1] if trans_b else b_mat.shape[0]
     st = site.per_channel(1, 2, k)
     if isinstance(st, str):
         return st
-    alpha = float(attribute(layer, "alpha", 1.0))  # type: ignore[arg-type]
-    beta = float(attribute(layer, "beta", 1.0))  # type: ignore[arg-type]
+    alpha = float_attribute(layer, "alpha", 1.0)
+    beta = float_attribute(layer, "beta", 1.0)
     new_b, new_c = weights.gemm_forward(b_mat, c, *st, alpha, beta, trans_b)
     edit.set_input(scope, layer, 1, new_b, dtype, layer.input[1])
     edit.set_input(scope, layer, 2, new_c, dtype, bias_base(layer, 2))
@@ -110,7 +113,7 @@ def _matmul(scope: Scope, site: Site, layer: onnx.NodeProto, edit: Editor) -> Fo
     after = scope.only_consumer(layer.output[0])
     bias_info = matmul_bias(scope, after) if after is not None else None
     bias = None if bias_info is None else bias_info[2]
-    if bias is not None and bias.ndim > 1 and any(d != 1 for d in bias.shape[:-1]):
+    if bias is not None and not per_feature(bias, rank):
         bias_info = bias = None  # a bias that is not per-channel: leave that Add alone
     new_w, new_b = weights.matmul_forward(w, None if bias is None else bias.reshape(-1), *st)
     edit.set_input(scope, layer, 1, new_w, dtype, layer.input[1])

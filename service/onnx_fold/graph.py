@@ -55,6 +55,16 @@ def attribute(node: onnx.NodeProto, name: str, default: object) -> object:
     return default
 
 
+def int_attribute(node: onnx.NodeProto, name: str, default: int) -> int:
+    value = attribute(node, name, default)
+    return int(value) if isinstance(value, int | float) else default
+
+
+def float_attribute(node: onnx.NodeProto, name: str, default: float) -> float:
+    value = attribute(node, name, default)
+    return float(value) if isinstance(value, int | float) else default
+
+
 def set_attribute(node: onnx.NodeProto, name: str, value: object) -> None:
     for i, attr in enumerate(node.attribute):
         if attr.name == name:

@@ -45,8 +45,8 @@ def _try(scope: Scope, site: Site, edit: Editor) -> Fold | str | None:
     ahead = fold_forward(scope, site, edit)
     if isinstance(ahead, Fold):
         return ahead
-    if not (back or ahead or site.is_batchnorm):
-        return None
+    if not site.is_batchnorm and (not (back or ahead) or max(site.shape, default=1) == 1):
+        return None  # arithmetic by scalars (hard-swish's x + 3) is no BN: not reported
     return f"{back or _before(scope, site)}; {ahead or _after(scope, site)}"
 
 

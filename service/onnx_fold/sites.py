@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from service.onnx_fold.graph import Scope, attribute, node_label
+from service.onnx_fold.graph import Scope, float_attribute, int_attribute, node_label
 from service.onnx_fold.weights import batchnorm_affine
 
 BATCHNORM = "BatchNormalization"
@@ -81,11 +81,11 @@ def _constant_operand(scope: Scope, node: onnx.NodeProto) -> tuple[str, np.ndarr
 
 def batchnorm_site(scope: Scope, node: onnx.NodeProto) -> Site | str:
     """The BN's affine map, or why it cannot be folded at all."""
-    if attribute(node, "training_mode", 0) == 1:
+    if int_attribute(node, "training_mode", 0) == 1:
         return "it is in training mode (training_mode=1): it uses batch statistics"
     if sum(1 for o in node.output[1:] if o) > 0:
         return "it computes running statistics (training outputs), so it is not an inference BN"
-    if attribute(node, "spatial", 1) == 0:
+    if int_attribute(node, "spatial", 1) == 0:
         return "spatial=0: per-activation statistics, not per-channel"
     params = [scope.constant(name) for name in node.input[1:5]]
     missing = [name for name, p in zip(node.input[1:5], params, strict=True) if p is None]
@@ -95,7 +95,7 @@ def batchnorm_site(scope: Scope, node: onnx.NodeProto) -> Site | str:
     gamma, beta, mean, var = (p[0] for p in params if p is not None)
     if not gamma.ndim == beta.ndim == mean.ndim == var.ndim == 1:
         return f"its parameters are not per-channel vectors (shape {list(gamma.shape)})"
-    epsilon = float(attribute(node, "epsilon", 1e-5))  # type: ignore[arg-type]
+    epsilon = float_attribute(node, "epsilon", 1e-5)
     s, t = batchnorm_affine(gamma, beta, mean, var, epsilon)
     return Site([node], node.input[0], node.output[0], s, t, 1, BATCHNORM)
 
