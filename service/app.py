@@ -33,8 +33,11 @@ from service.worker_sync import WorkerSync
 log = logging.getLogger(__name__)
 
 
-def build_repository(settings: Settings, metrics: ServiceMetrics) -> ModelRepository:
-    return ModelRepository(settings.repository, ServingOptions.from_settings(settings, metrics))
+def build_repository(
+    settings: Settings, metrics: ServiceMetrics, runtime: Path | None = None
+) -> ModelRepository:
+    options = ServingOptions.from_settings(settings, metrics)
+    return ModelRepository(settings.repository, options, runtime)
 
 
 async def load_and_poll(repo: ModelRepository, sync: WorkerSync, interval: float) -> None:
@@ -63,9 +66,8 @@ def create_app(settings: Settings | None = None, repo: ModelRepository | None = 
     """The service for ``settings`` (default: the environment); ``repo`` replaces the default."""
     settings = settings or get_settings()
     service_metrics = repo.options.metrics if repo is not None else ServiceMetrics()
-    repo = repo or build_repository(settings, service_metrics)
-
     runtime = runtime_directory(settings)
+    repo = repo or build_repository(settings, service_metrics, runtime)
     sync = WorkerSync(runtime, repo)
     drain = Drain(settings.drain_seconds)
 

@@ -176,7 +176,8 @@ def random_feeds(
     take the size of the reference batch's input. Floats ~ N(0, 1), integers in
     [0, 10), booleans fair coins.
 
-    Raises ``ValueError`` when a dynamic axis has no reference size.
+    Raises ``ValueError`` when a dynamic axis has no reference size, or axis 0 is fixed
+    at another size than ``batch_size`` (a user's file exported for one batch size).
     """
     rng = np.random.default_rng(seed)
     feeds: dict[str, np.ndarray] = {}
@@ -184,6 +185,8 @@ def random_feeds(
         ref = (reference_shapes or {}).get(spec.name, ())
         dims = []
         for axis, size in enumerate(spec.shape):
+            if axis == 0 and size not in (-1, batch_size):
+                raise ValueError(f"input '{spec.name}' has a fixed batch axis of {size}")
             if axis == 0:
                 dims.append(batch_size)
             elif size >= 0:

@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from service.onnx_fold.version import DerivedFrom
+
 # ONNX Runtime's type strings for the same tensors.
 ORT_DATATYPES: dict[str, str] = {
     "tensor(bool)": "BOOL",
@@ -81,6 +83,11 @@ class ModelMetadata(BaseModel):
     bn_nodes: dict[str, int]
     fold_report: FoldReportSummary
     labels: list[str]
+    derived_from: DerivedFrom | None = Field(
+        None,
+        description="set when the version was derived from a user's ONNX file (a bare "
+        "model.onnx, or `import-onnx`): that file, its sha256 and the fold's own check",
+    )
 
 
 class ModelReady(BaseModel):

@@ -21,14 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
+from service.derived import DerivedVersions, open_version
 from service.errors import ModelNotFound, ModelNotReady
 from service.model_config import BatchingOverrides, ModelConfig, VersionPolicy, read_model_config
 from service.model_format import (
     VERSION_DIR,
     ModelVersionError,
-    VersionMetadata,
     valid_model_name,
-    verified_bytes,
 )
 from service.protocol import ORT_DATATYPES, ModelState
 from service.runtime import ServedVersion, ServingOptions
@@ -82,6 +81,8 @@ class ModelEntry:
 def _fingerprint(version_dir: Path) -> Fingerprint:
     files = []
     for path in sorted(version_dir.iterdir()):
+        if path.name.startswith("."):  # e.g. the derived cache of a bare model.onnx
+            continue
         st = path.stat()
         files.append((path.name, st.st_mtime_ns, st.st_size, st.st_ino))
     return tuple(files)
@@ -136,12 +137,15 @@ def _check_reference(model: ServedVersion) -> float:
 class ModelRepository:
     """The models under ``root``, each version validated, loaded and warmed up.
 
-    A version that leaves service (swapped out, removed, unloaded) is closed.
+    A version that leaves service (swapped out, removed, unloaded) is closed. A bare
+    ``model.onnx`` is served through its derived folded twin, cached beside it or, in a
+    read-only repository, under ``runtime`` (:mod:`service.derived`).
     """
 
-    def __init__(self, root: Path, options: ServingOptions) -> None:
+    def __init__(self, root: Path, options: ServingOptions, runtime: Path | None = None) -> None:
         self.root = root
         self.options = options
+        self._derived = DerivedVersions(runtime)
         self._models: dict[str, ModelEntry] = {}
         self._scan_lock = threading.Lock()
         self._loaded = threading.Event()
@@ -345,10 +349,11 @@ class ModelRepository:
     ) -> VersionStatus:
         name, number = version_dir.parent.name, int(version_dir.name)
         try:
-            metadata = VersionMetadata.read(version_dir)
-            data = verified_bytes(version_dir, metadata.files.folded, metadata.sha256)
-            session = self.options.factory.create(data)
-            model = ServedVersion(metadata, version_dir, session, self.options, batching)
+            opened = open_version(version_dir, self._derived)
+            session = self.options.factory.create(opened.folded)
+            model = ServedVersion(
+                opened.metadata, version_dir, session, self.options, batching, opened.folded_dir
+            )
             try:
                 _check_io(model)
                 diff = _check_reference(model)
@@ -364,13 +369,14 @@ class ModelRepository:
             return VersionStatus(number, "UNAVAILABLE", reason, None, fingerprint)
         log.info(
             "model %s version %d ready: provider %s, %d threads, io_binding %s, "
-            "reference max abs diff %.3g",
+            "reference max abs diff %.3g, files: %s",
             name,
             number,
             model.provider,
             model.threads,
             model.io_binding,
             diff,
+            opened.source,
         )
         return VersionStatus(number, "READY", "", model, fingerprint)
 

@@ -69,11 +69,14 @@ class ServedVersion:
         session: ort.InferenceSession,
         options: ServingOptions,
         batching: BatchingOverrides,
+        folded_dir: Path | None = None,
     ) -> None:
         self.metadata = metadata
         self.name = version_dir.parent.name
         self.version = int(version_dir.name)
         self.version_dir = version_dir
+        # Where the folded file lives: the version directory, or a bare model.onnx's cache.
+        self.folded_dir = folded_dir or version_dir
         self.provider: str = session.get_providers()[0]
         self.io_binding = options.factory.use_io_binding(self.provider)
         self.threads = options.factory.threads
@@ -166,7 +169,8 @@ class ServedVersion:
         name = files.folded if variant == "folded" else files.unfolded
         if not name:
             raise ModelVersionError(f"metadata names no {variant} file")
-        return verified_bytes(self.version_dir, name, self.metadata.sha256)
+        where = self.folded_dir if variant == "folded" else self.version_dir
+        return verified_bytes(where, name, self.metadata.sha256)
 
     def run(self, feeds: Feeds, output_names: list[str] | None = None) -> Outputs:
         """Run the folded model once (a worker thread); ``feeds`` must match the specs."""

@@ -1,5 +1,5 @@
 """``python -m training``: train, list-models, fold, export, retrain, bench-torch, experiment,
-fold-onnx."""
+fold-onnx, import-onnx."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from rich.table import Table
 
 from training.data import DatasetError, load_dataset, parse_shape
 from training.distributed import DistributedError, init_distributed, shutdown_distributed
+from training.import_onnx import import_onnx_cmd
 from training.onnx_cli import fold_onnx_cmd
 from training.terminal import console, fail
 from training.train import DatasetSpec, Run, RunError, TrainConfig, load_run, save_run, train
@@ -33,6 +34,7 @@ app = typer.Typer(
 )
 log = logging.getLogger("training")
 app.command("fold-onnx")(fold_onnx_cmd)
+app.command("import-onnx")(import_onnx_cmd)
 
 
 @app.callback()

@@ -106,3 +106,6 @@ def _write_atomic(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+from service.onnx_fold.version import derive_version as derive_version  # noqa: E402

@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 
 from service import statistics
 from service.metrics import ServiceMetrics
+from service.onnx_fold.version import derived_from
 from service.protocol import (
     PLATFORM,
     SERVER_EXTENSIONS,
@@ -66,6 +67,7 @@ def describe(repository: ModelRepository, name: str, version: str | None) -> Mod
             kept=[KeptBatchNorm(bn=k.bn, reason=k.reason) for k in meta.fold_report.kept],
         ),
         labels=model.labels,
+        derived_from=derived_from(meta),
     )
 
 

@@ -90,7 +90,7 @@ function renderModels() {
     const ready = m.versions.length > 0;
     const tr = el("tr", { "data-model": name });
     tr.append(
-      el("td", {}, name),
+      el("td", {}, m.meta && m.meta.derived_from ? `${name} (from ${m.meta.derived_from.file})` : name),
       el("td", {}, m.versions.join(", ") || "none"),
       el("td", {}, ready ? "READY" : "UNAVAILABLE"),
       el("td", {}, m.meta ? m.meta.provider : ""),
