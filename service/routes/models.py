@@ -66,6 +66,7 @@ def describe(repository: ModelRepository, name: str, version: str | None) -> Mod
             kept=[KeptBatchNorm(bn=k.bn, reason=k.reason) for k in meta.fold_report.kept],
         ),
         labels=model.labels,
+        features=meta.features,
     )
 
 
