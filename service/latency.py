@@ -233,16 +233,18 @@ RUNTIME_ONLY = (
 
 def scale(saving_us: float, batch_size: int, e2e_p50_ms: float | None, requests: int) -> str:
     """The saving in absolute terms, set beside the server's own end-to-end request p50."""
-    per = f"{abs(saving_us):.1f} us {'less' if saving_us >= 0 else 'more'} per call"
-    text = f"Folding takes {per} of {batch_size} sample(s) ({abs(saving_us) / batch_size:.2f} us"
-    text += " per sample) of ONNX Runtime time."
+    faster = "faster" if saving_us >= 0 else "slower"
+    text = (
+        f"The folded model runs {abs(saving_us):.2f} us {faster} per call of {batch_size} "
+        f"sample(s) ({abs(saving_us) / batch_size:.2f} us per sample) in ONNX Runtime."
+    )
     if e2e_p50_ms is None or e2e_p50_ms <= 0:
         return text + " No answered requests to this version are in the metrics yet."
     share = saving_us / (e2e_p50_ms * 1e3) * 100
     return (
         f"{text} This server's {requests} answered request(s) to this version took "
         f"{e2e_p50_ms:.3f} ms end to end at p50 (from the request-duration histogram), so "
-        f"that is {share:.1f}% of a request."
+        f"that is {share:.2g}% of a request."
     )
 
 

@@ -46,7 +46,8 @@ def test_fold_latency_gives_the_saving_in_microseconds_beside_the_served_p50(
         f"{requests} answered request(s) to this version took {e2e['p50_ms']:.3f} ms"
         in (report["scale"])
     )
-    assert report["scale"].startswith("Folding takes ")
+    faster = "faster" if per_call >= 0 else "slower"
+    assert report["scale"].startswith(f"The folded model runs {abs(per_call):.2f} us {faster} ")
     assert f"({abs(per_call) / 4:.2f} us per sample)" in report["scale"]
     assert idle["end_to_end"] is None
     assert idle["scale"].endswith("No answered requests to this version are in the metrics yet.")
