@@ -15,6 +15,7 @@ import importlib.util
 import logging
 import os
 import tempfile
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -36,82 +37,70 @@ log = logging.getLogger("service")
 MAX_AUTO_WORKERS = 8
 
 
+# Each flag sets the Settings field of the same name; its help comes from that field.
+FLAGS: dict[str, dict[str, Any]] = {
+    "repository": {},
+    "host": {},
+    "port": {"type": int},
+    "providers": {"choices": ["auto", "cuda", "cpu"]},
+    "threads": {"type": int},
+    "io_binding": {"choices": ["auto", "on", "off"]},
+    "max_request_bytes": {"type": int},
+    "log_format": {"choices": ["text", "json"]},
+    "log_level": {"choices": ["debug", "info", "warning", "error"]},
+    "poll_interval": {"type": float},
+    "access_log": {"action": argparse.BooleanOptionalAction},
+    "drain_seconds": {"type": float},
+    "runtime_dir": {},
+    "workers": {"type": int},
+    "batching": {"action": argparse.BooleanOptionalAction},
+    "max_batch_size": {"type": int},
+    "max_queue_delay_us": {"type": int},
+    "max_queue_size": {"type": int},
+    "request_timeout_ms": {"type": float},
+}
+
+
+def setting_help(name: str, *, env: bool = True) -> str:
+    """A setting's description, default and environment variable, for ``--help``."""
+    field = Settings.model_fields[name]
+    text = field.description or name
+    if "default:" not in text:
+        default = field.default
+        shown = "none" if default is None else default
+        text += f" (default: {str(shown).lower() if isinstance(shown, bool) else shown})"
+    return f"{text}; env FOLDSERVE_{name.upper()}" if env else text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: a flag per setting in :data:`FLAGS`; the settings that are only
+    read from the environment (a secret, rarely changed limits) are listed after them."""
+    env_only = [name for name in Settings.model_fields if name not in FLAGS]
+    epilog = ["settings read from the environment (or .env) only:"] + [
+        textwrap.fill(
+            f"FOLDSERVE_{name.upper()}: {setting_help(name, env=False)}",
+            width=78,
+            initial_indent="  ",
+            subsequent_indent="      ",
+        )
+        for name in env_only
+    ]
+    parser = argparse.ArgumentParser(
+        prog="python -m service",
+        description="Serve the folded models of a FoldServe repository. Every flag overrides "
+        "its FOLDSERVE_* environment variable (and .env); a flag left out keeps it.",
+        epilog="\n".join(epilog),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    for name, kwargs in FLAGS.items():
+        flag = f"--{name.replace('_', '-')}"
+        parser.add_argument(flag, help=setting_help(name).replace("%", "%%"), **kwargs)
+    return parser
+
+
 def parse_args(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """The flags given on the command line, as Settings field overrides."""
-    parser = argparse.ArgumentParser(
-        prog="python -m service", description="Serve the folded models of a FoldServe repository."
-    )
-    parser.add_argument("--repository", help="model repository directory (FOLDSERVE_REPOSITORY)")
-    parser.add_argument("--host", help="address to bind (FOLDSERVE_HOST)")
-    parser.add_argument("--port", type=int, help="TCP port (FOLDSERVE_PORT)")
-    parser.add_argument(
-        "--providers",
-        choices=["auto", "cuda", "cpu"],
-        help="ONNX Runtime provider (FOLDSERVE_PROVIDERS)",
-    )
-    parser.add_argument("--threads", type=int, help="intra-op threads, 0: auto (FOLDSERVE_THREADS)")
-    parser.add_argument(
-        "--io-binding",
-        choices=["auto", "on", "off"],
-        help="ONNX Runtime IO binding (FOLDSERVE_IO_BINDING)",
-    )
-    parser.add_argument(
-        "--max-request-bytes", type=int, help="largest request body (FOLDSERVE_MAX_REQUEST_BYTES)"
-    )
-    parser.add_argument("--log-format", choices=["text", "json"], help="FOLDSERVE_LOG_FORMAT")
-    parser.add_argument(
-        "--log-level", choices=["debug", "info", "warning", "error"], help="FOLDSERVE_LOG_LEVEL"
-    )
-    parser.add_argument(
-        "--poll-interval",
-        type=float,
-        help="seconds between repository rescans, 0: off (FOLDSERVE_POLL_INTERVAL)",
-    )
-    parser.add_argument(
-        "--access-log",
-        action=argparse.BooleanOptionalAction,
-        help="one log line per request (FOLDSERVE_ACCESS_LOG)",
-    )
-    parser.add_argument(
-        "--drain-seconds",
-        type=float,
-        help="after SIGTERM, seconds of serving with readiness 503 before stopping "
-        "(FOLDSERVE_DRAIN_SECONDS)",
-    )
-    parser.add_argument(
-        "--runtime-dir",
-        help="writable directory the workers keep in step through, default: a fresh "
-        "temporary one (FOLDSERVE_RUNTIME_DIR)",
-    )
-    parser.add_argument(
-        "--workers",
-        type=int,
-        help="server processes, 0: one per CPU, at most 8 (FOLDSERVE_WORKERS)",
-    )
-    parser.add_argument(
-        "--batching",
-        action=argparse.BooleanOptionalAction,
-        help="dynamic batching (FOLDSERVE_BATCHING)",
-    )
-    parser.add_argument(
-        "--max-batch-size", type=int, help="samples per batched call (FOLDSERVE_MAX_BATCH_SIZE)"
-    )
-    parser.add_argument(
-        "--max-queue-delay-us",
-        type=int,
-        help="how long an idle model holds a partial batch (FOLDSERVE_MAX_QUEUE_DELAY_US)",
-    )
-    parser.add_argument(
-        "--max-queue-size",
-        type=int,
-        help="queued requests per model version, 503 beyond (FOLDSERVE_MAX_QUEUE_SIZE)",
-    )
-    parser.add_argument(
-        "--request-timeout-ms",
-        type=float,
-        help="default request deadline, 504 past it, 0: none (FOLDSERVE_REQUEST_TIMEOUT_MS)",
-    )
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     return {key: value for key, value in vars(args).items() if value is not None}
 
 

@@ -8,6 +8,7 @@ into ``{"error": "..."}`` bodies, the shape Triton and KServe clients read.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -156,6 +157,21 @@ def _validation_message(err: RequestValidationError) -> str:
     return "invalid request: " + "; ".join(parts)
 
 
+# ``/v1/models/NAME/predict``: the V1 route with a slash where KServe puts a colon.
+V1_SLASH_PREDICT = re.compile(r"/v1/models/([^/]+)/predict")
+
+
+def route_hint(method: str, path: str) -> str | None:
+    """What a client that reached no route probably meant, for the routes people mistype."""
+    found = V1_SLASH_PREDICT.fullmatch(path)
+    if found is None:
+        return None
+    return (
+        f"no route {method} {path}: V1 predict is POST /v1/models/{found.group(1)}:predict "
+        "(a colon before 'predict', not a slash)"
+    )
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Map every error to ``{"error": ...}`` with its status; log unexpected ones."""
 
@@ -167,8 +183,12 @@ def install_error_handlers(app: FastAPI) -> None:
         assert isinstance(exc, RequestValidationError)
         return error_response(422, _validation_message(exc))
 
-    async def on_http_error(_: Request, exc: Exception) -> JSONResponse:
+    async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
+        if exc.status_code == 404:
+            hint = route_hint(request.method, request.url.path)
+            if hint is not None:
+                return error_response(404, hint)
         return error_response(exc.status_code, str(exc.detail), exc.headers)
 
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -154,11 +154,30 @@ def v1_request(body: bytes, model: str, inputs: list[TensorSpec]) -> DecodedRequ
     )
 
 
-def encode_v1(outputs: list[OutputTensor]) -> bytes:
-    """``{"predictions": ...}``: the output's rows, or per sample ``{output: row}`` for several."""
+def predicted_labels(outputs: list[OutputTensor], labels: list[str]) -> list[str] | None:
+    """The label of each sample's highest score, when the model names its classes: one
+    output of shape (N, C) with ``C == len(labels)``; else None."""
+    if len(outputs) != 1 or not labels:
+        return None
+    scores = outputs[0].array
+    if scores.ndim != 2 or scores.shape[1] != len(labels) or scores.dtype.kind not in "fiu":
+        return None
+    return [labels[int(c)] for c in scores.argmax(axis=1)]
+
+
+def encode_v1(outputs: list[OutputTensor], labels: list[str] | None = None) -> bytes:
+    """``{"predictions": ...}``: the output's rows, or per sample ``{output: row}`` for several.
+
+    With ``labels`` (the model's class names) and one (N, C) output, ``"labels"`` is added
+    beside it: the predicted label of each instance (the argmax of its row), in order.
+    """
     if len(outputs) == 1:
         predictions: object = outputs[0].array
     else:
         samples = len(outputs[0].array)
         predictions = [{t.name: t.array[i] for t in outputs} for i in range(samples)]
-    return dump_json({"predictions": predictions}, [t.array for t in outputs])
+    body: dict[str, object] = {"predictions": predictions}
+    named = predicted_labels(outputs, labels or [])
+    if named is not None:
+        body["labels"] = named
+    return dump_json(body, [t.array for t in outputs])

@@ -278,6 +278,23 @@ class ServiceMetrics:
             labels=(model, version),
         )
 
+    def request_buckets(self, model: str, version: str) -> list[tuple[float, float]]:
+        """Cumulative ``(upper bound s, count)`` buckets of the answered (200) requests of a
+        model version, end to end, over every worker (see :meth:`collect_registry`)."""
+        wanted = {"model": model, "version": version, "status": "200"}
+        found: dict[float, float] = {}
+        for family in self.collect_registry().collect():
+            if family.name != "foldserve_request_duration_seconds":
+                continue
+            for sample in family.samples:
+                labels = sample.labels
+                if sample.name.endswith("_bucket") and all(
+                    labels.get(k) == v for k, v in wanted.items()
+                ):
+                    bound = float(labels["le"])
+                    found[bound] = found.get(bound, 0.0) + sample.value
+        return sorted(found.items())
+
     def render(self) -> bytes:
         """The Prometheus text exposition: of every worker process of this server when
         prometheus-client's multiprocess mode is on (``PROMETHEUS_MULTIPROC_DIR``, set by

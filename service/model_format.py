@@ -189,6 +189,7 @@ class Parity(BaseModel):
     max_abs_diff_vs_torch: dict[str, float] = {}
     atol: float
     samples: int
+    inputs: str = ""  # what the samples were, e.g. "test split of the run's dataset"
 
 
 class VersionMetadata(BaseModel):
@@ -208,7 +209,8 @@ class VersionMetadata(BaseModel):
     sha256: dict[str, str] = {}  # set by write_version
     inputs: list[TensorSpec] = Field(min_length=1)
     outputs: list[TensorSpec] = Field(min_length=1)
-    labels: list[str] = []
+    labels: list[str] = []  # labels[i] names output column i
+    features: list[str] = []  # names of the input's columns, in order ([]: not recorded)
     network: dict[str, Any] | None = Field(  # the zoo config ("model_config" is pydantic's)
         default=None,
         validation_alias=AliasChoices("model_config", "network"),

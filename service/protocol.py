@@ -82,7 +82,11 @@ class ModelMetadata(BaseModel):
     io_binding: bool
     bn_nodes: dict[str, int]
     fold_report: FoldReportSummary
-    labels: list[str]
+    labels: list[str] = Field(description="class names: labels[i] names output column i")
+    features: list[str] = Field(
+        description="names of the input's columns in the order the model takes them "
+        "(the training CSV's header without the label column); [] when not recorded"
+    )
     derived_from: DerivedFrom | None = Field(
         None,
         description="set when the version was derived from a user's ONNX file (a bare "
@@ -160,7 +164,12 @@ class PredictRequest(BaseModel):
 
 
 class PredictResponse(BaseModel):
-    predictions: list[Any]
+    predictions: list[Any] = Field(description="per instance: the output row (e.g. logits)")
+    labels: list[str] | None = Field(
+        None,
+        description="per instance: the label of its highest score (models with labels, "
+        "one output of one score per label)",
+    )
 
 
 def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:

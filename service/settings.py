@@ -48,7 +48,9 @@ class Settings(BaseSettings):
         description="largest accepted request body in bytes (413 beyond)",
     )
     api_key: SecretStr | None = Field(
-        default=None, description="when set, repository load/unload need this key"
+        default=None,
+        description="when set, repository load/unload and fold-latency need this key, "
+        "as 'Authorization: Bearer KEY' or 'X-API-Key: KEY'",
     )
     open_management: bool = Field(
         default=False,
@@ -67,8 +69,8 @@ class Settings(BaseSettings):
     runtime_dir: Path | None = Field(
         default=None,
         description="writable directory the worker processes keep in step through "
-        "(management decisions, metrics, fold-latency reports); default: a fresh "
-        "temporary directory per server",
+        "(management decisions, metrics, fold-latency reports) (default: a fresh "
+        "temporary directory per server)",
     )
     drain_seconds: float = Field(
         default=5.0,

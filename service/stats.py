@@ -7,6 +7,7 @@ confidence interval is a bootstrap over those pairs.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -82,3 +83,26 @@ def paired_speedup(
         ratios[start : start + rows] = np.median(a[idx], axis=1) / np.median(b[idx], axis=1)
     low, high = np.percentile(ratios, [2.5, 97.5])
     return Speedup(float(np.median(a) / np.median(b)), float(low), float(high))
+
+
+def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float | None:
+    """The ``q`` quantile of a Prometheus histogram, as ``histogram_quantile()`` estimates it.
+
+    ``buckets`` are cumulative ``(upper bound, count)`` pairs, ``+Inf`` last; the value
+    is interpolated linearly inside the bucket that holds the quantile (the highest
+    finite bound when it falls in ``+Inf``). None when the histogram is empty.
+    """
+    ordered = sorted(buckets)
+    if not ordered or ordered[-1][1] <= 0:
+        return None
+    rank = q * ordered[-1][1]
+    lower, below = 0.0, 0.0
+    for bound, count in ordered:
+        if count >= rank:
+            if math.isinf(bound):
+                return lower
+            if count == below:
+                return bound
+            return lower + (bound - lower) * (rank - below) / (count - below)
+        lower, below = bound, count
+    return lower

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+import typer
 from typer.testing import CliRunner
 
 from training.__main__ import app
+from training.console import configure_logging
 
 runner = CliRunner()
 
@@ -91,3 +95,137 @@ def test_list_models_shows_parameter_counts():
     for name in ("mlp", "cnn", "resnet", "mobilenet"):
         assert name in result.output
     assert "65,834" in result.output  # cnn on 1x8x8, 10 classes
+
+
+def _csv(path: Path, rows: int = 60, *, index: bool = False, end: str = "\n\n") -> Path:
+    """A user's CSV: 3 numeric features, 3 string classes (cat, dog, bird)."""
+    rng = np.random.default_rng(0)
+    labels = np.array(["cat", "dog", "bird"])[np.arange(rows) % 3]
+    X = rng.normal(size=(rows, 3)) + (np.arange(rows) % 3)[:, None]
+    head = ([""] if index else []) + ["x1", "x2", "x3", "species"]
+    lines = [",".join(head)]
+    for i, (row, label) in enumerate(zip(X.round(4), labels, strict=True)):
+        lines.append(",".join(([str(i)] if index else []) + [str(v) for v in row] + [label]))
+    path.write_text("\n".join(lines) + end)
+    return path
+
+
+def _train(tmp_path: Path, *args: str) -> Any:
+    command = ["train", "--model", "mlp", "--epochs", "1", "--width", "8", *args]
+    return runner.invoke(app, command, env={"COLUMNS": "300"})
+
+
+def test_train_on_a_csv_with_index_column_and_blank_lines_records_features(tmp_path: Path):
+    data = _csv(tmp_path / "pets.csv", index=True)
+    out = tmp_path / "run"
+    result = _train(tmp_path, "--data", str(data), "--label-column", "species", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "config.json").read_text())
+    assert config["features"] == ["x1", "x2", "x3"]
+    assert config["labels"] == ["bird", "cat", "dog"]
+    assert config["model"]["input_shape"] == [3]
+
+
+def test_a_bad_csv_value_is_one_line_naming_file_line_and_column(tmp_path: Path):
+    data = _csv(tmp_path / "pets.csv")
+    lines = data.read_text().splitlines()
+    lines[9] = "1.0,oops,2.0,cat"
+    data.write_text("\n".join(lines))
+    result = _train(tmp_path, "--data", str(data), "--label-column", "species")
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        f"error: {data}, line 10, column 'x2': 'oops' is not a number "
+        "(feature columns must be numeric)"
+    ]
+
+
+def test_runs_never_overwrite_each_other(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(tmp_path)
+    for expected in ("runs/wine_mlp", "runs/wine_mlp_2"):
+        result = _train(tmp_path, "--dataset", "wine")
+        assert result.exit_code == 0, result.output
+        assert result.output.rstrip().endswith(f"-> {expected}")
+        assert (tmp_path / expected / "model.pt").is_file()
+    before = (tmp_path / "runs/wine_mlp/model.pt").read_bytes()
+    result = _train(tmp_path, "--dataset", "wine", "--seed", "3", "--out", "runs/wine_mlp")
+    assert result.exit_code == 2
+    assert "runs/wine_mlp holds a run already: pass --force" in result.output
+    assert (tmp_path / "runs/wine_mlp/model.pt").read_bytes() == before
+    forced = ["--dataset", "wine", "--seed", "3", "--out", "runs/wine_mlp", "--force"]
+    assert _train(tmp_path, *forced).exit_code == 0
+    assert (tmp_path / "runs/wine_mlp/model.pt").read_bytes() != before
+
+
+def test_fold_report_shows_types_shapes_directions_and_parity_verdict(tmp_path: Path):
+    out = tmp_path / "run"
+    assert _train(tmp_path, "--dataset", "wine", "--out", str(out)).exit_code == 0
+    result = runner.invoke(app, ["fold", "--run", str(out)], env={"COLUMNS": "300"})
+    assert result.exit_code == 0, result.output
+    text = result.output
+    assert "2.1 (BatchNorm1d [8]) │ folded │ backward into 2.0 (Linear [8, 13])" in text
+    assert "3.1 (BatchNorm1d [8]) │ folded │ backward into 3.0 (Linear [8, 8])" in text
+    assert "backward: into the layer before the BN; forward: into the layer after it" in text
+    parity = next(line for line in text.splitlines() if line.startswith("parity"))
+    assert parity.startswith("parity (PyTorch, folded vs unfolded, 36 samples of the run's test")
+    assert parity.endswith("<= tolerance 0.0001: PASS")
+
+
+def _commands() -> list[tuple[str, Any]]:
+    """The CLI group and each of its commands (typer's click objects)."""
+    group = typer.main.get_command(app)
+    return [("python -m training", group), *group.commands.items()]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(("name", "command"), _commands(), ids=lambda v: str(v)[:20])
+def test_every_option_has_help_and_shows_its_default(name: str, command: Any):
+    assert command.params, name
+    for param in command.params:
+        if param.name == "help":
+            continue
+        text = getattr(param, "help", None) or ""
+        assert text.strip(), f"{name} {param.opts}: no help text"
+        if param.param_type_name != "option":
+            continue
+        if not param.is_flag and param.default is not None:
+            shown = param.show_default is not False or "default:" in text
+            assert shown, f"{name} {param.opts}: default {param.default!r} not shown"
+        if param.is_flag and not param.secondary_opts:
+            assert param.metavar == "", f"{name} {param.opts}: a flag shows a value"
+
+
+def test_experiment_help_lists_the_experiments():
+    from training.experiments import EXPERIMENTS
+
+    result = runner.invoke(app, ["experiment", "--help"], env={"COLUMNS": "300"})
+    assert result.exit_code == 0
+    assert f"Experiments: all, {', '.join(EXPERIMENTS)}." in result.output
+
+
+def test_verbose_is_a_plain_flag_and_export_is_quiet_without_it(tmp_path: Path):
+    result = runner.invoke(app, ["--help"], env={"COLUMNS": "300"})
+    verbose = next(line for line in result.output.splitlines() if "--verbose" in line)
+    assert "<bool>" not in verbose and "debug logs" in verbose
+    run = tmp_path / "run"
+    assert _train(tmp_path, "--dataset", "wine", "--out", str(run)).exit_code == 0
+    export = ["export", "--run", str(run), "--repository", str(tmp_path / "models")]
+    quiet = runner.invoke(app, export, env={"COLUMNS": "300"})
+    assert quiet.exit_code == 0, quiet.output
+    assert "onnx_ir" not in quiet.output and "onnxscript" not in quiet.output
+    parity = "parity (ONNX Runtime, folded vs unfolded, 36 samples of the run's test split)"
+    assert parity in quiet.output
+    loud = runner.invoke(app, ["--verbose", *export], env={"COLUMNS": "300"})
+    configure_logging(False)  # the runner's stream is closed: no INFO from torch at exit
+    logging.basicConfig(force=True)
+    assert loud.exit_code == 0 and "INFO onnx_ir" in loud.output
+    meta = json.loads((tmp_path / "models/run/1/metadata.json").read_text())
+    assert meta["fold_report"]["folded"][0] == {
+        "bn": "2.1",
+        "into": "2.0",
+        "direction": "backward",
+        "bn_type": "BatchNorm1d",
+        "bn_shape": [8],
+        "into_type": "Linear",
+        "into_shape": [8, 13],
+    }
+    assert meta["parity"]["inputs"] == "samples of the run's test split"
+    assert meta["parity"]["samples"] == 36

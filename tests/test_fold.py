@@ -92,7 +92,7 @@ def test_caller_model_is_untouched() -> None:
     folded, report = fold_batchnorm(model, torch.randn(4, 3, 8, 8))
 
     reason = "BN is in training mode (uses batch statistics); call model.eval() first"
-    assert report.kept == [KeptBN("1.1", reason)] and len(report.folded) == 8
+    assert report.kept == [KeptBN("1.1", reason, "BatchNorm2d", [4])] and len(report.folded) == 8
     after = model.state_dict()
     assert all(torch.equal(state[k], after[k]) for k in state)
     assert modes == {n: m.training for n, m in model.named_modules()}
@@ -180,7 +180,9 @@ def test_grouped_convtranspose_fold_is_exact_where_torch_fusion_fails() -> None:
 
     folded, report = fold_batchnorm(nn.Sequential(conv, bn), x)
 
-    assert report.folded == [FoldedBN("1", "0", "backward")]
+    assert report.folded == [
+        FoldedBN("1", "0", "backward", "BatchNorm2d", [6], "ConvTranspose2d", [4, 3, 3, 3])
+    ]
     assert torch.allclose(_run(folded, (x,)), expected, atol=1e-5)
     torch_out = _torch_util_result(lambda: fuse_conv_bn_eval(conv, bn, transpose=True), x)
     assert torch_out is None or not torch.allclose(torch_out, expected, atol=1e-5)
@@ -211,13 +213,65 @@ def test_report_renders_as_dict_text_and_rich_table() -> None:
         kept=[KeptBN("3", "preceding conv '2' output has other consumers (add)")],
     )
     assert report.to_dict() == {
-        "folded": [{"bn": "1.1", "into": "1.0", "direction": "backward"}],
-        "kept": [{"bn": "3", "reason": "preceding conv '2' output has other consumers (add)"}],
+        "folded": [
+            {
+                "bn": "1.1",
+                "into": "1.0",
+                "direction": "backward",
+                "bn_type": "",
+                "bn_shape": [],
+                "into_type": "",
+                "into_shape": [],
+            }
+        ],
+        "kept": [
+            {
+                "bn": "3",
+                "reason": "preceding conv '2' output has other consumers (add)",
+                "bn_type": "",
+                "bn_shape": [],
+            }
+        ],
     }
     lines = str(report).splitlines()
-    assert lines[1].split() == ["1.1", "folded", "backward", "into", "'1.0'"]
+    assert lines[1].split() == ["1.1", "folded", "backward", "into", "1.0"]
     assert lines[2].startswith("3    kept    preceding conv '2'")
     console = Console(file=io.StringIO(), record=True, width=200)
     console.print(report.table())
     rendered = console.export_text()
     assert "1 folded, 1 kept" in rendered and "other consumers (add)" in rendered
+
+
+@pytest.mark.parametrize(
+    ("model", "folded", "kept"),
+    [
+        (
+            nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()),
+            [("1", "BatchNorm2d", [4], "backward", "0", "Conv2d", [4, 3, 3, 3])],
+            [],
+        ),
+        (
+            nn.Sequential(nn.BatchNorm1d(5), nn.Linear(5, 2)),
+            [("0", "BatchNorm1d", [5], "forward", "1", "Linear", [2, 5])],
+            [],
+        ),
+        (
+            nn.Sequential(nn.Linear(5, 3), nn.ReLU(), nn.BatchNorm1d(3), nn.ReLU()),
+            [],
+            [("2", "BatchNorm1d", [3])],
+        ),
+    ],
+)
+def test_report_names_layer_types_and_shapes(model: nn.Module, folded, kept) -> None:
+    example = torch.randn(2, 3, 6, 6) if isinstance(model[0], nn.Conv2d) else torch.randn(2, 5)
+    _, report = fold_batchnorm(model.eval(), example)
+    assert [
+        (f.bn, f.bn_type, f.bn_shape, f.direction, f.into, f.into_type, f.into_shape)
+        for f in report.folded
+    ] == folded
+    assert [(k.bn, k.bn_type, k.bn_shape) for k in report.kept] == kept
+    console = Console(file=io.StringIO(), record=True, width=200)
+    console.print(report.table())
+    rendered = console.export_text()
+    for f in report.folded:
+        assert f"{f.direction} into {f.into} ({f.into_type} {f.into_shape})" in rendered

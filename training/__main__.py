@@ -10,8 +10,9 @@ from typing import Annotated
 
 import torch
 import typer
-from rich.table import Table
 
+from training import train_options as opts
+from training.console import ExperimentCommand, configure_logging, new_run_dir, zoo_table
 from training.data import DatasetError, load_dataset, parse_shape
 from training.distributed import DistributedError, init_distributed, shutdown_distributed
 from training.import_onnx import import_onnx_cmd
@@ -19,12 +20,9 @@ from training.onnx_cli import fold_onnx_cmd
 from training.terminal import console, fail
 from training.train import DatasetSpec, Run, RunError, TrainConfig, load_run, save_run, train
 from training.zoo import (
-    MODEL_DESCRIPTIONS,
     ModelConfig,
     ZooError,
     build_model,
-    count_batchnorms,
-    count_parameters,
 )
 
 app = typer.Typer(
@@ -38,85 +36,58 @@ app.command("import-onnx")(import_onnx_cmd)
 
 
 @app.callback()
-def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+def main(
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "--verbose",
+            "-v",
+            metavar="",
+            help="debug logs, and the INFO logs of torch's ONNX exporter (onnxscript, onnx_ir)",
+        ),
+    ] = False,
+) -> None:
+    configure_logging(verbose)
 
 
 @app.command("list-models")
 def list_models(
     input_shape: Annotated[str, typer.Option(help="input shape, e.g. 1x8x8 or 30")] = "1x8x8",
-    num_classes: Annotated[int, typer.Option()] = 10,
+    num_classes: Annotated[int, typer.Option(help="output classes")] = 10,
 ) -> None:
     """Show the zoo with parameter counts (BN model and its no-BN twin)."""
-    shape = parse_shape(input_shape)
-    table = Table(title=f"FoldServe zoo (input {input_shape}, {num_classes} classes)")
-    for col in ("model", "description", "params (BN)", "params (no BN)", "BN layers"):
-        table.add_column(col)
-    for name, desc in MODEL_DESCRIPTIONS.items():
-        if name != "mlp" and len(shape) != 3:
-            table.add_row(name, desc, "-", "-", "needs CxHxW input")
-            continue
-        bn = build_model(ModelConfig(name, shape, num_classes))
-        plain = build_model(ModelConfig(name, shape, num_classes, norm=False))
-        table.add_row(
-            name,
-            desc,
-            f"{count_parameters(bn):,}",
-            f"{count_parameters(plain):,}",
-            str(count_batchnorms(bn)),
-        )
-    console.print(table)
+    console.print(zoo_table(parse_shape(input_shape), num_classes))
 
 
 @app.command("train")
 def train_cmd(
-    model: Annotated[str, typer.Option(help="zoo model: mlp, cnn, resnet, mobilenet")] = "cnn",
-    dataset: Annotated[
-        str, typer.Option(help="digits, breast_cancer, wine, synthetic, file")
-    ] = "digits",
-    out: Annotated[Path, typer.Option(help="run directory to write")] = Path("runs/digits_cnn"),
-    data: Annotated[Path | None, typer.Option(help=".npz (X, y) or .csv user data")] = None,
-    label_column: Annotated[str | None, typer.Option(help="label column of a CSV")] = None,
-    shape: Annotated[str, typer.Option(help="synthetic input shape, e.g. 3x32x32")] = "3x32x32",
-    num_classes: Annotated[int, typer.Option(help="synthetic classes")] = 10,
-    n_samples: Annotated[int, typer.Option(help="synthetic samples")] = 2000,
-    norm: Annotated[
-        bool, typer.Option("--norm/--no-norm", help="BN model or its no-BN twin")
-    ] = True,
-    bn_position: Annotated[
-        str, typer.Option(help="BN 'before' or 'after' the activation")
-    ] = "before",
-    depth: Annotated[int | None, typer.Option()] = None,
-    width: Annotated[int | None, typer.Option()] = None,
-    activation: Annotated[str, typer.Option()] = "relu",
-    dropout: Annotated[float, typer.Option()] = 0.0,
-    optimizer: Annotated[str, typer.Option(help="sgd or adamw")] = "adamw",
-    lr: Annotated[float, typer.Option()] = 3e-3,
-    schedule: Annotated[str, typer.Option(help="cosine or constant")] = "cosine",
-    epochs: Annotated[int, typer.Option()] = 10,
-    batch_size: Annotated[int, typer.Option()] = 64,
-    weight_decay: Annotated[float, typer.Option()] = 1e-4,
-    seed: Annotated[int, typer.Option()] = 0,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
-    distributed: Annotated[
-        bool,
-        typer.Option(
-            help="one of torchrun's processes: DDP, gloo on CPU, NCCL on GPU; "
-            "--batch-size is the global batch"
-        ),
-    ] = False,
-    sync_bn: Annotated[
-        bool,
-        typer.Option(
-            "--sync-bn/--no-sync-bn",
-            help="with --distributed: BN statistics over the global batch (SyncBatchNorm)",
-        ),
-    ] = True,
+    model: opts.ModelOption = "cnn",
+    dataset: opts.DatasetOption = "digits",
+    out: opts.OutOption = None,
+    force: opts.ForceOption = False,
+    data: opts.DataOption = None,
+    label_column: opts.LabelColumnOption = None,
+    shape: opts.ShapeOption = "3x32x32",
+    num_classes: opts.NumClassesOption = 10,
+    n_samples: opts.NSamplesOption = 2000,
+    norm: opts.NormOption = True,
+    bn_position: opts.BnPositionOption = "before",
+    depth: opts.DepthOption = None,
+    width: opts.WidthOption = None,
+    activation: opts.ActivationOption = "relu",
+    dropout: opts.DropoutOption = 0.0,
+    optimizer: opts.OptimizerOption = "adamw",
+    lr: opts.LrOption = 3e-3,
+    schedule: opts.ScheduleOption = "cosine",
+    epochs: opts.EpochsOption = 10,
+    batch_size: opts.BatchSizeOption = 64,
+    weight_decay: opts.WeightDecayOption = 1e-4,
+    seed: opts.SeedOption = 0,
+    device: opts.DeviceOption = "auto",
+    distributed: opts.DistributedOption = False,
+    sync_bn: opts.SyncBnOption = True,
 ) -> None:
-    """Train a zoo model and write model.pt, config.json and metrics.json to --out.
+    """Train a zoo model and write model.pt, config.json and metrics.json to a run directory.
 
     Under torchrun with --distributed, every process trains and rank 0 alone
     writes the run directory, which exports like any other.
@@ -152,6 +123,10 @@ def train_cmd(
         build_model(mcfg)  # validate the architecture before training starts
     except (DatasetError, ZooError) as err:
         fail(str(err))
+    if out is None:
+        out = new_run_dir(Path("runs"), f"{ds.name}_{model}")
+    elif (out / "config.json").exists() and not force:
+        fail(f"{out} holds a run already: pass --force to overwrite it, or choose another --out")
     tcfg = TrainConfig(
         optimizer=optimizer,  # type: ignore[arg-type]
         lr=lr,
@@ -190,13 +165,14 @@ def train_cmd(
         num_classes if dataset == "synthetic" else None,
         n_samples if dataset == "synthetic" else None,
     )
-    save_run(out, result, mcfg, spec, tcfg, ds.labels)
+    save_run(out, result, mcfg, spec, tcfg, ds.labels, ds.features)
     m = result.metrics
     console.print(
         f"{model} on {ds.name}: test_accuracy={m['test_accuracy']:.4f} "
         f"val_accuracy={m['val_accuracy']:.4f} epochs={m['epochs']} "
         f"seconds={m['seconds']:.1f} -> {out}",
         highlight=False,
+        soft_wrap=True,
     )
 
 
@@ -213,28 +189,39 @@ RunOption = Annotated[Path, typer.Option("--run", help="run directory written by
 
 @app.command("fold")
 def fold_cmd(run: RunOption) -> None:
-    """Fold the run's BN layers and print the fold report (what was folded, what was kept)."""
+    """Fold the run's BN layers; print what went into which layer (types, shapes) or was
+    kept and why, and the PyTorch parity check (exit 1 when it fails)."""
+    from training.export import torch_parity
     from training.fold import fold_batchnorm
+    from training.fold.report import DIRECTIONS
 
     r = _load(run)
     x = torch.zeros((2, *r.model_cfg.input_shape))
     folded, report = fold_batchnorm(r.model, x)
     console.print(report.table())
-    with torch.no_grad():
-        xr = torch.randn((64, *r.model_cfg.input_shape))
-        diff = float((folded(xr) - r.model(xr)).abs().max())
-    console.print(f"max abs diff folded vs unfolded (64 random inputs): {diff:.3g}")
+    console.print(DIRECTIONS, highlight=False, soft_wrap=True)
+    parity = torch_parity(r, folded)
+    console.print(parity.line(), highlight=False, soft_wrap=True)
+    if not parity.passed:
+        raise typer.Exit(1)
 
 
 @app.command("export")
 def export_cmd(
     run: RunOption,
     repository: Annotated[Path, typer.Option(help="model repository root")] = Path("models"),
-    name: Annotated[str, typer.Option(help="model name in the repository")] = "",
+    name: Annotated[
+        str,
+        typer.Option(
+            help="model name in the repository (default: the run directory's name)",
+            show_default=False,
+        ),
+    ] = "",
     dtype: Annotated[str, typer.Option(help="float32 or float16")] = "float32",
 ) -> None:
     """Export folded and unfolded ONNX with metadata as the next version of --name."""
-    from training.export import ExportError, export_run
+    from training.export import ExportError, ParityCheck, export_run
+    from training.fold.report import DIRECTIONS
 
     dtypes = {"float32": torch.float32, "float16": torch.float16}
     if dtype not in dtypes:
@@ -245,12 +232,17 @@ def export_cmd(
         fail(str(err))
         return
     md = result.metadata
-    parity = md.parity.max_abs_diff if md.parity is not None else float("nan")
     console.print(result.report.table())
+    console.print(DIRECTIONS, highlight=False, soft_wrap=True)
+    if md.parity is not None:
+        p = md.parity
+        check = ParityCheck("ONNX Runtime", p.max_abs_diff, p.atol, p.samples, p.inputs)
+        console.print(check.line(), highlight=False, soft_wrap=True)
     console.print(
         f"wrote {result.path}: BN nodes folded={md.bn_nodes['folded']} "
-        f"unfolded={md.bn_nodes['unfolded']}, max abs diff folded vs unfolded {parity:.3g}",
+        f"unfolded={md.bn_nodes['unfolded']}",
         highlight=False,
+        soft_wrap=True,
     )
 
 
@@ -330,9 +322,13 @@ def retrain_cmd(
 @app.command("bench-torch")
 def bench_torch_cmd(
     run: RunOption,
-    batch_size: Annotated[int, typer.Option(min=1, max=4096)] = 8,
-    iterations: Annotated[int, typer.Option(min=10, max=100000)] = 200,
-    warmup: Annotated[int, typer.Option(min=0, max=10000)] = 20,
+    batch_size: Annotated[int, typer.Option(min=1, max=4096, help="samples per call")] = 8,
+    iterations: Annotated[
+        int, typer.Option(min=10, max=100000, help="timed calls of each variant")
+    ] = 200,
+    warmup: Annotated[
+        int, typer.Option(min=0, max=10000, help="untimed calls of each variant first")
+    ] = 20,
 ) -> None:
     """Eager PyTorch latency, folded vs unfolded, interleaved, on CPU (and CUDA if present)."""
     from training.bench_torch import bench_table
@@ -346,8 +342,8 @@ def bench_torch_cmd(
 
 @app.command("defaults")
 def defaults_cmd(
-    repository: Annotated[Path, typer.Option()] = Path("models"),
-    runs: Annotated[Path, typer.Option()] = Path("runs"),
+    repository: Annotated[Path, typer.Option(help="model repository root")] = Path("models"),
+    runs: Annotated[Path, typer.Option(help="where the runs are kept (reused)")] = Path("runs"),
 ) -> None:
     """Train and export digits_cnn, breast_cancer_mlp and resnet_bench where missing."""
     from training.defaults import ensure_default_models
@@ -362,10 +358,12 @@ def defaults_cmd(
         )
 
 
-@app.command("experiment")
+@app.command("experiment", cls=ExperimentCommand)
 def experiment_cmd(
-    names: Annotated[list[str], typer.Argument(help="experiment names, or 'all'")],
-    quick: Annotated[bool, typer.Option(help="seconds-long smoke run")] = False,
+    names: Annotated[list[str], typer.Argument(help="experiment names (listed above), or 'all'")],
+    quick: Annotated[
+        bool, typer.Option("--quick", metavar="", help="seconds-long smoke run")
+    ] = False,
     out: Annotated[Path, typer.Option(help="report directory")] = Path("docs"),
     seeds: Annotated[int | None, typer.Option(min=2, help="seeds per configuration")] = None,
 ) -> None:

@@ -8,7 +8,6 @@ on the training split only; the model applies them in its first layer
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,11 +15,12 @@ import numpy as np
 from sklearn.datasets import load_breast_cancer, load_digits, load_wine
 from sklearn.model_selection import train_test_split
 
+from training.user_data import DatasetError, UserData, load_csv, load_npz
+
 BUILTIN_DATASETS = ("digits", "breast_cancer", "wine", "synthetic")
 
 
-class DatasetError(ValueError):
-    """Bad dataset name or user data; the message is one line a user can act on."""
+__all__ = ["BUILTIN_DATASETS", "Dataset", "DatasetError", "load_dataset", "parse_shape"]
 
 
 @dataclass
@@ -34,7 +34,8 @@ class Dataset:
     y_val: np.ndarray
     X_test: np.ndarray
     y_test: np.ndarray
-    labels: list[str]
+    labels: list[str]  # labels[i] is class i (output column i)
+    features: list[str] = field(default_factory=list)  # X's column names, when known
     input_shape: tuple[int, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -80,6 +81,7 @@ def _split(
     y: np.ndarray,
     labels: list[str],
     seed: int,
+    features: list[str] | None = None,
     val_fraction: float = 0.15,
     test_fraction: float = 0.2,
 ) -> Dataset:
@@ -102,6 +104,7 @@ def _split(
         X_test.astype(np.float32),
         y_test.astype(np.int64),
         labels,
+        features or [],
     )
 
 
@@ -117,78 +120,32 @@ def synthetic_arrays(
     return (X * 2.0 + 1.0).astype(np.float32), y.astype(np.int64)
 
 
-def _encode_labels(raw: np.ndarray) -> tuple[np.ndarray, list[str]]:
-    classes, y = np.unique(raw, return_inverse=True)
-    return y.astype(np.int64), [str(c) for c in classes]
-
-
-def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            missing = [k for k in ("X", "y") if k not in archive.files]
-            if missing:
-                raise DatasetError(
-                    f"{path}: missing array(s) {', '.join(missing)}; "
-                    f"expected arrays 'X' and 'y', found {archive.files}"
-                )
-            X, raw_y = archive["X"], archive["y"]
-    except (OSError, ValueError) as err:
-        if isinstance(err, DatasetError):
-            raise
-        raise DatasetError(f"{path}: not a readable .npz file ({err})") from err
-    if not np.issubdtype(X.dtype, np.number) or X.dtype == np.bool_:
-        raise DatasetError(f"{path}: X must be numeric, got dtype {X.dtype}")
-    y, labels = _encode_labels(raw_y.reshape(-1))
-    return X.astype(np.float32), y, labels
-
-
-def _load_csv(path: Path, label_column: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    try:
-        with path.open(newline="") as fh:
-            rows = list(csv.reader(fh))
-    except OSError as err:
-        raise DatasetError(f"{path}: cannot read CSV ({err})") from err
-    if len(rows) < 2:
-        raise DatasetError(f"{path}: CSV needs a header row and at least one data row")
-    header, body = rows[0], rows[1:]
-    if label_column not in header:
-        raise DatasetError(f"{path}: no label column {label_column!r}; columns are {header}")
-    li = header.index(label_column)
-    raw_y = np.array([r[li] for r in body])
-    feats = [[v for j, v in enumerate(r) if j != li] for r in body]
-    try:
-        X = np.array(feats, dtype=np.float32)
-    except ValueError as err:
-        raise DatasetError(f"{path}: feature columns must be numeric ({err})") from err
-    y, labels = _encode_labels(raw_y)
-    return X, y, labels
-
-
 def load_user_data(path: Path, label_column: str | None, seed: int) -> Dataset:
-    """Load ``.npz`` (arrays ``X`` and ``y``) or CSV (``label_column`` required)."""
+    """Load ``.npz`` (arrays ``X`` and ``y``) or CSV (``label_column`` required); the
+    rules are in :mod:`training.user_data`."""
     if not path.exists():
         raise DatasetError(f"{path}: no such file")
+    data: UserData
     if path.suffix == ".npz":
-        X, y, labels = _load_npz(path)
+        data = load_npz(path)
     elif path.suffix == ".csv":
         if not label_column:
             raise DatasetError(f"{path}: a CSV needs --label-column naming the label column")
-        X, y, labels = _load_csv(path, label_column)
+        data = load_csv(path, label_column)
     else:
         raise DatasetError(f"{path}: unsupported file type {path.suffix!r}; use .npz or .csv")
+    X, y, labels = data.X, data.y, data.labels
     if len(X) != len(y):
         raise DatasetError(f"{path}: X has {len(X)} rows but y has {len(y)}")
     if X.ndim < 2:
         raise DatasetError(f"{path}: X must be (N, features...) with N samples, got {X.shape}")
-    if not np.isfinite(X).all():
-        raise DatasetError(f"{path}: X holds NaN or infinite values")
     counts = np.bincount(y)
     if len(labels) < 2 or counts.min() < 5:
         raise DatasetError(
             f"{path}: need at least 2 classes with 5 samples each for stratified splits, "
             f"got class counts {dict(zip(labels, counts.tolist(), strict=True))}"
         )
-    return _split(path.stem, X, y, labels, seed)
+    return _split(path.stem, X, y, labels, seed, data.features)
 
 
 def load_dataset(
@@ -216,10 +173,14 @@ def load_dataset(
         return _split(name, X, bunch.target, [str(t) for t in bunch.target_names], seed)
     if name == "breast_cancer":
         bunch = load_breast_cancer()
-        return _split(name, bunch.data, bunch.target, [str(t) for t in bunch.target_names], seed)
+        labels = [str(t) for t in bunch.target_names]
+        features = [str(f) for f in bunch.feature_names]
+        return _split(name, bunch.data, bunch.target, labels, seed, features)
     if name == "wine":
         bunch = load_wine()
-        return _split(name, bunch.data, bunch.target, [str(t) for t in bunch.target_names], seed)
+        labels = [str(t) for t in bunch.target_names]
+        features = [str(f) for f in bunch.feature_names]
+        return _split(name, bunch.data, bunch.target, labels, seed, features)
     if name == "synthetic":
         X, y = synthetic_arrays(shape, num_classes, n_samples, seed)
         return _split(name, X, y, [f"class_{i}" for i in range(num_classes)], seed)

@@ -52,7 +52,7 @@ def train_default(spec: DefaultModel, runs: Path, progress: bool = True) -> Path
     ds = spec.dataset.load()
     cfg = ModelConfig(spec.model, ds.input_shape, ds.num_classes, **spec.options)  # type: ignore[arg-type]
     result = train(cfg, ds, spec.train, progress=progress)
-    save_run(out, result, cfg, spec.dataset, spec.train, ds.labels)
+    save_run(out, result, cfg, spec.dataset, spec.train, ds.labels, ds.features)
     log.info(
         "%s: test_accuracy=%.4f in %.1f s",
         spec.name,

@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 ATOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.float64: 1e-8}
+PARITY_SAMPLES = 64  # inputs of the folded-vs-unfolded checks of `fold` and `export`
 
 
 class ExportError(RuntimeError):
@@ -63,8 +64,14 @@ class ExportResult:
     report: FoldReport
 
 
-def reference_inputs(run: Run, n: int, seed: int = 0) -> np.ndarray:
-    """Real test samples when the run's dataset can be rebuilt, else seeded noise."""
+RANDOM_INPUTS = "seeded random normal inputs"
+TEST_INPUTS = "samples of the run's test split"
+
+
+def reference_inputs(run: Run, n: int, seed: int = 0) -> tuple[np.ndarray, str]:
+    """Up to ``n`` real test samples when the run's dataset can be rebuilt, else ``n``
+    samples of seeded noise;
+    and which of the two, in words (``TEST_INPUTS`` or ``RANDOM_INPUTS``)."""
     spec = run.config.get("dataset", {})
     try:
         kwargs: dict[str, Any] = {"seed": spec.get("seed", 0)}
@@ -77,12 +84,45 @@ def reference_inputs(run: Run, n: int, seed: int = 0) -> np.ndarray:
         ds = load_dataset(
             spec["name"], path=spec.get("path"), label_column=spec.get("label_column"), **kwargs
         )
-        if len(ds.X_test) >= n:
-            return ds.X_test[:n]
+        if len(ds.X_test) >= min(n, 8):  # a small test split: all of it
+            return ds.X_test[:n], TEST_INPUTS
     except (KeyError, ValueError, OSError) as err:
         log.info("dataset of %s not rebuildable (%s): reference batch is random", run.path, err)
     rng = np.random.default_rng(seed)
-    return rng.normal(size=(n, *run.model_cfg.input_shape)).astype(np.float32)
+    return rng.normal(size=(n, *run.model_cfg.input_shape)).astype(np.float32), RANDOM_INPUTS
+
+
+@dataclass(frozen=True)
+class ParityCheck:
+    """Largest |folded - unfolded| output difference on ``samples`` inputs, and its bound."""
+
+    where: str  # what ran both variants, e.g. "PyTorch" or "ONNX Runtime"
+    max_abs_diff: float
+    atol: float
+    samples: int
+    inputs: str  # what the inputs were
+
+    @property
+    def passed(self) -> bool:
+        return self.max_abs_diff <= self.atol
+
+    def line(self) -> str:
+        verdict = "PASS" if self.passed else "FAIL"
+        sign = "<=" if self.passed else ">"
+        return (
+            f"parity ({self.where}, folded vs unfolded, {self.samples} {self.inputs}): "
+            f"max abs diff {self.max_abs_diff:.3g} {sign} tolerance {self.atol:g}: {verdict}"
+        )
+
+
+def torch_parity(run: Run, folded: nn.Module, samples: int = PARITY_SAMPLES) -> ParityCheck:
+    """The folded against the run's unfolded model in PyTorch (float32), on the inputs
+    and tolerance the export checks ONNX Runtime with."""
+    x, inputs = reference_inputs(run, samples)
+    with torch.no_grad():
+        xt = torch.from_numpy(x)
+        diff = float((folded(xt) - run.model.eval()(xt)).abs().max())
+    return ParityCheck("PyTorch", diff, ATOL[torch.float32], len(x), inputs)
 
 
 def ort_outputs(model_bytes: bytes, x: np.ndarray) -> np.ndarray:
@@ -107,11 +147,11 @@ def build_version(
     name: str,
     dtype: torch.dtype = torch.float32,
     reference_size: int = 4,
-    parity_size: int = 64,
+    parity_size: int = PARITY_SAMPLES,
 ) -> tuple[bytes, bytes, VersionMetadata, FoldReport]:
     """Fold, export both variants, check them; return the two files and the metadata."""
     base: nn.Module = run.model.eval()
-    x_all = reference_inputs(run, parity_size)  # (P, *input_shape) float32
+    x_all, x_kind = reference_inputs(run, parity_size)  # (P, *input_shape) float32
     np_dtype = np.dtype(str(dtype).removeprefix("torch."))
     x = x_all.astype(np_dtype)
     folded, report = fold_batchnorm(base, torch.from_numpy(x_all[:2]), dtype=dtype)
@@ -173,6 +213,7 @@ def build_version(
             TensorSpec(name=OUTPUT_NAME, datatype=datatype, shape=(-1, run.model_cfg.num_classes))
         ],
         labels=run.labels,
+        features=run.features,
         network=run.model_cfg.to_dict(),
         training=training,
         fold_report=FoldRecord.model_validate(report.to_dict()),
@@ -182,6 +223,7 @@ def build_version(
             max_abs_diff_vs_torch={"folded": diff_ft, "unfolded": diff_ut},
             atol=atol,
             samples=len(x),
+            inputs=x_kind,
         ),
         reference=ReferenceBatch(
             inputs={INPUT_NAME: TensorData.of(ref_x)},
@@ -211,6 +253,6 @@ def export_run(
         version = write_version(model_dir, files, metadata)
     except ModelVersionError as err:
         raise ExportError(str(err)) from err
-    log.info("exported %s version %d to %s", name, version, model_dir / str(version))
+    log.debug("exported %s version %d to %s", name, version, model_dir / str(version))
     written = VersionMetadata.read(model_dir / str(version))
     return ExportResult(model_dir / str(version), version, written, report)

@@ -133,5 +133,5 @@ def train_plan(plan: RetrainPlan, run_dir: Path, progress: bool = True) -> Train
             "the network"
         )
     result = train(plan.model, ds, plan.train, progress=progress)
-    save_run(run_dir, result, plan.model, plan.dataset, plan.train, ds.labels)
+    save_run(run_dir, result, plan.model, plan.dataset, plan.train, ds.labels, ds.features)
     return result

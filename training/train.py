@@ -264,8 +264,13 @@ def save_run(
     data_spec: DatasetSpec,
     cfg: TrainConfig,
     labels: list[str],
+    features: list[str] | None = None,
 ) -> None:
-    """Write ``model.pt``, ``config.json`` and ``metrics.json`` into ``out``."""
+    """Write ``model.pt``, ``config.json`` and ``metrics.json`` into ``out``.
+
+    ``config.json`` records ``labels`` (``labels[i]`` names output column ``i``) and
+    ``features`` (the input's column names in order, ``[]`` when unknown).
+    """
     out.mkdir(parents=True, exist_ok=True)
     torch.save(result.model.state_dict(), out / "model.pt")
     config = {
@@ -273,6 +278,7 @@ def save_run(
         "dataset": asdict(data_spec),
         "train": asdict(cfg),
         "labels": labels,
+        "features": features or [],
     }
     (out / "config.json").write_text(json.dumps(config, indent=2))
     (out / "metrics.json").write_text(json.dumps(result.metrics, indent=2))
@@ -291,6 +297,10 @@ class Run:
     @property
     def labels(self) -> list[str]:
         return list(self.config.get("labels", []))
+
+    @property
+    def features(self) -> list[str]:
+        return list(self.config.get("features", []))
 
 
 class RunError(ValueError):

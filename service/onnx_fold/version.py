@@ -45,6 +45,7 @@ from service.model_format import (
     sha256_hex,
 )
 from service.onnx_fold import FoldCheckFailed, OnnxFoldReport, fold_model
+from service.onnx_fold.check import OTHER_DIMS  # the self-check's sizes for symbolic axes
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,6 @@ DERIVATION = "onnx-fold/1"  # bump when a change to the folder must re-derive ca
 METADATA_KEY = "derived_from"  # the metadata.json key that marks a version made from a user file
 REFERENCE_BATCH = 4  # samples of the reference batch (a symbolic axis 0), at most
 REFERENCE_VALUES = 1 << 16  # fewer samples when one has more input values (metadata.json)
-OTHER_DYNAMIC_AXES = (8, 32, 224)  # a symbolic axis past 0: the first size the file runs with
 ATOL_FLOOR = {"FP16": 2e-2, "FP32": 1e-4, "FP64": 1e-8}  # reference atol at least this
 
 ONNX_DATATYPES: dict[int, Datatype] = {
@@ -133,7 +133,7 @@ def graph_specs(model: onnx.ModelProto) -> tuple[list[TensorSpec], list[TensorSp
 
 
 def reference_feeds(
-    specs: list[TensorSpec], seed: int, other: int = OTHER_DYNAMIC_AXES[0]
+    specs: list[TensorSpec], seed: int, other: int = OTHER_DIMS[0]
 ) -> dict[str, np.ndarray]:
     """Random inputs of the declared shapes: a symbolic axis 0 has up to
     :data:`REFERENCE_BATCH` samples (fewer when a sample has over :data:`REFERENCE_VALUES`
@@ -183,10 +183,10 @@ def reference_batch(
     specs: list[TensorSpec], session: ort.InferenceSession, seed: int
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Reference inputs and the user's file's outputs for them: symbolic axes past 0 take
-    the first of :data:`OTHER_DYNAMIC_AXES` the file runs with (a deep CNN with symbolic
+    the first of :data:`OTHER_DIMS` the file runs with (a deep CNN with symbolic
     height and width does not run on 8x8)."""
     symbolic = any(d < 0 for spec in specs for d in spec.shape[1:])
-    sizes = OTHER_DYNAMIC_AXES if symbolic else OTHER_DYNAMIC_AXES[:1]
+    sizes = OTHER_DIMS if symbolic else OTHER_DIMS[:1]
     for other in sizes[:-1]:
         feeds = reference_feeds(specs, seed, other)
         try:
@@ -305,6 +305,8 @@ def derive_version(
             max_abs_diff=max(report.max_abs_diff, diff),
             atol=report.tolerance,
             samples=next(iter(feeds.values())).shape[0] if feeds else 1,
+            inputs=f"the larger of the fold's own check ({report.check_inputs}) "
+            "and the reference batch",
         ),
         reference=ReferenceBatch(
             inputs={k: TensorData.of(v) for k, v in feeds.items()},

@@ -137,7 +137,7 @@ async def _answer(request: Request, name: str, version: str | None, v1: bool) ->
         start = time.perf_counter()
         large = output_elements(outputs) > INLINE_OUTPUT_ELEMENTS
         if v1:
-            encode_1 = partial(encode_v1, outputs)
+            encode_1 = partial(encode_v1, outputs, served.labels)
             answer = await asyncio.to_thread(encode_1) if large else encode_1()
             record.encode_s = time.perf_counter() - start
             return TensorResponse(answer)
@@ -161,7 +161,9 @@ async def infer_version(request: Request, name: str, version: str) -> Response:
 async def predict(request: Request, name: str) -> Response:
     """V1: ``{"instances": [...]}``, one entry per sample, for single-input models.
 
-    The instances become a V2 request for the model's one input, every output.
+    The instances become a V2 request for the model's one input, every output. The
+    answer is ``{"predictions": [...]}`` (the outputs' rows, e.g. logits), plus
+    ``"labels"``: each instance's predicted class name, when the model has labels.
     """
     return await _answer(request, name, None, v1=True)
 

@@ -7,10 +7,13 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, Field
 
-from service.latency import LatencyParams
+from service.latency import LatencyParams, scale
 from service.latency_lab import FoldLatencyLab
+from service.metrics import ServiceMetrics
 from service.protocol import error_responses
-from service.routes.deps import RepositoryDep, require_api_key
+from service.repository import ModelRepository
+from service.routes.deps import MetricsDep, RepositoryDep, require_api_key
+from service.stats import histogram_quantile
 
 # Bounds of the query parameters (422 outside). A measurement also stops timing after
 # the lab's max_seconds, so a large batch on a slow model cannot hold it for long.
@@ -37,6 +40,14 @@ class SpeedupInterval(BaseModel):
     ci95: tuple[float, float] = Field(description="95% bootstrap interval over paired runs")
 
 
+class EndToEnd(BaseModel):
+    p50_ms: float = Field(
+        description="p50 of the answered (200) inference requests, first byte read to "
+        "response built, estimated from the request-duration histogram (all workers)"
+    )
+    requests: int = Field(description="answered requests the p50 is over")
+
+
 class FoldLatencyResponse(BaseModel):
     model_name: str
     model_version: str
@@ -60,6 +71,16 @@ class FoldLatencyResponse(BaseModel):
     unfolded: VariantLatency
     speedup: SpeedupInterval
     verdict: str
+    saving_us_per_call: float = Field(
+        description="unfolded p50 - folded p50 per session.run call, microseconds"
+    )
+    saving_us_per_sample: float = Field(description="saving_us_per_call / batch_size")
+    scope: str = Field(description="what these times include: ONNX Runtime only")
+    end_to_end: EndToEnd | None = Field(
+        description="this server's measured request latency for the same model version "
+        "(null: no answered request in the metrics yet)"
+    )
+    scale: str = Field(description="the saving in words, beside the end-to-end p50")
     max_abs_diff: float | None = Field(description="largest output difference (None: NaN/inf)")
     bn_nodes: dict[str, int]
     unfolded_bn_inputs: dict[str, int] = Field(
@@ -88,6 +109,7 @@ async def fold_latency(
     name: str,
     repository: RepositoryDep,
     lab: Annotated[FoldLatencyLab, Depends(get_lab)],
+    metrics: MetricsDep,
     version: str | None = None,
     batch_size: Annotated[int, Query(ge=1, le=MAX_BATCH_SIZE)] = 1,
     iterations: Annotated[int, Query(ge=MIN_ITERATIONS, le=MAX_ITERATIONS)] = 200,
@@ -114,4 +136,20 @@ async def fold_latency(
         model = repository.get(name, version)
         params = LatencyParams(batch_size, iterations, warmup, isolate, seed)
         body = (await lab.measure(model, params)).to_dict(samples=samples)
+    body.update(in_scale(repository, metrics, name, body))
     return FoldLatencyResponse.model_validate({**body, "cached": cached})
+
+
+def in_scale(
+    repository: ModelRepository, metrics: ServiceMetrics, name: str, body: dict[str, Any]
+) -> dict[str, Any]:
+    """``end_to_end`` and ``scale`` for a report: the saving beside what this server's
+    requests to the same version take, read from the metrics now."""
+    label = repository.metric_label(name)
+    buckets = metrics.request_buckets(label, body["model_version"])
+    p50 = histogram_quantile(0.5, buckets)
+    requests = int(buckets[-1][1]) if buckets else 0
+    e2e = None if p50 is None else {"p50_ms": p50 * 1e3, "requests": requests}
+    p50_ms = None if p50 is None else p50 * 1e3
+    words = scale(body["saving_us_per_call"], body["batch_size"], p50_ms, requests)
+    return {"end_to_end": e2e, "scale": words}

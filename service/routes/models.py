@@ -68,6 +68,7 @@ def describe(repository: ModelRepository, name: str, version: str | None) -> Mod
         ),
         labels=model.labels,
         derived_from=derived_from(meta),
+        features=meta.features,
     )
 
 

@@ -157,6 +157,11 @@ function renderReport(r) {
     `speedup ${r.speedup.ratio.toFixed(3)}x (95% CI ${low.toFixed(3)}-${high.toFixed(3)})`;
   $("verdict").textContent = `${r.model_name} v${r.model_version}: ${r.verdict}`;
   $("case").textContent = r.case_description;
+  $("saving").textContent =
+    `saving per call: ${fmt(r.saving_us_per_call, 3)} us; per sample: ${fmt(r.saving_us_per_sample, 3)} us` +
+    (r.end_to_end ? `; end-to-end request p50: ${fmt(r.end_to_end.p50_ms, 3)} ms (${r.end_to_end.requests} requests)` : "");
+  $("scale").textContent = r.scale;
+  $("scope").textContent = r.scope;
 
   const body = $("variants").tBodies[0];
   body.replaceChildren();

@@ -86,6 +86,7 @@ def write_version(
     model: onnx.ModelProto,
     *,
     labels: list[str] | None = None,
+    features: list[str] | None = None,
     edit: Callable[[dict[str, Any]], None] | None = None,
 ) -> Path:
     """Write a complete version with the repository contract's own writer.
@@ -113,6 +114,7 @@ def write_version(
             for o in session.get_outputs()
         ],
         labels=labels or [],
+        features=features or [],
         fold_report=FoldRecord(kept=[KeptBatchNorm(bn="bn0", reason="test model")]),
         bn_nodes={"folded": 0, "unfolded": 0},
         reference=ReferenceBatch(
@@ -173,11 +175,19 @@ def model_store(tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
             DatasetSpec(dataset),
             tcfg,
             ds.labels,
+            ds.features,
         )
         export_run(run_dir, root, name)
         runs[name] = run_dir
     write_version(root, "two_io", 1, two_io_model())
-    write_version(root, "linear", 1, linear_model(4, 5), labels=["a", "b", "c", "d", "e"])
+    write_version(
+        root,
+        "linear",
+        1,
+        linear_model(4, 5),
+        labels=["a", "b", "c", "d", "e"],
+        features=["w", "x", "y", "z"],
+    )
     return ModelStore(root, runs)
 
 

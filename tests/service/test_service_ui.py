@@ -112,6 +112,9 @@ def test_page_and_assets_are_served_from_here(client: httpx.Client) -> None:
 def test_page_lists_models_and_draws_the_report(fresh_server: Any, tmp_path: Path) -> None:
     iterations = 150
     with fresh_server(api_key=None) as live, live.client() as client:
+        for _ in range(5):  # served requests: the report sets the saving beside their p50
+            sample = {"instances": [[10.0] * 30]}
+            assert client.post("/v1/models/breast_cancer_mlp:predict", json=sample).is_success
         query = f"model=breast_cancer_mlp&run=measure&iterations={iterations}&batch_size=2"
         dom = dump_dom(f"{live.url}/ui?{query}", tmp_path / "profile")
         report = client.get(
@@ -128,6 +131,13 @@ def test_page_lists_models_and_draws_the_report(fresh_server: Any, tmp_path: Pat
     low, high = report["speedup"]["ci95"]
     expected = f"speedup {report['speedup']['ratio']:.3f}x (95% CI {low:.3f}-{high:.3f})"
     assert dom.by_id("speedup").text == expected
+    # The saving in microseconds, that it is ONNX Runtime time only, and the served p50.
+    assert dom.by_id("scale").text == report["scale"]
+    assert dom.by_id("scope").text == report["scope"]
+    saving = dom.by_id("saving").text
+    assert saving.startswith("saving per call: ") and "; per sample: " in saving
+    assert saving.endswith("ms (5 requests)") and "end-to-end request p50: " in saving
+    assert "5 answered request(s) to this version took" in report["scale"]
 
     charts = [e for e in dom.select("svg") if "data-bins" in e.attrs]
     assert len(charts) == 1 and charts[0].attrs["data-bins"] == str(BINS)

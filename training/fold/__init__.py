@@ -94,4 +94,4 @@ def fold_batchnorm(
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     folder.report.folded.sort(key=lambda f: order.get(f.bn, len(order)))
     folder.report.kept.sort(key=lambda k: order.get(k.bn, len(order)))
-    return result, folder.report
+    return result, folder.report.described(model)
