@@ -21,6 +21,7 @@ from fastapi.staticfiles import StaticFiles
 from service.drain import Drain
 from service.errors import install_error_handlers
 from service.latency_lab import FoldLatencyLab
+from service.logs import flush_logs
 from service.metrics import ServiceMetrics, leave_multiprocess
 from service.middleware import RequestContextMiddleware
 from service.repository import ModelRepository
@@ -83,6 +84,7 @@ def create_app(settings: Settings | None = None, repo: ModelRepository | None = 
             task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.gather(*tasks)
+        flush_logs()  # every request has been answered: its access line is written now
 
     app = FastAPI(
         title="FoldServe",
