@@ -1,8 +1,9 @@
 """Access logs and request ids: parseable lines with the right fields, ids unique everywhere,
-nothing lost at shutdown."""
+nothing lost at shutdown, and the collector's start-up freeze."""
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 import logging
@@ -168,3 +169,7 @@ def test_workers_log_every_request_once_through_a_sigterm_drain(
     access = [x for x in lines if x["logger"] == "service.access" and x["path"].endswith("/infer")]
     assert sorted(x["request_id"] for x in access) == sorted(ids)
     assert all(GENERATED_ID.fullmatch(i) for i in ids)
+
+
+def test_start_up_objects_are_frozen_out_of_the_collector(server: Any) -> None:
+    assert gc.get_freeze_count() > 10_000
