@@ -55,7 +55,8 @@ def _flat_floats(data: list[Any], dtype: np.dtype[Any]) -> np.ndarray | None:
     # An integer beyond 2**53 (or a value out of range) is not settled here: np.asarray keeps
     # an all-integer list as int64, and int64 -> float32 rounds once where this path would
     # round twice. Below 2**53 every integer is exact in float64 and both agree.
-    if not np.abs(values).max() <= min(EXACT_INTEGERS, FLOAT_MAX[dtype.itemsize]):
+    limit = min(EXACT_INTEGERS, FLOAT_MAX[dtype.itemsize])
+    if not (values.max() <= limit and values.min() >= -limit):  # cheaper than abs().max()
         return None
     return values.astype(dtype)
 
