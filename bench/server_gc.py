@@ -7,15 +7,18 @@ Starts ``python -m service`` (defaults: access log on, FoldServe's worker count)
 from each checkout with a ``sitecustomize`` that times every collection by
 generation (``gc.callbacks``) in every process, drives it with wrk (64 clients,
 batch-1 JSON), and prints per worker the number of collections, their total and
-longest pause, beside wrk's p50 and p99. A full (generation 2) collection
-stops the event loop for as long as it takes.
+longest pause, beside wrk's p50 and p99, and how many requests each worker
+answered (from the request ids of the access log). A full (generation 2)
+collection stops the event loop for as long as it takes.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -90,6 +93,12 @@ def run(checkout: Path, args: argparse.Namespace, workdir: Path) -> list[str]:
         f"{checkout}: {raw['requests'] / (raw['duration_us'] / 1e6):,.0f} req/s, "
         f"p50 {raw['p50_us'] / 1e3:.1f} ms, p99 {raw['p99_us'] / 1e3:.1f} ms"
     ]
+    per_worker = collections.Counter(
+        m[1] for m in re.finditer(r"\[([0-9a-f]{16})-[0-9a-f]+\]", Path(log.name).read_text())
+    )
+    if per_worker:  # request ids name their worker process (this checkout's, not uuid4)
+        shares = ", ".join(f"{n:,}" for n in sorted(per_worker.values(), reverse=True))
+        lines.append(f"  requests per worker (from the access log's request ids): {shares}")
     for pid in pids:
         if not (probe_dir / f"{pid}.json").exists():
             lines.append(f"  worker {pid}: no report (not a worker, or too slow to write it)")
