@@ -108,8 +108,21 @@ class LogWriter:
         self._stopped = threading.Event()
         self._second = -1
         self._second_text = ("", "")  # local (text lines), UTC (JSON lines)
-        self._thread = threading.Thread(target=self._run, name="foldserve-log", daemon=True)
-        self._thread.start()
+        self._thread = self._start()
+        os.register_at_fork(after_in_child=self._after_fork)
+
+    def _start(self) -> threading.Thread:
+        thread = threading.Thread(target=self._run, name="foldserve-log", daemon=True)
+        thread.start()
+        return thread
+
+    def _after_fork(self) -> None:
+        """A forked child (a pre-forking server) has no writer thread: start its own, and
+        leave the parent's queued lines to the parent."""
+        self.pending.clear()
+        self._write_lock = threading.Lock()
+        if not self._stopped.is_set():
+            self._thread = self._start()
 
     def add(self, item: logging.LogRecord | AccessEntry) -> None:
         """Queue one line (any thread; a deque append is atomic)."""

@@ -12,6 +12,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -123,6 +124,22 @@ def test_the_writer_flushes_every_queued_line_when_stopped() -> None:
     assert [TEXT_ACCESS.fullmatch(line)["request_id"] for line in lines] == [  # type: ignore[index]
         str(i) for i in range(5000)
     ]
+
+
+def test_a_forked_child_writes_its_lines_with_a_writer_of_its_own(tmp_path: Path) -> None:
+    path = tmp_path / "log.txt"
+    with path.open("w") as stream:
+        writer = LogWriter(stream, "text")
+        writer.access("GET", "/parent", 200, 0.5, "p")
+        pid = os.fork()
+        if pid == 0:  # the child: its own thread writes, without an exit handler's help
+            writer.access("GET", "/child", 200, 0.5, "c")
+            time.sleep(0.5)
+            os._exit(0)
+        os.waitpid(pid, 0)
+        writer.stop()
+    ids = [TEXT_ACCESS.fullmatch(line)["request_id"] for line in path.read_text().splitlines()]  # type: ignore[index]
+    assert sorted(ids) == ["c", "p"]
 
 
 def test_generated_request_ids_are_unique_and_valid(server: Any) -> None:
