@@ -10,16 +10,20 @@ closed loop, 127.0.0.1) for every server:
 
 1. the HTTP floor: a bare FastAPI endpoint on uvicorn answering a constant;
 2. a naive FastAPI + pydantic + ONNX Runtime server (no batching);
-3. KServe's ModelServer with a custom model running the same file in ONNX
+3. Seldon MLServer with a custom runtime running the same file in ONNX
+   Runtime (from bench/.venv-mlserver, created on first use);
+4. KServe's ModelServer with a custom model running the same file in ONNX
    Runtime (from bench/.venv-kserve, created on first use);
-4. FoldServe with JSON tensors, dynamic batching off and on; FoldServe with
-   binary tensors.
+5. FoldServe as started by default (access log on), JSON tensors with dynamic
+   batching off and on; FoldServe with binary tensors.
 
 All servers start together and stay idle while another is measured; each
 cell (model, clients) measures them back to back, so slow drift in the
 machine's load hits every row alike. Each request carries one sample, except
 the extra batch-32 rows that compare JSON with binary tensors. Raw ONNX
-Runtime's own rate (back-to-back calls, batch 1 and 32) is the compute limit.
+Runtime's own rate (back-to-back calls, batch 1 and 32) is the compute limit,
+and with the floor's CPU per request it gives the bound no server can pass
+(``throughput_report.Bound``): each row's share of it is in the table.
 The table, the ratios against the issue's targets, the machine and its load
 average are printed (and written between ``<!-- throughput:start -->`` and
 ``<!-- throughput:end -->`` with ``--record``).
@@ -44,7 +48,7 @@ import onnxruntime as ort
 import throughput_load as load
 import throughput_servers as servers
 from markdown_section import write_section
-from throughput_report import END, START, Cell, Row, model_table, targets
+from throughput_report import END, START, Cell, Row, bound_for, model_table, targets
 
 QUIET_CORES = 0.25  # a cell measured while other processes took more CPU than this is redone
 
@@ -53,6 +57,7 @@ def rows_for(model: str, batch_model: str, big_batch: int, keys: list[str]) -> l
     labels = {
         "floor": "HTTP floor (FastAPI constant)",
         "naive": "naive FastAPI + pydantic + ORT",
+        "mlserver": "MLServer + ORT (custom runtime)",
         "kserve": "KServe ModelServer + ORT",
         "fold-off": "FoldServe JSON, batching off",
         "fold": "FoldServe JSON, batching on",
@@ -74,7 +79,7 @@ def usable_cpus() -> int:
     return len(os.sched_getaffinity(0))
 
 
-def conditions(args: argparse.Namespace, kserve: str) -> list[str]:
+def conditions(args: argparse.Namespace, kserve: str, mlserver: str) -> list[str]:
     cpu = "unknown CPU"
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -87,11 +92,12 @@ def conditions(args: argparse.Namespace, kserve: str) -> list[str]:
         f"machine: {cpu}, {os.cpu_count()} CPUs ({usable_cpus()} usable), {platform.machine()}",
         f"python {platform.python_version()}, onnxruntime {ort.__version__}, "
         f"fastapi {version('fastapi')}, uvicorn {version('uvicorn')}, kserve {kserve}, "
+        f"mlserver {mlserver}, "
         f"load generator: {wrk} (1 thread, closed loop, keep-alive)",
         f"each cell: {args.duration:g} s after a {args.warmup:g} s warm-up per server and model; "
         f"{args.workers} process(es) for FoldServe and the floor, {args.peer_workers} for the "
-        "naive server and KServe; ONNX Runtime on the CPU everywhere; "
-        "no access logs",
+        "naive server and KServe, MLServer's default (1 inference worker); ONNX Runtime on "
+        "the CPU everywhere; FoldServe with its defaults (access log on, to a file)",
         f"load average before: {load_average()}",
     ]
 
@@ -205,21 +211,32 @@ def raw_ort(
     models: list[str],
     batch: int,
     seconds: float,
-    best: dict[str, dict[int, float]],
-) -> dict[str, dict[int, float]]:
-    """Raw ONNX Runtime samples/s per model at batch 1 and ``batch``: the best of this
-    measurement and ``best`` (measured before and after the servers ran, it is the compute
-    limit as the machine's load allowed it)."""
-    out: dict[str, dict[int, float]] = {}
+    best: dict[str, dict[int, load.RawRate]],
+) -> dict[str, dict[int, load.RawRate]]:
+    """Raw ONNX Runtime per model at batch 1 and ``batch``: the faster of this measurement
+    and ``best`` (measured before and after the servers ran, it is the compute limit as the
+    machine's load allowed it)."""
+    out: dict[str, dict[int, load.RawRate]] = {}
     for model in models:
         _, sample = load.model_input(repository, model)
         path = load.model_file(repository, model)
         out[model] = {}
         for b in (1, batch):
-            rate = load.raw_ort_rate(path, sample, b, usable_cpus(), max(3.0, seconds))
-            out[model][b] = max(rate, best.get(model, {}).get(b, 0.0))
-            print(f"raw ONNX Runtime, {model}, batch {b}: {rate:,.0f} samples/s", flush=True)
+            raw = load.raw_ort_rate(path, sample, b, usable_cpus(), max(3.0, seconds))
+            earlier = best.get(model, {}).get(b)
+            out[model][b] = raw if earlier is None or raw.rate > earlier.rate else earlier
+            print(
+                f"raw ONNX Runtime, {model}, batch {b}: {raw.rate:,.0f} samples/s, "
+                f"{raw.cpu_us:.0f} us CPU/sample",
+                flush=True,
+            )
     return out
+
+
+def json_decode_us(repository: Path, model: str) -> float:
+    """FoldServe's CPU per decoding of ``model``'s batch-1 JSON body (this checkout)."""
+    name, sample = load.model_input(repository, model)
+    return load.decode_cpu_us(load.make_payload(name, sample, 1, "json"), servers.ROOT)
 
 
 def parse_args() -> argparse.Namespace:
@@ -245,6 +262,7 @@ def parse_args() -> argparse.Namespace:
         help="processes of the naive server and KServe (1: their defaults)",
     )
     parser.add_argument("--no-kserve", action="store_true", help="leave KServe out")
+    parser.add_argument("--no-mlserver", action="store_true", help="leave MLServer out")
     parser.add_argument(
         "--retries", type=int, default=2, help="re-measure a cell while other processes are busy"
     )
@@ -270,12 +288,20 @@ def main() -> None:
     repository = args.repository.resolve()
     load.require_wrk()
     specs = servers.server_specs(
-        repository, args.workers, args.peer_workers, not args.no_kserve, sys.stderr, args.baseline
+        repository,
+        args.workers,
+        args.peer_workers,
+        not args.no_kserve,
+        sys.stderr,
+        args.baseline,
+        with_mlserver=not args.no_mlserver,
     )
-    kserve = "not run"
+    kserve = mlserver = "not run"
     if not args.no_kserve:
         kserve = servers.pip_version(servers.KSERVE_VENV / "bin" / "python", "kserve")
-    header = conditions(args, kserve)
+    if not args.no_mlserver:
+        mlserver = servers.pip_version(servers.MLSERVER_VENV / "bin" / "python", "mlserver")
+    header = conditions(args, kserve, mlserver)
     print("\n".join(header), flush=True)
 
     raw = raw_ort(repository, models, args.batch, args.warmup, {})
@@ -292,9 +318,13 @@ def main() -> None:
     raw = raw_ort(repository, models, args.batch, args.warmup, raw)  # again, servers gone
     report = [f"- {line}" for line in [*header, f"load average after: {load_average()}"]]
     report.append("")
+    bounds = {
+        model: bound_for(model, cells, raw[model], json_decode_us(repository, model), clients[-1])
+        for model in models
+    }
     for model in models:
-        report += [*model_table(model, cells, clients, raw[model]), ""]
-    report += targets(cells, raw, tiny, heavy, args.batch, clients[-1])
+        report += [*model_table(model, cells, clients, raw[model], bounds[model]), ""]
+    report += targets(cells, raw, bounds, tiny, heavy, args.batch, clients[-1])
     text = "\n".join(report)
     print("\n" + text)
     if args.record:

@@ -152,8 +152,19 @@ def summarize(raw: dict[str, Any], cpu_seconds: float, other_seconds: float) -> 
     )
 
 
-def raw_ort_rate(model: Path, sample: list[int], batch: int, threads: int, seconds: float) -> float:
-    """Samples/s of back-to-back ``session.run`` calls, with FoldServe's session options."""
+@dataclass(frozen=True)
+class RawRate:
+    """Raw ONNX Runtime at one batch size: samples/s, and CPU microseconds per sample."""
+
+    rate: float
+    cpu_us: float
+
+
+def raw_ort_rate(
+    model: Path, sample: list[int], batch: int, threads: int, seconds: float
+) -> RawRate:
+    """Back-to-back ``session.run`` calls with FoldServe's session options: samples/s, and
+    this process's CPU per sample (ONNX Runtime's threads are all it runs meanwhile)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
@@ -163,8 +174,30 @@ def raw_ort_rate(model: Path, sample: list[int], batch: int, threads: int, secon
     feed = {k: v.astype(np.float32) for k, v in feed.items()}
     for _ in range(3):
         session.run(None, feed)
-    calls, start = 0, time.perf_counter()
+    calls, start, cpu = 0, time.perf_counter(), time.process_time()
     while (elapsed := time.perf_counter() - start) < seconds:
         session.run(None, feed)
         calls += 1
-    return calls * batch / elapsed
+    cpu = time.process_time() - cpu
+    return RawRate(calls * batch / elapsed, cpu / (calls * batch) * 1e6)
+
+
+def decode_cpu_us(payload: Payload, root: Path, iterations: int = 300) -> float:
+    """CPU microseconds FoldServe (the checkout at ``root``) spends decoding ``payload``
+    (``service.codecs.decode_infer_request``, best of 5 rounds)."""
+    import sys
+
+    sys.path.insert(0, str(root))
+    try:
+        from service.codecs import decode_infer_request
+    finally:
+        sys.path.remove(str(root))
+    length = payload.headers.get("Inference-Header-Content-Length")
+    decode_infer_request(payload.body, length)
+    best = float("inf")
+    for _ in range(5):
+        start = time.process_time()
+        for _ in range(iterations):
+            decode_infer_request(payload.body, length)
+        best = min(best, (time.process_time() - start) / iterations * 1e6)
+    return best

@@ -34,7 +34,11 @@ CATEGORIES = [
     ("batching", ("DynamicBatcher", "_take_batch", "_dispatch")),
     ("read body", ("read_body", "Request.stream")),
     ("metrics", ("RequestTracker", "count_request", "prometheus_client")),
-    ("request id, access log", ("RequestContextMiddleware.__call__ (", "uuid4")),
+    (
+        "request id, access log",
+        ("RequestContextMiddleware.__call__ (", "log_access", "RequestIds", "LogWriter", "uuid4"),
+    ),
+    ("garbage collection", ("<GC>", "gc_collect")),
     ("HTTP + framework", ("uvicorn", "starlette", "fastapi", "InferenceLane", "answer_v")),
 ]
 
@@ -94,7 +98,7 @@ def main() -> None:
     command += ["--providers", "cpu", "--workers", "1", "--threads", str(args.threads)]
     if args.no_batching:
         command.append("--no-batching")
-    spec = servers.ServerSpec("fold", "FoldServe", command, {"FOLDSERVE_ACCESS_LOG": "false"})
+    spec = servers.ServerSpec("fold", "FoldServe", command)  # its defaults: access log on
     name, sample = load.model_input(repository, args.model)
     payload = load.make_payload(name, sample, args.batch, args.kind)
     path = f"/v2/models/{args.model}/infer"

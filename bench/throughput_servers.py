@@ -1,10 +1,11 @@
 """The servers bench/throughput.py compares: how each is started, probed and stopped.
 
 Every server runs as its own process on 127.0.0.1, serves the same model
-files from the same repository at ``/v2/models/{name}/infer``, runs ONNX
-Runtime on the CPU, and writes no access log. KServe runs from its own
-virtual environment (it pins its own FastAPI, uvicorn and pydantic), which
-:func:`kserve_python` creates on first use.
+files from the same repository at ``/v2/models/{name}/infer`` and runs ONNX
+Runtime on the CPU. FoldServe runs with its defaults (its access log on, into
+the server's log file); the peers with theirs. KServe and MLServer each run
+from a virtual environment of their own (they pin their own FastAPI, uvicorn
+and pydantic), which :func:`peer_python` creates on first use.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ ROOT = BENCH.parent
 PEERS = BENCH / "peers"
 KSERVE_VENV = BENCH / ".venv-kserve"
 KSERVE_PACKAGES = ["kserve", "onnxruntime-gpu", "numpy"]
+MLSERVER_VENV = BENCH / ".venv-mlserver"
+# MLServer 1.7 does not start with uvloop 0.22 (issue 15).
+MLSERVER_PACKAGES = ["mlserver", "onnxruntime", "numpy", "uvloop<0.22"]
 
 
 @dataclass(frozen=True)
@@ -75,15 +79,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def kserve_python(log: IO[str]) -> Path:
-    """The interpreter of bench/.venv-kserve, created with ``pip install kserve ...`` if absent."""
-    python = KSERVE_VENV / "bin" / "python"
+def peer_python(directory: Path, packages: list[str], log: IO[str]) -> Path:
+    """The interpreter of the virtual environment ``directory``, created with
+    ``pip install <packages>`` if absent."""
+    python = directory / "bin" / "python"
     if python.exists():
         return python
-    print(f"creating {KSERVE_VENV} (pip install {' '.join(KSERVE_PACKAGES)}) ...", file=log)
-    venv.create(KSERVE_VENV, with_pip=True)
+    print(f"creating {directory} (pip install {' '.join(packages)}) ...", file=log)
+    venv.create(directory, with_pip=True)
     subprocess.run(
-        [str(python), "-m", "pip", "install", "--quiet", *KSERVE_PACKAGES],
+        [str(python), "-m", "pip", "install", "--quiet", *packages],
         check=True,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -98,12 +103,14 @@ def server_specs(
     with_kserve: bool,
     log: IO[str],
     baseline: Path | None = None,
+    with_mlserver: bool = True,
 ) -> list[ServerSpec]:
     """The servers of the table, in row order: FoldServe and the floor with ``workers``
-    processes, the naive server and KServe with ``peer_workers``; with ``baseline`` (another
-    checkout, e.g. a ``git worktree`` of the previous commit) also FoldServe as it was there."""
+    processes, the naive server and KServe with ``peer_workers``, MLServer with its default
+    (one inference worker); with ``baseline`` (another checkout, e.g. a ``git worktree`` of
+    the previous commit) also FoldServe as it was there."""
     repo = str(repository)
-    fold_env = {"FOLDSERVE_ACCESS_LOG": "false", "FOLDSERVE_LOG_LEVEL": "warning"}
+    fold_env: dict[str, str] = {}  # FoldServe's defaults, access log included
     fold = [sys.executable, "-m", "service", "--repository", repo, "--providers", "cpu"]
     fold += ["--workers", str(workers)]
     processes = ["--workers", str(workers)]
@@ -120,8 +127,13 @@ def server_specs(
             + ["--workers", str(peer_workers)],
         ),
     ]
+    if with_mlserver:
+        mlserver = [str(peer_python(MLSERVER_VENV, MLSERVER_PACKAGES, log))]
+        mlserver += [str(PEERS / "mlserver_onnx.py"), "--repository", repo]
+        specs.append(ServerSpec("mlserver", "MLServer", mlserver))
     if with_kserve:
-        kserve = [str(kserve_python(log)), str(PEERS / "kserve_onnx.py"), "--repository", repo]
+        kserve = [str(peer_python(KSERVE_VENV, KSERVE_PACKAGES, log))]
+        kserve += [str(PEERS / "kserve_onnx.py"), "--repository", repo]
         kserve += ["--enable_grpc", "false", "--configure_logging", "false"]
         kserve += ["--enable_latency_logging", "false", "--workers", str(peer_workers)]
         specs.append(ServerSpec("kserve", "KServe ModelServer", kserve))

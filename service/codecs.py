@@ -3,8 +3,8 @@
 A request is either all JSON, or a JSON header of ``Inference-Header-Content-Length``
 bytes followed by raw little-endian tensors, one per input whose
 ``parameters.binary_data_size`` says how many bytes it takes, in input order.
-JSON is parsed by orjson and ``data`` goes to numpy in one call (no
-per-element validation); binary tensors are views of the body (no copy).
+JSON is parsed by orjson and ``data`` goes to numpy in one C loop
+(:mod:`service.json_data`); binary tensors are views of the body (no copy).
 Responses are written by orjson straight from the numpy outputs. Every
 problem raises :class:`~service.errors.BadRequest` naming the tensor and what
 was expected.
@@ -22,11 +22,8 @@ import numpy as np
 import orjson
 
 from service.errors import BadRequest
+from service.json_data import decode_json_data, tensor_dtype
 from service.model_format import NUMPY_DTYPES
-
-JSON_KINDS = {"b": "booleans", "i": "integers", "u": "integers", "f": "numbers"}
-JSON_ACCEPTS = {"b": "b", "i": "iu", "u": "iu", "f": "iuf"}  # parsed kinds by tensor kind
-FLOAT_MAX = {size: float(np.finfo(f"f{size}").max) for size in (2, 4, 8)}  # by itemsize
 
 
 @dataclass(slots=True)
@@ -87,16 +84,6 @@ def _shape(value: Any, where: str) -> tuple[int, ...]:
     raise BadRequest(f"{where}: 'shape' must be a list of non-negative integers, got {value!r}")
 
 
-def _dtype(datatype: Any, where: str) -> np.dtype[Any]:
-    if datatype == "BYTES":
-        raise BadRequest(f"{where}: datatype BYTES is not supported; these models take numbers")
-    if not isinstance(datatype, str) or datatype not in NUMPY_DTYPES:
-        raise BadRequest(
-            f"{where}: unknown datatype {datatype!r}; use one of {', '.join(NUMPY_DTYPES)}"
-        )
-    return NUMPY_DTYPES[datatype]
-
-
 def _parameters(value: Any, where: str) -> dict[str, Any]:
     if value is None:
         return {}
@@ -105,52 +92,11 @@ def _parameters(value: Any, where: str) -> dict[str, Any]:
     return value
 
 
-def json_array(data: Any, datatype: str, where: str) -> np.ndarray:
-    """JSON values (a list, nested or flat) as an array of ``datatype``, in their own shape.
-
-    Numbers become floats freely (JSON decimals are approximations anyway);
-    integer and BOOL tensors must hold integers and booleans that fit.
-    """
-    dtype = _dtype(datatype, where)
-    if not isinstance(data, list):
-        raise BadRequest(f"{where}: data must be a list, got {type(data).__name__}")
-    try:
-        parsed = np.asarray(data)
-    except ValueError as err:
-        raise BadRequest(f"{where}: data is ragged (nested lists of unequal length)") from err
-    if parsed.size == 0:
-        return parsed.astype(dtype)
-    if parsed.dtype.kind not in JSON_ACCEPTS[dtype.kind]:
-        got = JSON_KINDS.get(parsed.dtype.kind, "non-numeric values")
-        raise BadRequest(f"{where}: {datatype} data must hold {JSON_KINDS[dtype.kind]}, got {got}")
-    if dtype.kind == "f":
-        # JSON has no NaN or infinity, so every parsed value must fit (checked before casting:
-        # a cast that overflows warns).
-        if not np.abs(parsed).max() <= FLOAT_MAX[dtype.itemsize]:
-            raise BadRequest(f"{where}: a value is out of range for {datatype}")
-        return parsed.astype(dtype)
-    converted = cast_exact(parsed, dtype)
-    if converted is None:
-        raise BadRequest(f"{where}: a value is out of range for {datatype}")
-    return converted
-
-
-def decode_json_data(name: str, datatype: str, shape: tuple[int, ...], data: Any) -> np.ndarray:
-    """JSON ``data`` (flat or nested, row-major) as an array of ``datatype`` and ``shape``."""
-    array = json_array(data, datatype, f"input '{name}'")
-    size = math.prod(shape)
-    if array.size != size:
-        raise BadRequest(
-            f"input '{name}': shape {list(shape)} needs {size} values, got {array.size}"
-        )
-    return array.reshape(shape)
-
-
 def decode_binary_data(
     name: str, datatype: str, shape: tuple[int, ...], raw: memoryview
 ) -> np.ndarray:
     """Raw little-endian bytes as a (read-only, zero-copy) array of ``shape``."""
-    dtype = _dtype(datatype, f"input '{name}'").newbyteorder("<")
+    dtype = tensor_dtype(datatype, f"input '{name}'").newbyteorder("<")
     needed = math.prod(shape) * dtype.itemsize
     if len(raw) != needed:
         raise BadRequest(
@@ -158,17 +104,6 @@ def decode_binary_data(
             f"shape {list(shape)} of {datatype} needs {needed}"
         )
     return np.frombuffer(raw, dtype=dtype).reshape(shape)
-
-
-def cast_exact(array: np.ndarray, dtype: np.dtype[Any]) -> np.ndarray | None:
-    """``array`` as ``dtype`` when every value survives the round trip, else None."""
-    if array.dtype == dtype:
-        return array
-    with np.errstate(all="ignore"):
-        out = array.astype(dtype)
-        back = out.astype(array.dtype)
-    same = np.array_equal(back, array, equal_nan=array.dtype.kind == "f")
-    return out if same else None
 
 
 def _requested_outputs(value: Any) -> list[RequestedOutput] | None:
@@ -241,6 +176,10 @@ def decode_infer_request(body: bytes, header_length: str | None) -> DecodedReque
         where = f"input '{name}'"
         shape = _shape(item.get("shape"), where)
         datatype = item.get("datatype")
+        if datatype is None:
+            raise BadRequest(
+                f"{where}: 'datatype' is missing; use one of {', '.join(NUMPY_DTYPES)}"
+            )
         tensor_params = _parameters(item.get("parameters"), where)
         if "shared_memory_region" in tensor_params:
             raise BadRequest(f"{where}: shared memory is not supported; send the data")

@@ -18,12 +18,11 @@ from service.codecs import (
     InputTensor,
     OutputTensor,
     RequestedOutput,
-    cast_exact,
     dump_json,
-    json_array,
     parse_json_object,
 )
 from service.errors import BadRequest
+from service.json_data import cast_exact, json_array
 from service.model_format import TensorSpec
 
 

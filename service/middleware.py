@@ -1,18 +1,17 @@
 """HTTP plumbing around every request: request id, size limit, access log, body reading.
 
 :class:`RequestContextMiddleware` is plain ASGI (no per-request task or body
-copy, unlike ``BaseHTTPMiddleware``): it accepts or generates ``X-Request-ID``,
-echoes it, makes it visible to logging, refuses a declared ``Content-Length``
-over the limit before the body is sent, writes one access-log line, and adds
+copy, unlike ``BaseHTTPMiddleware``): it accepts or generates ``X-Request-ID``
+(:func:`~service.logs.new_request_id`), echoes it, makes it visible to logging,
+refuses a declared ``Content-Length`` over the limit before the body is sent,
+queues one access-log line (:func:`~service.logs.log_access`), and adds
 ``Connection: close`` while the worker drains (:mod:`service.drain`).
 """
 
 from __future__ import annotations
 
-import logging
 import re
 import time
-import uuid
 import zlib
 
 from fastapi import Request
@@ -20,11 +19,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.drain import Drain
 from service.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType, error_response
-from service.logs import request_id_var
+from service.logs import log_access, new_request_id, request_id_var
 
-log = logging.getLogger("service.access")
-
-REQUEST_ID_HEADER = "x-request-id"
+REQUEST_ID_HEADER = b"x-request-id"
 VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
 
@@ -54,8 +51,8 @@ class RequestContextMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        given = header(scope, REQUEST_ID_HEADER.encode())
-        request_id = given if given and VALID_REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        given = header(scope, REQUEST_ID_HEADER)
+        request_id = given if given and VALID_REQUEST_ID.fullmatch(given) else new_request_id()
         token = request_id_var.set(request_id)
         scope.setdefault("state", {})["request_id"] = request_id
         start = time.perf_counter()
@@ -68,7 +65,7 @@ class RequestContextMiddleware:
                 message.setdefault("headers", [])
                 message["headers"] = [
                     *message["headers"],
-                    (REQUEST_ID_HEADER.encode(), request_id.encode()),
+                    (REQUEST_ID_HEADER, request_id.encode()),
                 ]
                 if self.drain.draining:  # the client must not reuse this connection
                     message["headers"].append((b"connection", b"close"))
@@ -91,13 +88,8 @@ class RequestContextMiddleware:
                 await self.app(scope, receive, send_with_id)
         finally:
             if self.access_log:
-                log.info(
-                    '"%s %s" %d %.2fms',
-                    scope["method"],
-                    scope["path"],
-                    status,
-                    (time.perf_counter() - start) * 1e3,
-                )
+                ms = (time.perf_counter() - start) * 1e3
+                log_access(scope["method"], scope["path"], status, ms, request_id)
             request_id_var.reset(token)
 
 

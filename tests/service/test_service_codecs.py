@@ -11,14 +11,13 @@ from tritonclient.utils import deserialize_bytes_tensor
 
 from service.codecs import (
     OutputTensor,
-    cast_exact,
     decode_infer_request,
-    decode_json_data,
     encode_infer_response,
     serialize_bytes_tensor,
 )
 from service.errors import BadRequest
 from service.inference import classify
+from service.json_data import cast_exact, decode_json_data
 from service.model_format import NUMPY_DTYPES
 
 
