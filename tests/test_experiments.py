@@ -250,8 +250,12 @@ def test_identity_distances_are_zero_when_bn_undoes_its_normalization() -> None:
         bn.bias.copy_(h.mean(0))
         bn.running_mean.copy_(h.mean(0))
         bn.running_var.copy_(h.var(0, unbiased=False))
-    g, b, _ = identity_distances(model, X)
-    assert (g, b) == pytest.approx((0.0, 0.0), abs=1e-4)
+    d = identity_distances(model, X)
+    assert (d.gamma, d.beta) == pytest.approx((0.0, 0.0), abs=1e-4)
+    h64 = h.double()
+    assert d.beta_untrained == pytest.approx(
+        float((h64.mean(0).abs() / h64.std(0, False)).median())
+    )
 
 
 def test_hard_task_and_small_subset_shapes() -> None:

@@ -35,13 +35,13 @@ ETAS = (0.25, 0.5, 1.0, 2.0, 4.0)  # step sizes along -grad, in units of the lea
 class NoisyShift(nn.Module):
     """``x * scale + shift`` per unit, both resampled at every training forward pass.
 
-    scale ~ U(1 - r, 1 + r) * exp(N(0, 0.5)), shift ~ N(0, 1): non-zero mean and
+    scale ~ exp(N(0, (strength / 2)^2)), shift ~ N(0, strength^2): non-zero mean and
     non-unit variance that change every step. Identity in eval mode or when frozen.
     """
 
-    def __init__(self, units: int, generator: torch.Generator) -> None:
+    def __init__(self, units: int, generator: torch.Generator, strength: float = 1.0) -> None:
         super().__init__()
-        self.units, self.gen = units, generator
+        self.units, self.gen, self.strength = units, generator, strength
         self.frozen = False
         self.scale = torch.ones(units)
         self.shift = torch.zeros(units)
@@ -50,12 +50,12 @@ class NoisyShift(nn.Module):
         if not self.training:
             return x
         if not self.frozen:
-            self.scale = torch.exp(0.5 * torch.randn(self.units, generator=self.gen))
-            self.shift = torch.randn(self.units, generator=self.gen)
+            z = torch.randn(2, self.units, generator=self.gen) * self.strength
+            self.scale, self.shift = torch.exp(0.5 * z[0]), z[1]
         return x * self.scale + self.shift
 
 
-def add_noise(model: nn.Module, seed: int) -> None:
+def add_noise(model: nn.Module, seed: int, strength: float = 1.0) -> None:
     """Put a :class:`NoisyShift` right after every BatchNorm1d of ``model`` (in place)."""
     gen = torch.Generator().manual_seed(seed + 50_000)
     for parent in list(model.modules()):
@@ -63,7 +63,8 @@ def add_noise(model: nn.Module, seed: int) -> None:
             continue
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.BatchNorm1d):
-                parent._modules[name] = nn.Sequential(child, NoisyShift(child.num_features, gen))
+                noise = NoisyShift(child.num_features, gen, strength)
+                parent._modules[name] = nn.Sequential(child, noise)
 
 
 def _set_frozen(model: nn.Module, frozen: bool) -> None:
@@ -194,13 +195,16 @@ class LandscapeRun:
 
 
 def landscape_run(
-    cfg: ModelConfig, data: Dataset, *, lr: float, steps: int, every: int, seed: int, noisy: bool
+    cfg: ModelConfig, data: Dataset, *, lr: float, steps: int, every: int, seed: int, noise: float
 ) -> LandscapeRun:
-    """Train with plain SGD (batch 64) for ``steps`` steps, measuring every ``every`` steps."""
+    """Train with plain SGD (batch 64) for ``steps`` steps, measuring every ``every`` steps.
+
+    ``noise`` > 0 puts a :class:`NoisyShift` of that strength after every BN layer.
+    """
     seed_everything(seed)
     model = build_model(cfg, *data.standardization())
-    if noisy:
-        add_noise(model, seed)
+    if noise > 0:
+        add_noise(model, seed, noise)
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
     X, Y = torch.from_numpy(data.X_train), torch.from_numpy(data.y_train)

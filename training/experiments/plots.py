@@ -24,6 +24,7 @@ COLORS = {
     "BN before": "tab:blue",
     "BN after": "tab:red",
     "noisy BN": "tab:green",
+    "noisy BN, mild": "tab:olive",
 }
 
 

@@ -20,14 +20,16 @@ from training.experiments.runs import ACC_DELTA, ClaimResult, Runner
 from training.experiments.settings import SuiteSettings
 from training.experiments.stats import Comparison, Role
 
-ARMS = {"BN": (True, False), "no BN": (False, False), "noisy BN": (True, True)}
+ARMS = {"BN": (True, 0.0), "no BN": (False, 0.0), "noisy BN": (True, 1.0)}
+MILD = "noisy BN, mild"  # the sensitivity arm: a quarter of the noise
+MILD_STRENGTH = 0.25
 
 
 def _runs(runner: Runner, s: SuiteSettings) -> dict[str, list[LandscapeRun]]:
     if "landscape" not in runner.memo:
         st = s.santurkar
         out: dict[str, list[LandscapeRun]] = {}
-        for arm, (norm, noisy) in ARMS.items():
+        for arm, (norm, noise) in {**ARMS, MILD: (True, MILD_STRENGTH)}.items():
             out[arm] = []
             for seed in range(s.seeds):
                 data = runner.data(st.dataset, seed)
@@ -40,7 +42,7 @@ def _runs(runner: Runner, s: SuiteSettings) -> dict[str, list[LandscapeRun]]:
                         steps=s.santurkar_steps,
                         every=s.santurkar_every,
                         seed=seed,
-                        noisy=noisy,
+                        noise=noise,
                     )
                 )
         runner.memo["landscape"] = out
@@ -54,8 +56,10 @@ def _setup(s: SuiteSettings) -> str:
         f"Santurkar et al. (NeurIPS 2018) scaled down: {st.label} (ReLU, {st.depth} hidden "
         f"layers of {st.width}, He initialization so that the no-BN net's gradients neither "
         f"vanish nor explode), batch 64, plain SGD (no momentum, no weight decay) at lr "
-        f"{s.santurkar_lr:g} for all three arms (no BN, BN, noisy BN: BN followed by a per-unit "
-        f"random scale exp(N(0, 0.5^2)) and shift N(0, 1) resampled at every step), "
+        f"{s.santurkar_lr:g} for all arms: no BN, BN, and noisy BN (BN followed by a per-unit "
+        f"random scale exp(N(0, 0.5^2)) and shift N(0, 1), resampled at every step; a mild "
+        f"version with a quarter of that noise, exp(N(0, 0.125^2)) and N(0, 0.25^2), gives "
+        f"the sensitivity row), "
         f"{s.santurkar_steps} steps, measured every {s.santurkar_every} steps on that step's "
         f"batch, {s.seeds} seeds. Per-seed values are means over the measurements."
     )
@@ -107,6 +111,11 @@ def covariate_shift(runner: Runner, s: SuiteSettings, fig_dir: Path) -> ClaimRes
              "BN", "no BN", lambda r: _mean(r.ics), -1, 0.05, "no BN - BN"),
         comp(f"test accuracy after {s.santurkar_steps} steps", "%", "BN", "noisy BN",
              lambda r: r.test_accuracy, 1, ACC_DELTA, "BN - noisy BN"),
+        comp(f"test accuracy after {s.santurkar_steps} steps, mild noise", "%", "BN", MILD,
+             lambda r: r.test_accuracy, 1, ACC_DELTA, "BN - noisy BN (mild)", "sensitivity"),
+        comp("layer-input drift, mild noisy BN vs no BN", "std", MILD, "no BN",
+             lambda r: _mean(r.drift, skip_first=True), 1, 0.05, "noisy BN (mild) - no BN",
+             "secondary"),
         comp("layer-input drift, noisy BN vs no BN", "std", "noisy BN", "no BN",
              lambda r: _mean(r.drift, skip_first=True), 1, 0.05, "noisy BN - no BN",
              "secondary"),
