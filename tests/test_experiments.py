@@ -18,30 +18,15 @@ from scipy import stats
 from torch import nn
 
 from training.experiments import EXPERIMENTS, ExperimentError, resolve_names, run_experiments
+from training.experiments import report as rep
+from training.experiments import stats as st
 from training.experiments.affine import identity_distances
 from training.experiments.gradients import saturated_share
 from training.experiments.hyperparams import blew_up, final_accuracy, largest_usable
 from training.experiments.landscape import NoisyShift, add_noise, gradient_shift, input_drift
-from training.experiments.report import (
-    format_cell,
-    format_ci,
-    format_effect,
-    format_mean_std,
-    format_p,
-)
 from training.experiments.runs import RunRecord
 from training.experiments.speed import epochs_to_target, late_gain
-from training.experiments.stats import (
-    ALPHA,
-    POWER,
-    Comparison,
-    apply_holm,
-    claim_verdict,
-    classify,
-    detectable_effect,
-    holm,
-    paired_test,
-)
+from training.experiments.stats import ALPHA, POWER, Comparison, apply_holm, claim_verdict, holm
 from training.experiments.tasks import hard_digits, small_training_split
 from training.zoo import ModelConfig, build_model
 
@@ -58,7 +43,7 @@ from training.zoo import ModelConfig, build_model
 )
 def test_paired_test_matches_scipy_ttest_rel(a: list[float], b: list[float]) -> None:
     d = [x - y for x, y in zip(a, b, strict=True)]
-    t = paired_test(d)
+    t = st.paired_test(d)
     ref = stats.ttest_rel(a, b)
     ci = ref.confidence_interval(0.95)
     assert t.test == "paired t"
@@ -72,7 +57,7 @@ def test_paired_test_matches_scipy_ttest_rel(a: list[float], b: list[float]) -> 
     [([1.0] * 10, 2 * 0.5**10), ([-0.5] * 4, 2 * 0.5**4), ([0.0, 0.0, 0.0], 1.0)],
 )
 def test_zero_spread_uses_the_exact_sign_test(d: list[float], p: float) -> None:
-    t = paired_test(d)
+    t = st.paired_test(d)
     assert t.test == "sign test"
     assert (t.ci_low, t.ci_high) == (d[0], d[0])
     assert t.p_value == pytest.approx(p)
@@ -103,13 +88,13 @@ def test_detectable_effect_formula_and_power() -> None:
     sd, n, m = 2.0, 10, 5
     alpha = ALPHA / m
     expected = (stats.t.ppf(1 - alpha / 2, n - 1) + stats.t.ppf(POWER, n - 1)) * sd / math.sqrt(n)
-    mde = detectable_effect(sd, n, m)
+    mde = st.detectable_effect(sd, n, m)
     assert mde == pytest.approx(expected)
     # the noncentral t confirms roughly 80% power at that effect
     nc = mde / (sd / math.sqrt(n))  # type: ignore[operator]
     power = stats.nct.sf(stats.t.ppf(1 - alpha / 2, n - 1), n - 1, nc)
     assert power == pytest.approx(POWER, abs=0.03)
-    assert detectable_effect(0.0, n, m) is None
+    assert st.detectable_effect(0.0, n, m) is None
 
 
 @pytest.mark.parametrize(
@@ -124,7 +109,7 @@ def test_detectable_effect_formula_and_power() -> None:
     ],
 )
 def test_classify(low: float, high: float, effect: float, p: float, outcome: str) -> None:
-    assert classify(low, high, 1.0, effect, p) == outcome
+    assert st.classify(low, high, 1.0, effect, p) == outcome
 
 
 @pytest.mark.parametrize(
@@ -335,19 +320,20 @@ def test_report_numbers_and_verdicts_are_the_json_ones(quick_run: Any) -> None:
     for claim in results["claims"]:
         section = sections[claim["title"]]
         assert f"**Verdict: {claim['verdict']}.**" in section
-        assert f"| {claim['title']} | **{claim['verdict']}** |" in md  # summary row
+        assert f"| {claim['title']} | **{claim['verdict']}** (" in md  # summary row
         for c in claim["comparisons"]:
             u = c["unit"]
-            assert f"{c['a_label']}: {format_mean_std(c['mean_a'], c['std_a'], u)}" in section
+            assert f"{c['a_label']}: {rep.format_mean_std(c['mean_a'], c['std_a'], u)}" in section
+            ci = rep.format_ci(c["ci_low"], c["ci_high"], u)
             row = (
-                f"| {format_effect(c['effect'], u)} | {format_ci(c['ci_low'], c['ci_high'], u)} | "
-                f"{format_p(c['p_value'])} ({c['test']}) | {format_p(c['p_holm'])} |"
+                f"| {rep.format_effect(c['effect'], u)} | {ci} | "
+                f"{rep.format_p(c['p_value'])} ({c['test']}) | {rep.format_p(c['p_holm'])} |"
             )
             assert row in section, (claim["key"], c["label"])
         for t in claim["tables"]:
             for cells in t["rows"]:
                 units = t["units"]
-                cells_md = [format_cell(v, u).replace("|", "\\|") for v, u in zip(cells, units)]  # noqa: B905
+                cells_md = [rep.format_cell(v, u).replace("|", "\\|") for v, u in zip(cells, units)]  # noqa: B905
                 assert f"| {' | '.join(cells_md)} |" in section, (claim["key"], t["title"])
 
 

@@ -125,6 +125,15 @@ def _primary_summary(claim: dict[str, Any]) -> str:
     )
 
 
+def _outcome_counts(claim: dict[str, Any]) -> str:
+    """``3 of 5 positive, 2 inconclusive``: the primary outcomes behind a verdict."""
+    prim = [c["outcome"] for c in claim["comparisons"] if c["role"] == "primary"]
+    kinds = [o for o in ("positive", "negative", "negligible", "inconclusive") if o in prim]
+    return f"{prim.count(kinds[0])} of {len(prim)} {kinds[0]}" + "".join(
+        f", {prim.count(o)} {o}" for o in kinds[1:]
+    )
+
+
 def _verdict_line(claim: dict[str, Any]) -> str:
     prim = [c["outcome"] for c in claim["comparisons"] if c["role"] == "primary"]
     counts = ", ".join(
@@ -211,7 +220,7 @@ def render_report(results: dict[str, Any]) -> str:
             [
                 str(c["number"]),
                 c["title"],
-                f"**{c['verdict']}**",
+                f"**{c['verdict']}** ({_outcome_counts(c)})",
                 c["reading"],
                 _primary_summary(c),
                 "; ".join(c["caveats"]),
@@ -220,6 +229,11 @@ def render_report(results: dict[str, Any]) -> str:
         ],
     )
     out += [
+        "",
+        "*negligible*: the 95% CI of the effect lies within ±delta, the smallest effect that "
+        "matters (e.g. 1 point of accuracy); *inconclusive*: neither that nor significant after "
+        "Holm's correction (each comparison's MDE says how large an effect it could have "
+        "found).",
         "",
         "## Statistics and verdict rules",
         "",

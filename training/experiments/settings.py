@@ -9,6 +9,8 @@ from training.data import Dataset
 from training.zoo import ModelConfig
 
 IMAGE_LRS = (0.01, 0.03, 0.1)  # the image models' grid: costlier, so three points
+# image models: warm-up for both arms, and a longer budget for the slower no-BN arm
+IMAGE = {"lrs": IMAGE_LRS, "warmups": (1.0,), "plain_epochs": 20}
 HALF_DECADE = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 
 
@@ -23,10 +25,15 @@ class Setting:
     depth: int | None = None
     lrs: tuple[float, ...] = (0.03, 0.1, 0.3)  # SGD, half-decade steps (extended at an edge)
     warmups: tuple[float, ...] = (0.0, 1.0)  # warm-up epochs tried in tuning
+    plain_epochs: int | None = None  # the no-BN arm's own (longer) budget; None: ``epochs``
 
     @property
     def label(self) -> str:
         return f"{self.dataset} {self.model}"
+
+    def budget(self, norm: bool) -> int:
+        """Epochs of the BN arm (``norm``) or of the no-BN arm."""
+        return self.epochs if norm or self.plain_epochs is None else self.plain_epochs
 
     def model_config(self, data: Dataset, **overrides: Any) -> ModelConfig:
         kw: dict[str, Any] = {"width": self.width, "depth": self.depth, **overrides}
@@ -77,10 +84,10 @@ class SuiteSettings:
             max_extensions=2,
             speed=(
                 Setting("digits", "mlp", 20),
-                Setting("digits_hard", "cnn", 12, width=8, lrs=IMAGE_LRS, warmups=(1.0,)),
+                Setting("digits_hard", "cnn", 12, width=8, **IMAGE),  # type: ignore[arg-type]
                 Setting("digits_hard", "mlp", 25),
-                Setting("digits_hard", "resnet", 12, width=8, lrs=IMAGE_LRS, warmups=(1.0,)),
-                Setting("digits_hard", "mobilenet", 12, width=8, lrs=IMAGE_LRS, warmups=(1.0,)),
+                Setting("digits_hard", "resnet", 12, width=8, **IMAGE),  # type: ignore[arg-type]
+                Setting("digits_hard", "mobilenet", 12, width=8, **IMAGE),  # type: ignore[arg-type]
             ),
             target_fractions=(0.95, 0.9, 0.98),
             lr_settings=(Setting("digits", "mlp", 8), Setting("breast_cancer", "mlp", 8)),
@@ -90,8 +97,8 @@ class SuiteSettings:
             small_train=200,
             reg_lrs=(0.001, 0.003, 0.01),
             sigmoid=(
-                Setting("digits", "mlp", 30, width=64, depth=4, lrs=(0.1, 0.3, 1.0)),
-                Setting("digits", "mlp", 30, width=64, depth=8, lrs=(0.1, 0.3, 1.0)),
+                Setting("digits", "mlp", 30, 64, 4, lrs=(0.1, 0.3, 1.0), plain_epochs=60),
+                Setting("digits", "mlp", 30, 64, 8, lrs=(0.1, 0.3, 1.0), plain_epochs=60),
             ),
             sigmoid_batch=60,
             saturation=(0.05, 0.01, 0.1),
@@ -118,7 +125,9 @@ class SuiteSettings:
             max_extensions=0,
             speed=(
                 Setting("digits", "mlp", 3, lrs=(0.03, 0.1), warmups=(0.0,)),
-                Setting("digits_hard", "cnn", 2, width=4, lrs=(0.03, 0.1), warmups=(0.0,)),
+                Setting(
+                    "digits_hard", "cnn", 2, 4, lrs=(0.03, 0.1), warmups=(0.0,), plain_epochs=3
+                ),
             ),
             target_fractions=(0.95, 0.9),
             lr_settings=(Setting("breast_cancer", "mlp", 2),),
@@ -127,7 +136,7 @@ class SuiteSettings:
             regularization=Setting("digits_small", "mlp", 3, width=32),
             small_train=100,
             reg_lrs=(0.003,),
-            sigmoid=(Setting("digits", "mlp", 2, width=16, depth=3, lrs=(0.1,)),),
+            sigmoid=(Setting("digits", "mlp", 2, 16, 3, lrs=(0.1,), plain_epochs=3),),
             sigmoid_batch=60,
             saturation=(0.05, 0.1),
             exploding=Setting("digits", "mlp", 1, width=16, depth=5),
