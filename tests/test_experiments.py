@@ -386,3 +386,11 @@ def test_per_seed_numbers_come_from_the_recorded_runs(quick_run: Any) -> None:
     # claim 4: one gradient norm per Linear layer (hidden + output)
     for r in claims["deep-sigmoid"]["runs"]:
         assert len(r["init_norms"]) == r["depth"] + 1
+
+
+def test_committed_report_is_rendered_from_the_committed_json() -> None:
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    results = json.loads((docs / "experiments.json").read_text())
+    assert (docs / "experiments.md").read_text() == rep.render_report(results)
+    for claim in results["claims"]:
+        assert all((docs / fig).is_file() for fig in claim["figures"])

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from training.experiments.stats import classify
+
 CAVEATS = """\
 - The datasets are small (digits: 1,167 training images of 8x8 pixels; the harder task: 2,335
   distorted 12x12 digits; breast cancer: 369 training rows), the models are small and
@@ -134,6 +136,33 @@ def _outcome_counts(claim: dict[str, Any]) -> str:
     )
 
 
+def sensitivity_pairs(claim: dict[str, Any]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(primary, sensitivity row) pairs: each sensitivity row re-reads the primary comparison
+    listed last before it at another threshold."""
+    pairs, primary = [], None
+    for c in claim["comparisons"]:
+        if c["role"] == "primary":
+            primary = c
+        elif c["role"] == "sensitivity" and primary is not None:
+            pairs.append((primary, c))
+    return pairs
+
+
+def _sensitivity(claim: dict[str, Any]) -> str:
+    """Which threshold rows agree with their primary outcome, and what a *negligible*
+    primary outcome becomes at half its delta (the threshold that outcome rests on)."""
+    pairs = sensitivity_pairs(claim)
+    differ = [(p, c) for p, c in pairs if c["outcome"] != p["outcome"]]
+    parts = [f"{len(pairs) - len(differ)} of {len(pairs)} rows agree"] if pairs else []
+    parts += [f"**{c['label']}: {c['outcome']}** (primary: {p['outcome']})" for p, c in differ]
+    for c in claim["comparisons"]:
+        if c["role"] == "primary" and c["outcome"] == "negligible":
+            half = classify(c["ci_low"], c["ci_high"], c["delta"] / 2, c["effect"], c["p_holm"])
+            half_delta = format_delta(c["delta"] / 2, c["unit"])
+            parts.append(f"{c['label']}: {half} at half the delta ({half_delta})")
+    return "; ".join(parts) or "none"
+
+
 def _verdict_line(claim: dict[str, Any]) -> str:
     prim = [c["outcome"] for c in claim["comparisons"] if c["role"] == "primary"]
     counts = ", ".join(
@@ -143,7 +172,8 @@ def _verdict_line(claim: dict[str, Any]) -> str:
     )
     return (
         f"**Verdict: {claim['verdict']}.** Primary comparisons ({len(prim)}): {counts}. "
-        f"The verdict follows from these outcomes by the rules above."
+        f"The verdict follows from these outcomes by the rules above. "
+        f"Sensitivity rows: {_sensitivity(claim)}."
     )
 
 
@@ -215,7 +245,7 @@ def render_report(results: dict[str, Any]) -> str:
         "",
     ]
     out += _table(
-        ["#", "claim", "verdict", "what was measured", "primary effects", "caveats"],
+        ["#", "claim", "verdict", "what was measured", "primary effects", "thresholds", "caveats"],
         [
             [
                 str(c["number"]),
@@ -223,6 +253,7 @@ def render_report(results: dict[str, Any]) -> str:
                 f"**{c['verdict']}** ({_outcome_counts(c)})",
                 c["reading"],
                 _primary_summary(c),
+                _sensitivity(c),
                 "; ".join(c["caveats"]),
             ]
             for c in claims
