@@ -10,7 +10,7 @@ from training.zoo import ModelConfig
 
 IMAGE_LRS = (0.01, 0.03, 0.1)  # the image models' grid: costlier, so three points
 # image models: warm-up for both arms, and a longer budget for the slower no-BN arm
-IMAGE = {"lrs": IMAGE_LRS, "warmups": (1.0,), "plain_epochs": 20}
+IMAGE = {"lrs": IMAGE_LRS, "warmups": (1.0,), "plain_epochs": 30}
 HALF_DECADE = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 
 
