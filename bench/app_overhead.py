@@ -17,58 +17,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
-import numpy as np
+from asgi_request import post, request_body  # a sibling module
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def request_body(
-    repository: Path, model: str, binary: bool
-) -> tuple[bytes, list[tuple[bytes, bytes]]]:
-    """A batch-1 V2 request for ``model``'s single input, from its latest metadata.json."""
-    versions = sorted(int(p.name) for p in (repository / model).iterdir() if p.name.isdigit())
-    meta = json.loads((repository / model / str(versions[-1]) / "metadata.json").read_text())
-    spec = meta["inputs"][0]
-    shape = [1, *spec["shape"][1:]]
-    x = np.random.default_rng(0).normal(size=shape).astype(np.float32)
-    if not binary:
-        body = json.dumps(
-            {
-                "inputs": [
-                    {
-                        "name": spec["name"],
-                        "shape": shape,
-                        "datatype": "FP32",
-                        "data": x.ravel().tolist(),
-                    }
-                ]
-            }
-        ).encode()
-        return body, [(b"content-type", b"application/json")]
-    raw = x.astype("<f4").tobytes()
-    head = json.dumps(
-        {
-            "inputs": [
-                {
-                    "name": spec["name"],
-                    "shape": shape,
-                    "datatype": "FP32",
-                    "parameters": {"binary_data_size": len(raw)},
-                }
-            ],
-            "parameters": {"binary_data_output": True},
-        }
-    ).encode()
-    return head + raw, [(b"inference-header-content-length", str(len(head)).encode())]
 
 
 def measure(args: argparse.Namespace) -> float:
@@ -83,34 +41,9 @@ def measure(args: argparse.Namespace) -> float:
     app.state.repository.load_all()
     body, headers = request_body(args.repository, args.model, args.binary)
     path = f"/v2/models/{args.model}/infer"
-    scope_headers = [(b"content-length", str(len(body)).encode()), *headers]
 
     async def one() -> None:
-        sent: list[Any] = []
-        pending = [{"type": "http.request", "body": body, "more_body": False}]
-
-        async def receive() -> Any:
-            if pending:
-                return pending.pop()
-            await asyncio.sleep(3600)  # the client never disconnects
-
-        async def send(message: Any) -> None:
-            sent.append(message)
-
-        scope = {
-            "type": "http",
-            "http_version": "1.1",
-            "method": "POST",
-            "scheme": "http",
-            "path": path,
-            "raw_path": path.encode(),
-            "root_path": "",
-            "query_string": b"",
-            "headers": scope_headers,
-            "client": ("127.0.0.1", 1),
-            "server": ("127.0.0.1", 80),
-        }
-        await app(scope, receive, send)
+        sent = await post(app, path, body, headers)
         if sent[0]["status"] != 200:
             raise RuntimeError(f"status {sent[0]['status']}: {sent[1:]}")
 

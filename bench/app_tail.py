@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from app_overhead import request_body
+from asgi_request import post, request_body  # a sibling module
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,7 +54,6 @@ def measure(args: argparse.Namespace) -> dict[str, float]:
     app = create_app(settings)
     body, headers = request_body(args.repository, args.model, False)
     path = f"/v2/models/{args.model}/infer"
-    scope_headers = [(b"content-length", str(len(body)).encode()), *headers]
     pauses: list[float] = []
     started = [0.0]
 
@@ -65,32 +64,8 @@ def measure(args: argparse.Namespace) -> dict[str, float]:
             pauses.append((time.perf_counter() - started[0]) * 1e3)
 
     async def one() -> float:
-        sent: list[Any] = []
-        pending = [{"type": "http.request", "body": body, "more_body": False}]
-
-        async def receive() -> Any:
-            if pending:
-                return pending.pop()
-            await asyncio.sleep(3600)
-
-        async def send(message: Any) -> None:
-            sent.append(message)
-
-        scope = {
-            "type": "http",
-            "http_version": "1.1",
-            "method": "POST",
-            "scheme": "http",
-            "path": path,
-            "raw_path": path.encode(),
-            "root_path": "",
-            "query_string": b"",
-            "headers": scope_headers,
-            "client": ("127.0.0.1", 1),
-            "server": ("127.0.0.1", 80),
-        }
         start = time.perf_counter()
-        await app(scope, receive, send)
+        await post(app, path, body, headers)
         return (time.perf_counter() - start) * 1e3
 
     async def client(latencies: list[float], until: float) -> None:

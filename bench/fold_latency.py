@@ -40,7 +40,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 from fold_latency_report import CONTROL, END, RUNTIMES, START, Cell, plot, table, verdicts
-from markdown_section import write_section
+from markdown_section import publish
 
 from service.latency import LatencyParams, measure_model, random_feeds, time_interleaved
 from service.machine import machine_facts
@@ -327,10 +327,9 @@ def main() -> None:
         plot(cells, args.plot, batch_sizes)
         rel = os.path.relpath(args.plot, args.doc.parent)
         lines += ["", f"![folded vs unfolded speedups]({rel})"]
-        write_section(args.doc, START, END, "\n".join(lines))
+    publish(lines, args.doc, START, END, write=not args.no_write)
     if args.json is not None:
         args.json.write_text(json.dumps([asdict(c) for c in cells], indent=1))
-    print("\n".join(lines))
 
 
 if __name__ == "__main__":

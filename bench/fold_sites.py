@@ -27,14 +27,15 @@ import re
 import shlex
 import sys
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from fold_latency import OtherCpu, wait_for_quiet  # a sibling script, as throughput.py does
-from markdown_section import write_section
+from markdown_section import publish
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm import tqdm
@@ -154,15 +155,37 @@ def table(rows: list[Row]) -> list[str]:
     return lines
 
 
-def kept_reasons(rows: list[Row]) -> list[str]:
+class Kept(Protocol):
+    """A BN a fold left in place: ``training.fold.KeptBN`` or ``service.onnx_fold``'s."""
+
+    @property
+    def bn(self) -> str: ...
+
+    @property
+    def reason(self) -> str: ...
+
+
+def kept_reasons(kept: list[tuple[str, Sequence[Kept]]]) -> list[str]:
+    """Markdown under its own heading: per (model, kept BNs), one line per kind of reason
+    (:func:`reason_kind`) with its count and an example. Shared with onnx_fold_networks.py."""
     lines = []
-    for r in rows:
-        kinds = Counter(reason_kind(k.reason) for k in r.report.kept)
-        examples = {reason_kind(k.reason): k for k in reversed(r.report.kept)}
+    for model, bns in kept:
+        kinds = Counter(reason_kind(k.reason) for k in bns)
+        examples = {reason_kind(k.reason): k for k in reversed(bns)}
         for kind, count in kinds.most_common():
             k = examples[kind]
-            lines.append(f"- {r.model}: {count} kept, e.g. `{k.bn}`: {k.reason}")
-    return lines or ["- none: every BN of every model folded"]
+            lines.append(f"- {model}: {count} kept, e.g. `{k.bn}`: {k.reason}")
+    return ["Kept BNs, by reason:", "", *(lines or ["- none: every BN of every model folded"])]
+
+
+def chosen_models(parser: argparse.ArgumentParser, models: str) -> list[str]:
+    """The names in ``--models`` (comma-separated); one not in :data:`MODELS` is a usage
+    error. Shared with onnx_fold_networks.py."""
+    names = [n.strip() for n in models.split(",") if n.strip()]
+    unknown = [n for n in names if n not in MODELS]
+    if unknown:
+        parser.error(f"unknown models {unknown}; known: {', '.join(MODELS)}")
+    return names
 
 
 def conditions(iterations: int, warmup: int) -> list[str]:
@@ -192,10 +215,7 @@ def main() -> None:
     parser.add_argument("--doc", type=Path, default=Path("docs/folding.md"))
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args()
-    names = [n.strip() for n in args.models.split(",") if n.strip()]
-    unknown = [n for n in names if n not in MODELS]
-    if unknown:
-        parser.error(f"unknown models {unknown}; known: {', '.join(MODELS)}")
+    names = chosen_models(parser, args.models)
     rows = [
         measure(n, args.iterations, args.warmup, args.seed, args.max_wait)
         for n in tqdm(names, desc="models", file=sys.stderr)
@@ -205,14 +225,9 @@ def main() -> None:
         "",
         *table(rows),
         "",
-        "Kept BNs, by reason:",
-        "",
-        *kept_reasons(rows),
+        *kept_reasons([(r.model, r.report.kept) for r in rows]),
     ]
-    section = "\n".join(lines)
-    print(section)
-    if not args.no_write:
-        write_section(args.doc, START, END, section)
+    publish(lines, args.doc, START, END, write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -16,3 +16,12 @@ def write_section(path: Path, start: str, end: str, section: str) -> None:
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     path.write_text(text)
+
+
+def publish(lines: list[str], path: Path, start: str, end: str, *, write: bool) -> None:
+    """Print a script's result ``lines``; with ``write``, also record them in ``path`` between
+    ``start`` and ``end`` (:func:`write_section`)."""
+    section = "\n".join(lines)
+    print(section)
+    if write:
+        write_section(path, start, end, section)

@@ -21,7 +21,6 @@ import shlex
 import sys
 import time
 import warnings
-from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,8 +29,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-from fold_sites import INPUT, MODELS, reason_kind  # sibling scripts, as throughput.py does
-from markdown_section import write_section
+from fold_sites import INPUT, MODELS, chosen_models, kept_reasons  # siblings, as throughput.py
+from markdown_section import publish
 from torch import nn
 
 from service.onnx_fold import OnnxFoldReport, fold_model
@@ -110,17 +109,6 @@ def table(rows: list[Row]) -> list[str]:
     return lines
 
 
-def kept_reasons(rows: list[Row]) -> list[str]:
-    lines = []
-    for r in rows:
-        kinds = Counter(reason_kind(k.reason) for k in r.report.kept)
-        examples = {reason_kind(k.reason): k for k in reversed(r.report.kept)}
-        for kind, count in kinds.most_common():
-            k = examples[kind]
-            lines.append(f"- {r.model}: {count} kept, e.g. `{k.bn}`: {k.reason}")
-    return lines or ["- none: every BN of every model folded"]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -130,10 +118,7 @@ def main() -> None:
     parser.add_argument("--doc", type=Path, default=Path("docs/folding.md"))
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args()
-    names = [n.strip() for n in args.models.split(",") if n.strip()]
-    unknown = [n for n in names if n not in MODELS]
-    if unknown:
-        parser.error(f"unknown models {unknown}; known: {', '.join(MODELS)}")
+    names = chosen_models(parser, args.models)
     rows = [measure(n, args.seed) for n in names]
     lines = [
         f"- command: `{shlex.join(['python', 'bench/onnx_fold_networks.py', *sys.argv[1:]])}`",
@@ -143,14 +128,9 @@ def main() -> None:
         "",
         *table(rows),
         "",
-        "Kept BNs, by reason:",
-        "",
-        *kept_reasons(rows),
+        *kept_reasons([(r.model, r.report.kept) for r in rows]),
     ]
-    section = "\n".join(lines)
-    print(section)
-    if not args.no_write:
-        write_section(args.doc, START, END, section)
+    publish(lines, args.doc, START, END, write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import onnx
 import onnxruntime as ort
-from markdown_section import write_section  # a sibling script, as fold_sites.py does
+from markdown_section import publish  # a sibling script, as fold_sites.py does
 
 from service.onnx_fold import FoldCheckFailed, default_tolerance, fold_model
 
@@ -262,10 +262,7 @@ def main() -> None:
         "",
         *table(cells, dtypes),
     ]
-    section = "\n".join(lines)
-    print(section)
-    if not args.no_write:
-        write_section(args.doc, START, END, section)
+    publish(lines, args.doc, START, END, write=not args.no_write)
 
 
 if __name__ == "__main__":

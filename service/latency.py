@@ -176,8 +176,7 @@ def random_feeds(
     reference_shapes: dict[str, tuple[int, ...]] | None = None,
 ) -> dict[str, np.ndarray]:
     """Random inputs for ``specs``: axis 0 is ``batch_size``; other dynamic axes (-1)
-    take the size of the reference batch's input. Floats ~ N(0, 1), integers in
-    [0, 10), booleans fair coins.
+    take the size of the reference batch's input. Values: :meth:`TensorSpec.random`.
 
     Raises ``ValueError`` when a dynamic axis has no reference size, or axis 0 is fixed
     at another size than ``batch_size`` (a user's file exported for one batch size).
@@ -198,13 +197,7 @@ def random_feeds(
                 dims.append(ref[axis])
             else:
                 raise ValueError(f"input '{spec.name}' axis {axis} is dynamic; no size to use")
-        kind = spec.dtype.kind
-        if kind == "f":
-            feeds[spec.name] = rng.standard_normal(dims).astype(spec.dtype)
-        elif kind in "iu":
-            feeds[spec.name] = rng.integers(0, 10, size=dims).astype(spec.dtype)
-        else:
-            feeds[spec.name] = rng.random(dims) < 0.5
+        feeds[spec.name] = spec.random(rng, dims)
     return feeds
 
 

@@ -118,6 +118,16 @@ class TensorSpec(BaseModel):
                 return False
         return True
 
+    def random(self, rng: np.random.Generator, shape: list[int]) -> np.ndarray:
+        """Made-up values of this tensor's dtype in ``shape`` (concrete sizes), to run a model
+        on: floats ~ N(0, 1), integers in [0, 10), booleans fair coins."""
+        kind = self.dtype.kind
+        if kind == "f":
+            return rng.standard_normal(shape).astype(self.dtype)
+        if kind in "iu":
+            return rng.integers(0, 10, size=shape).astype(self.dtype)
+        return rng.random(shape) < 0.5
+
 
 class TensorData(BaseModel):
     """A tensor as JSON: ``data`` is the flat row-major list."""

@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 
 BackwardHook = Callable[[nn.Module, int], None]
 """Called with ``(model, epoch)`` (1-based) after each backward pass, before the optimizer step."""
+EpochHook = Callable[[nn.Module, int], None]
+"""Called with ``(model, epoch)`` after each epoch's validation; the model is in eval mode."""
 
 
 @dataclass
@@ -44,6 +46,8 @@ class TrainConfig:
     momentum: float = 0.9
     seed: int = 0
     device: str = "auto"
+    warmup_epochs: float = 0.0  # linear learning-rate warm-up from 0 over this many epochs
+    keep: Literal["best", "last"] = "best"  # checkpoint returned: best validation or last epoch
 
 
 @dataclass
@@ -125,6 +129,7 @@ def train(
     progress: bool = True,
     on_backward: BackwardHook | None = None,
     distributed: DistributedContext | None = None,
+    on_epoch: EpochHook | None = None,
 ) -> TrainResult:
     """Train a zoo model on ``data``; keep the epoch with the best validation accuracy.
 
@@ -138,7 +143,10 @@ def train(
     Every process evaluates the same replica and returns the same result.
     ``on_backward`` sees every step's gradients (``param.grad``) before the
     update; its first call sees the weights as initialized. It must not change
-    the model. A run stops after the first epoch whose training loss is not finite.
+    the model; neither may ``on_epoch``. ``cfg.warmup_epochs`` scales the rate
+    linearly from 0 over that many epochs' steps; ``cfg.keep="last"`` returns
+    the last epoch's weights instead of the best validation epoch's.
+    A run stops after the first epoch whose training loss is not finite.
     Metrics: ``test_accuracy``, ``val_accuracy``, ``train_accuracy``, ``epochs``,
     ``seconds``, ``best_epoch``, ``diverged``, ``world_size``,
     ``samples_per_second`` (training samples, all processes together, per second
@@ -186,6 +194,8 @@ def train(
     diverged = False
     start = time.perf_counter()
     step_seconds, samples_trained = 0.0, 0.0
+    warmup_steps = round(cfg.warmup_epochs * len(loader))
+    step = 0
     show = progress and (distributed is None or distributed.is_main)
     bar = tqdm(range(1, cfg.epochs + 1), disable=not show, desc="train", unit="epoch")
     for epoch in bar:
@@ -202,7 +212,15 @@ def train(
             loss.backward()  # type: ignore[no-untyped-call]
             if on_backward is not None:
                 on_backward(model, epoch)
+            if step < warmup_steps:  # scale the rate the schedule set, for this step only
+                rates = [g["lr"] for g in opt.param_groups]
+                for g in opt.param_groups:
+                    g["lr"] *= (step + 1) / warmup_steps
             opt.step()
+            if step < warmup_steps:
+                for g, rate in zip(opt.param_groups, rates, strict=True):
+                    g["lr"] = rate
+            step += 1
             loss_sum += float(loss.detach()) * len(xb)
             correct += int((logits.argmax(1) == yb).sum())
             seen += len(xb)
@@ -230,7 +248,9 @@ def train(
             diverged = True
             log.warning("training diverged at epoch %d (loss %s)", epoch, train_loss)
             break
-        if val_acc > best_acc:
+        if on_epoch is not None:
+            on_epoch(model, epoch)
+        if val_acc > best_acc or cfg.keep == "last":
             best_acc, best_epoch = val_acc, epoch
             best_state = copy.deepcopy(model.state_dict())
     seconds = time.perf_counter() - start

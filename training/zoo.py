@@ -58,6 +58,10 @@ class ModelConfig:
     activation: str = "relu"
     dropout: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+    # weight init of every Linear/Conv: "default" (PyTorch's), "glorot" (Xavier-uniform)
+    # or "he" (Kaiming-normal, fan-in); init_gain multiplies the init's scale
+    init: str = "default"
+    init_gain: float = 1.0
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -83,6 +87,11 @@ def _unit(layer: nn.Module, bn: nn.Module, act: nn.Module | None, pos: BNPositio
         [layer, bn] if act is None else [layer, bn, act] if pos == "before" else [layer, act, bn]
     )
     return nn.Sequential(*parts)
+
+
+def _conv_bias(cfg: ModelConfig) -> bool:
+    """A conv needs its bias unless BN directly follows it (BN's beta takes the bias's role)."""
+    return not cfg.norm or cfg.bn_position == "after"
 
 
 def _bn(kind: Literal[1, 2], channels: int, norm: bool) -> nn.Module:
@@ -138,7 +147,7 @@ def build_cnn(cfg: ModelConfig) -> list[nn.Module]:
         for _ in range(2):
             layers.append(
                 _unit(
-                    nn.Conv2d(c, out, 3, padding=1, bias=not cfg.norm),
+                    nn.Conv2d(c, out, 3, padding=1, bias=_conv_bias(cfg)),
                     _bn(2, out, cfg.norm),
                     _act(cfg.activation),
                     cfg.bn_position,
@@ -158,7 +167,7 @@ class BasicBlock(nn.Module):
         super().__init__()
         self.body = nn.Sequential(
             _unit(
-                nn.Conv2d(cin, cout, 3, stride, 1, bias=not cfg.norm),
+                nn.Conv2d(cin, cout, 3, stride, 1, bias=_conv_bias(cfg)),
                 _bn(2, cout, cfg.norm),
                 _act(cfg.activation),
                 cfg.bn_position,
@@ -188,7 +197,7 @@ def build_resnet(cfg: ModelConfig) -> list[nn.Module]:
     depth, width = cfg.depth or 3, cfg.width or 16
     layers: list[nn.Module] = [
         _unit(
-            nn.Conv2d(c, width, 3, 1, 1, bias=not cfg.norm),
+            nn.Conv2d(c, width, 3, 1, 1, bias=_conv_bias(cfg)),
             _bn(2, width, cfg.norm),
             _act(cfg.activation),
             cfg.bn_position,
@@ -209,9 +218,8 @@ def build_mobilenet(cfg: ModelConfig) -> list[nn.Module]:
     c, h, w = _need_image(cfg)
     depth, width = cfg.depth or 3, cfg.width or 16
     act, pos, norm = cfg.activation, cfg.bn_position, cfg.norm
-    layers: list[nn.Module] = [
-        _unit(nn.Conv2d(c, width, 3, 1, 1, bias=not norm), _bn(2, width, norm), _act(act), pos)
-    ]
+    stem = nn.Conv2d(c, width, 3, 1, 1, bias=_conv_bias(cfg))
+    layers: list[nn.Module] = [_unit(stem, _bn(2, width, norm), _act(act), pos)]
     c = width
     for stage in range(depth):
         out = width * 2 ** (stage + 1)
@@ -219,13 +227,14 @@ def build_mobilenet(cfg: ModelConfig) -> list[nn.Module]:
         h, w = h // stride, w // stride
         layers.append(
             _unit(
-                nn.Conv2d(c, c, 3, stride, 1, groups=c, bias=not norm),
+                nn.Conv2d(c, c, 3, stride, 1, groups=c, bias=_conv_bias(cfg)),
                 _bn(2, c, norm),
                 _act(act),
                 pos,
             )
         )
-        layers.append(_unit(nn.Conv2d(c, out, 1, bias=not norm), _bn(2, out, norm), _act(act), pos))
+        pointwise = nn.Conv2d(c, out, 1, bias=_conv_bias(cfg))
+        layers.append(_unit(pointwise, _bn(2, out, norm), _act(act), pos))
         c = out
     return layers + _head(c, cfg)
 
@@ -242,6 +251,23 @@ MODEL_DESCRIPTIONS = {
     "resnet": "basic blocks, bias-free convs, conv1x1+BN shortcut",
     "mobilenet": "depthwise conv (groups=channels) + BN, pointwise conv + BN",
 }
+
+
+def init_weights(model: nn.Module, scheme: str, gain: float) -> None:
+    """Re-initialize every Linear/Conv weight by ``scheme`` times ``gain``, biases to 0."""
+    if scheme not in ("default", "glorot", "he"):
+        raise ZooError(f"unknown init {scheme!r}; choose default, glorot or he")
+    for m in model.modules():
+        if not isinstance(m, nn.Linear | nn.Conv2d):
+            continue
+        if scheme == "glorot":
+            nn.init.xavier_uniform_(m.weight)
+        elif scheme == "he":
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+        if scheme != "default" and m.bias is not None:
+            nn.init.zeros_(m.bias)
+        with torch.no_grad():
+            m.weight.mul_(gain)
 
 
 def build_model(
@@ -263,7 +289,10 @@ def build_model(
         shape = cfg.input_shape
     mean = np.zeros(shape, np.float32) if mean is None else mean
     std = np.ones(shape, np.float32) if std is None else std
-    return nn.Sequential(Standardize(mean, std), *MODELS[cfg.name](cfg))
+    model = nn.Sequential(Standardize(mean, std), *MODELS[cfg.name](cfg))
+    if cfg.init != "default" or cfg.init_gain != 1.0:
+        init_weights(model, cfg.init, cfg.init_gain)
+    return model
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 
 from service.onnx_fold import weights
-from service.onnx_fold.edits import Editor, Fold, bias_base, fold, readers, same
+from service.onnx_fold.edits import Editor, Fold, fold, readers, same
 from service.onnx_fold.graph import (
     Scope,
     float_attribute,
@@ -76,8 +76,7 @@ def _fold_conv(
     else:
         group = int_attribute(layer, "group", 1)
         new_w, new_b = weights.conv_transpose_backward(w, bias, s, t, group)
-    edit.set_input(scope, layer, 1, new_w, dtype, layer.input[1])
-    edit.set_input(scope, layer, 2, new_b, dtype, bias_base(layer, 2))
+    edit.set_weight_and_bias(scope, layer, new_w, new_b, dtype)
 
 
 def _conv(scope: Scope, site: Site, layer: onnx.NodeProto, edit: Editor) -> Fold | str:
@@ -142,8 +141,7 @@ def _gemm(scope: Scope, site: Site, layer: onnx.NodeProto, edit: Editor) -> Fold
     alpha = float_attribute(layer, "alpha", 1.0)
     beta = float_attribute(layer, "beta", 1.0)
     new_b, new_c = weights.gemm_backward(b_mat, c, *st, alpha, beta, trans_b)
-    edit.set_input(scope, layer, 1, new_b, dtype, layer.input[1])
-    edit.set_input(scope, layer, 2, new_c, dtype, bias_base(layer, 2))
+    edit.set_weight_and_bias(scope, layer, new_b, new_c, dtype)
     for name in ("alpha", "beta"):
         set_attribute(layer, name, 1.0)
     edit.drop_site(scope, site)

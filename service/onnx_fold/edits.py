@@ -57,6 +57,22 @@ class Editor:
             self.released.add(node.input[index])
         node.input[index] = name
 
+    def set_weight_and_bias(
+        self,
+        scope: Scope,
+        layer: onnx.NodeProto,
+        weight: np.ndarray,
+        bias: np.ndarray,
+        data_type: int,
+    ) -> None:
+        """A Conv's, ConvTranspose's or Gemm's weight (input 1) and bias (input 2, added when
+        the layer has none) := new initializers, as :meth:`set_input`."""
+        self.set_input(scope, layer, 1, weight, data_type, layer.input[1])
+        has_bias = len(layer.input) > 2 and layer.input[2]
+        # Read after input 1 is replaced: a bias the layer lacked is named after the new weight.
+        base = layer.input[2] if has_bias else f"{layer.input[1]}_bias"
+        self.set_input(scope, layer, 2, bias, data_type, base)
+
     def fresh(self, base: str, scope: Scope, like: str) -> str:
         """A new value name with the rank of ``like``."""
         name = fresh_name(self.names, base)
@@ -103,9 +119,3 @@ def readers(scope: Scope, name: str) -> str:
 def same(a: onnx.NodeProto | None, b: onnx.NodeProto) -> bool:
     """Whether ``a`` is the node ``b`` (nodes are told apart by their first output)."""
     return a is not None and a.output[0] == b.output[0]
-
-
-def bias_base(layer: onnx.NodeProto, index: int) -> str:
-    """A name to derive a (new) bias initializer's name from."""
-    has = len(layer.input) > index and layer.input[index]
-    return layer.input[index] if has else f"{layer.input[1]}_bias"

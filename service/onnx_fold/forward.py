@@ -10,7 +10,7 @@ import onnx
 
 from service.onnx_fold import weights
 from service.onnx_fold.backward import matmul_bias, per_feature
-from service.onnx_fold.edits import Editor, Fold, bias_base, fold, readers
+from service.onnx_fold.edits import Editor, Fold, fold, readers
 from service.onnx_fold.graph import (
     Scope,
     attribute,
@@ -30,11 +30,18 @@ def _constant(scope: Scope, layer: onnx.NodeProto, index: int) -> tuple[np.ndarr
     return const
 
 
-def _optional(scope: Scope, layer: onnx.NodeProto, index: int) -> np.ndarray | str | None:
-    if len(layer.input) <= index or not layer.input[index]:
-        return None
-    got = _constant(scope, layer, index)
-    return got if isinstance(got, str) else got[0]
+def _weight_and_bias(
+    scope: Scope, layer: onnx.NodeProto
+) -> tuple[np.ndarray, int, np.ndarray | None] | str:
+    """A Conv's or Gemm's constant weight (input 1), its data type, and its bias (input 2) as
+    float64, None when absent; a reason when either is not a constant."""
+    got = _constant(scope, layer, 1)
+    if isinstance(got, str):
+        return got
+    if len(layer.input) <= 2 or not layer.input[2]:
+        return (*got, None)
+    bias = _constant(scope, layer, 2)
+    return bias if isinstance(bias, str) else (*got, bias[0])
 
 
 def _conv(scope: Scope, site: Site, layer: onnx.NodeProto, edit: Editor) -> Fold | str:
@@ -48,13 +55,10 @@ def _conv(scope: Scope, site: Site, layer: onnx.NodeProto, edit: Editor) -> Fold
             f"after it: Conv '{node_label(layer)}' pads its input ({padding}); the padded "
             "border would miss the shift"
         )
-    got = _constant(scope, layer, 1)
+    got = _weight_and_bias(scope, layer)
     if isinstance(got, str):
         return got
-    w, dtype = got
-    bias = _optional(scope, layer, 2)
-    if isinstance(bias, str):
-        return bias
+    w, dtype, bias = got
     group = int_attribute(layer, "group", 1)
     st = site.per_channel(1, w.ndim, w.shape[1] * group)
     if isinstance(st, str):
@@ -62,8 +66,7 @@ def _conv(scope: Scope, site: Site, layer: onnx.NodeProto, edit: Editor) -> Fold
     new_w, new_b = weights.conv_forward(
         w, np.zeros(w.shape[0]) if bias is None else bias, *st, group
     )
-    edit.set_input(scope, layer, 1, new_w, dtype, layer.input[1])
-    edit.set_input(scope, layer, 2, new_b, dtype, bias_base(layer, 2))
+    edit.set_weight_and_bias(scope, layer, new_w, new_b, dtype)
     layer.input[0] = site.input
     edit.drop_site(scope, site)
     return fold(layer, w, "forward", w.shape[1] * group)
@@ -72,13 +75,10 @@ def _conv(scope: Scope, site: Site, layer: onnx.NodeProto, edit: Editor) -> Fold
 def _gemm(scope: Scope, site: Site, layer: onnx.NodeProto, edit: Editor) -> Fold | str:
     if int_attribute(layer, "transA", 0) == 1:
         return f"after it: Gemm '{node_label(layer)}' transposes its input (transA=1)"
-    got = _constant(scope, layer, 1)
+    got = _weight_and_bias(scope, layer)
     if isinstance(got, str):
         return got
-    b_mat, dtype = got
-    c = _optional(scope, layer, 2)
-    if isinstance(c, str):
-        return c
+    b_mat, dtype, c = got
     trans_b = int_attribute(layer, "transB", 0) == 1
     k = b_mat.shape[1] if trans_b else b_mat.shape[0]
     st = site.per_channel(1, 2, k)
@@ -87,8 +87,7 @@ def _gemm(scope: Scope, site: Site, layer: onnx.NodeProto, edit: Editor) -> Fold
     alpha = float_attribute(layer, "alpha", 1.0)
     beta = float_attribute(layer, "beta", 1.0)
     new_b, new_c = weights.gemm_forward(b_mat, c, *st, alpha, beta, trans_b)
-    edit.set_input(scope, layer, 1, new_b, dtype, layer.input[1])
-    edit.set_input(scope, layer, 2, new_c, dtype, bias_base(layer, 2))
+    edit.set_weight_and_bias(scope, layer, new_b, new_c, dtype)
     for name in ("alpha", "beta"):
         set_attribute(layer, name, 1.0)
     layer.input[0] = site.input

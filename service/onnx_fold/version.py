@@ -137,8 +137,8 @@ def reference_feeds(
 ) -> dict[str, np.ndarray]:
     """Random inputs of the declared shapes: a symbolic axis 0 has up to
     :data:`REFERENCE_BATCH` samples (fewer when a sample has over :data:`REFERENCE_VALUES`
-    input values, at least one), any other symbolic axis ``other``. Floats ~ N(0, 1),
-    integers in [0, 10), booleans fair coins."""
+    input values, at least one), any other symbolic axis ``other``. Values:
+    :meth:`TensorSpec.random`."""
     rng = np.random.default_rng(seed)
     per_sample = sum(math.prod(d if d >= 0 else other for d in spec.shape[1:]) for spec in specs)
     samples = max(1, min(REFERENCE_BATCH, REFERENCE_VALUES // max(per_sample, 1)))
@@ -147,13 +147,7 @@ def reference_feeds(
         shape = [
             d if d >= 0 else (samples if axis == 0 else other) for axis, d in enumerate(spec.shape)
         ]
-        kind = spec.dtype.kind
-        if kind == "f":
-            feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
-        elif kind in "iu":
-            feeds[spec.name] = rng.integers(0, 10, size=shape).astype(spec.dtype)
-        else:
-            feeds[spec.name] = rng.random(shape) < 0.5
+        feeds[spec.name] = spec.random(rng, shape)
     return feeds
 
 

@@ -1,134 +1,40 @@
-"""Budgets, training runs and result records shared by the BN experiments.
+"""Training runs, per-arm tuning and result records shared by the BN experiments.
 
 A :class:`Runner` trains zoo models through :func:`training.train.train` and
 caches each run by its full configuration, so experiments that need the same
-run (the BN twin at the default settings, say) train it once per suite.
+run train it once per worker process. :meth:`Runner.tuned` gives each arm its
+own learning rate (and warm-up) from a half-decade grid, chosen on the
+validation split of tuning seeds that the comparisons never use.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
+from torch import nn
 
-from training.data import Dataset, load_dataset
+from training.data import Dataset
+from training.experiments.settings import Setting, SuiteSettings
 from training.experiments.stats import Comparison, Verdict, claim_verdict
+from training.experiments.tasks import load_task
 from training.train import TrainConfig, evaluate, train
-from training.zoo import ModelConfig
 
 log = logging.getLogger(__name__)
 
 ACC_DELTA = 0.01  # the smallest accuracy difference that matters: one percentage point
-OPTIMIZERS: dict[str, dict[str, Any]] = {
-    "adamw": {"optimizer": "adamw", "lr": 3e-3},
-    "sgd": {"optimizer": "sgd", "lr": 1e-2},
-}
-
-
-@dataclass(frozen=True)
-class Setting:
-    """One (dataset, zoo model) pair the claims are tested on."""
-
-    dataset: str
-    model: str
-    target: float  # validation accuracy that counts as "trained" (claim 1)
-    epochs: int  # training budget of one run
-    width: int | None = None
-
-    @property
-    def label(self) -> str:
-        return f"{self.dataset} {self.model}"
-
-    def model_config(self, data: Dataset, **overrides: Any) -> ModelConfig:
-        return ModelConfig(
-            self.model, data.input_shape, data.num_classes, width=self.width, **overrides
-        )
-
-
-@dataclass(frozen=True)
-class SuiteSettings:
-    """Budgets of one suite run.
-
-    ``full()`` runs in about five minutes on one CPU core; ``quick()`` in seconds,
-    for tests (its numbers are real but too small to mean much).
-    """
-
-    mode: str
-    seeds: int  # seeds of the cheap experiments
-    heavy_seeds: int  # seeds of the costly ones (lr sweep, deep sigmoid nets, tiny batches)
-    settings: tuple[Setting, ...]
-    lr_grid: tuple[float, ...]
-    lr_epochs: int
-    depths: tuple[int, ...]
-    sigmoid_width: int
-    sigmoid_batch: int
-    sigmoid_lr: float
-    sigmoid_epochs: int
-    batch_sizes: tuple[int, ...]
-    batch_reference: int  # the "normal" batch size that small batches are compared with
-    small_batches: tuple[int, ...]  # the "very small" batch sizes of the weakness claim
-    batch_epochs: int
-    dropout: float = 0.3
-
-    @classmethod
-    def full(cls) -> SuiteSettings:
-        return cls(
-            mode="full",
-            seeds=5,
-            heavy_seeds=3,
-            settings=(
-                Setting("digits", "mlp", target=0.95, epochs=20),
-                Setting("digits", "cnn", target=0.95, epochs=12, width=16),
-                Setting("breast_cancer", "mlp", target=0.95, epochs=20),
-            ),
-            lr_grid=(1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0),
-            lr_epochs=10,
-            depths=(3, 5, 7, 10),
-            sigmoid_width=100,
-            sigmoid_batch=60,
-            sigmoid_lr=0.1,
-            sigmoid_epochs=15,
-            batch_sizes=(2, 4, 16, 64, 256),
-            batch_reference=64,
-            small_batches=(2, 4),
-            batch_epochs=4,
-        )
-
-    @classmethod
-    def quick(cls) -> SuiteSettings:
-        return cls(
-            mode="quick",
-            seeds=2,
-            heavy_seeds=2,
-            settings=(
-                Setting("digits", "mlp", target=0.9, epochs=3),
-                Setting("breast_cancer", "mlp", target=0.9, epochs=3),
-            ),
-            lr_grid=(1e-3, 1e-1, 10.0),
-            lr_epochs=2,
-            depths=(3, 5),
-            sigmoid_width=32,
-            sigmoid_batch=60,
-            sigmoid_lr=0.1,
-            sigmoid_epochs=2,
-            batch_sizes=(16, 64),
-            batch_reference=64,
-            small_batches=(16,),
-            batch_epochs=1,
-        )
-
-    def with_seeds(self, seeds: int) -> SuiteSettings:
-        if seeds < 2:
-            raise ValueError(f"seeds must be >= 2 to measure a spread, got {seeds}")
-        return replace(self, seeds=seeds, heavy_seeds=seeds)
+HALF_DECADES = (1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
+TUNING_SEED0 = 1000  # tuning seeds are 1000, 1001, ...; comparisons use 0, 1, ...
+SGD: dict[str, Any] = {"optimizer": "sgd", "momentum": 0.9, "weight_decay": 1e-4}
 
 
 @dataclass
 class RunRecord:
-    """One training run as reported: the kept (best-validation) checkpoint's numbers."""
+    """One training run as reported: numbers of the checkpoint ``train()`` returned."""
 
     dataset: str
     seed: int
@@ -142,8 +48,17 @@ class RunRecord:
     diverged: bool
     seconds: float
     val_curve: list[float]  # (epochs run,): validation accuracy after each epoch
+    test_curve: list[float]  # (epochs run,): test accuracy after each epoch
     loss_curve: list[float]  # (epochs run,): mean training loss (train mode) of each epoch
-    time_curve: list[float]  # (epochs run,): seconds since the start, after each epoch
+
+
+@dataclass
+class Tuned:
+    """An arm's hyperparameters chosen on validation: ``grid`` rows are [lr, warm-up, score]."""
+
+    lr: float
+    warmup: float
+    grid: list[list[float]]
 
 
 @dataclass
@@ -159,13 +74,16 @@ class Table:
 @dataclass
 class ClaimResult:
     key: str
+    number: int  # the claim's number in the issue's list (10+: the report's own claims)
     title: str
     claim: str
     setup: str  # markdown
     comparisons: list[Comparison]
+    reading: str = ""  # what was measured, in one phrase (the summary table's wording)
     tables: list[Table] = field(default_factory=list)
     figures: list[str] = field(default_factory=list)  # paths relative to the report
     notes: list[str] = field(default_factory=list)
+    caveats: list[str] = field(default_factory=list)  # carried into the summary table
     runs: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -179,79 +97,159 @@ class ClaimResult:
         return d
 
 
-class Runner:
-    """Trains runs for one suite on CPU, caching datasets and identical runs."""
+def train_config(seed: int, epochs: int, **overrides: Any) -> TrainConfig:
+    """The experiments' default: AdamW (lr 3e-3), constant rate, CPU; ``overrides`` win."""
+    kw: dict[str, Any] = {"optimizer": "adamw", "lr": 3e-3, "schedule": "constant"}
+    kw.update(overrides)
+    return TrainConfig(epochs=epochs, seed=seed, device="cpu", **kw)
 
-    def __init__(self) -> None:
+
+def extend(best: float, tried: list[float]) -> list[float]:
+    """The next half-decade rate beyond the grid's edge when ``best`` sits on that edge."""
+    i = HALF_DECADES.index(best)
+    if best == min(tried) and i > 0:
+        return [HALF_DECADES[i - 1]]
+    if best == max(tried) and i + 1 < len(HALF_DECADES):
+        return [HALF_DECADES[i + 1]]
+    return []
+
+
+def curve_score(run: RunRecord) -> float:
+    """Tuning score: mean validation accuracy over the epochs (0 for a diverged run).
+
+    The area under the validation curve rewards a rate that gets high early, which
+    is what the speed claims compare, and punishes one that is unstable later.
+    """
+    if run.diverged or not run.val_curve:
+        return 0.0
+    return float(np.mean(run.val_curve))
+
+
+class Runner:
+    """Trains runs for one worker on CPU, caching datasets, runs, models and tunings."""
+
+    def __init__(self, settings: SuiteSettings) -> None:
+        self.s = settings
         self._data: dict[tuple[str, int], Dataset] = {}
         self._runs: dict[str, RunRecord] = {}
+        self._tuned: dict[str, Tuned] = {}
+        self.models: dict[str, nn.Module] = {}  # run key -> the returned checkpoint
+        self.memo: dict[str, Any] = {}  # other experiments' shared results, by name
         self.trained = 0
 
     def data(self, name: str, seed: int) -> Dataset:
         if (name, seed) not in self._data:
-            self._data[name, seed] = load_dataset(name, seed=seed)
+            self._data[name, seed] = load_task(name, seed, self.s.small_train)
         return self._data[name, seed]
 
-    def run(self, dataset: str, model_cfg: ModelConfig, train_cfg: TrainConfig) -> RunRecord:
-        """Train (or fetch from the cache) one run; the data split uses ``train_cfg.seed``."""
-        key = json.dumps([dataset, model_cfg.to_dict(), asdict(train_cfg)], sort_keys=True)
-        if key not in self._runs:
-            data = self.data(dataset, train_cfg.seed)
-            result = train(model_cfg, data, train_cfg, progress=False)
-            m, cpu = result.metrics, result.model
-            train_loss, _ = evaluate(cpu, data.X_train, data.y_train, torch.device("cpu"))
-            test_loss, _ = evaluate(cpu, data.X_test, data.y_test, torch.device("cpu"))
-            self._runs[key] = RunRecord(
-                dataset,
-                train_cfg.seed,
-                model_cfg.to_dict(),
-                asdict(train_cfg),
-                m["test_accuracy"],
-                m["val_accuracy"],
-                m["train_accuracy"],
-                train_loss,
-                test_loss,
-                m["diverged"],
-                m["seconds"],
-                [h["val_accuracy"] for h in result.history],
-                [h["train_loss"] for h in result.history],
-                [h["seconds"] for h in result.history],
-            )
-            self.trained += 1
-            log.debug("trained %s on %s seed %d", model_cfg.name, dataset, train_cfg.seed)
+    def run(self, setting: Setting, seed: int, model_kw: dict[str, Any], **train_kw: Any) -> str:
+        """Train (or fetch) one run and return its cache key (see :meth:`record`)."""
+        data = self.data(setting.dataset, seed)
+        model_cfg = setting.model_config(data, **model_kw)
+        cfg = train_config(seed, train_kw.pop("epochs", setting.epochs), **train_kw)
+        key = json.dumps([setting.dataset, model_cfg.to_dict(), asdict(cfg)], sort_keys=True)
+        if key in self._runs:
+            return key
+        test_curve: list[float] = []
+
+        def on_epoch(model: nn.Module, epoch: int) -> None:
+            test_curve.append(evaluate(model, data.X_test, data.y_test, torch.device("cpu"))[1])
+
+        result = train(model_cfg, data, cfg, progress=False, on_epoch=on_epoch)
+        m, cpu = result.metrics, result.model
+        train_loss, _ = evaluate(cpu, data.X_train, data.y_train, torch.device("cpu"))
+        test_loss, _ = evaluate(cpu, data.X_test, data.y_test, torch.device("cpu"))
+        self._runs[key] = RunRecord(
+            setting.dataset,
+            seed,
+            model_cfg.to_dict(),
+            asdict(cfg),
+            m["test_accuracy"],
+            m["val_accuracy"],
+            m["train_accuracy"],
+            train_loss,
+            test_loss,
+            m["diverged"],
+            m["seconds"],
+            [h["val_accuracy"] for h in result.history],
+            test_curve[: len(result.history)],
+            [h["train_loss"] for h in result.history],
+        )
+        self.models[key] = cpu
+        self.trained += 1
+        return key
+
+    def record(self, key: str) -> RunRecord:
         return self._runs[key]
 
     def arm(
+        self, setting: Setting, seeds: int, model_kw: dict[str, Any], **train_kw: Any
+    ) -> list[RunRecord]:
+        """One arm of a comparison: a run per seed ``0..seeds-1``."""
+        return [self.record(self.run(setting, s, model_kw, **train_kw)) for s in range(seeds)]
+
+    def tuned(
+        self,
+        setting: Setting,
+        model_kw: dict[str, Any],
+        lrs: tuple[float, ...],
+        warmups: tuple[float, ...] = (0.0,),
+        **train_kw: Any,
+    ) -> Tuned:
+        """This arm's best (lr, warm-up) by :func:`curve_score` on the tuning seeds.
+
+        When the best rate sits on an edge of ``lrs``, the next half-decade rate beyond
+        that edge is tried too, up to ``max_extensions`` (a suite setting) times.
+        """
+        key = json.dumps([setting, model_kw, lrs, warmups, train_kw], sort_keys=True, default=str)
+        if key not in self._tuned:
+            grid: list[list[float]] = []
+            tried: list[float] = []
+            todo = list(lrs)
+            while todo:
+                for lr in todo:
+                    grid += [self._score(setting, model_kw, lr, w, train_kw) for w in warmups]
+                tried += todo
+                best = max(grid, key=lambda row: row[2])  # first best: the smaller rate on a tie
+                done = len(tried) - len(lrs) >= self.s.max_extensions
+                todo = [] if done else extend(best[0], tried)
+            grid.sort()
+            self._tuned[key] = Tuned(best[0], best[1], grid)
+            log.debug("tuned %s %s: lr %g warm-up %g", setting.label, model_kw, best[0], best[1])
+        return self._tuned[key]
+
+    def _score(
+        self, setting: Setting, model_kw: dict[str, Any], lr: float, w: float, kw: dict[str, Any]
+    ) -> list[float]:
+        """[lr, warm-up, mean curve score over the tuning seeds]."""
+        seeds = range(TUNING_SEED0, TUNING_SEED0 + self.s.tuning_seeds)
+        scores = [
+            curve_score(self.record(self.run(setting, s, model_kw, lr=lr, warmup_epochs=w, **kw)))
+            for s in seeds
+        ]
+        return [lr, w, float(np.mean(scores))]
+
+    def tuned_arm(
         self,
         setting: Setting,
         seeds: int,
         model_kw: dict[str, Any],
-        train_kw: dict[str, Any] | None = None,
-        epochs: int | None = None,
-    ) -> list[RunRecord]:
-        """One arm of a comparison: a run per seed ``0..seeds-1`` (AdamW, constant rate)."""
-        out = []
-        for seed in range(seeds):
-            data = self.data(setting.dataset, seed)
-            cfg = train_config(seed, epochs or setting.epochs, **(train_kw or {}))
-            out.append(self.run(setting.dataset, setting.model_config(data, **model_kw), cfg))
-        return out
-
-    def warm_up(self) -> None:
-        """One tiny uncached run per arm, so first-call overheads stay out of timings."""
-        data = self.data("digits", 0)
-        for norm in (True, False):
-            cfg = ModelConfig("mlp", data.input_shape, data.num_classes, norm=norm)
-            train(cfg, data, TrainConfig(epochs=1, device="cpu"), progress=False)
-
-
-def train_config(seed: int, epochs: int, **overrides: Any) -> TrainConfig:
-    """The experiments' default: AdamW (lr 3e-3), constant rate, CPU; ``overrides`` win."""
-    kw: dict[str, Any] = {**OPTIMIZERS["adamw"], "schedule": "constant", "device": "cpu"}
-    kw.update(overrides)
-    return TrainConfig(epochs=epochs, seed=seed, **kw)
+        lrs: tuple[float, ...],
+        warmups: tuple[float, ...] = (0.0,),
+        **train_kw: Any,
+    ) -> tuple[Tuned, list[RunRecord]]:
+        """Tune this arm, then run it on the comparison seeds with its own choice."""
+        t = self.tuned(setting, model_kw, lrs, warmups, **train_kw)
+        runs = self.arm(setting, seeds, model_kw, lr=t.lr, warmup_epochs=t.warmup, **train_kw)
+        return t, runs
 
 
 def tagged(runs: list[RunRecord], **tags: Any) -> list[dict[str, Any]]:
     """Run records as dicts for the results JSON, each with ``tags`` (arm, setting, ...)."""
     return [{**tags, **asdict(r)} for r in runs]
+
+
+def grid_text(t: Tuned) -> str:
+    """``lr 0.03, warm-up 1 epoch`` for a setup or table cell."""
+    warm = f", warm-up {t.warmup:g} epoch" if t.warmup else ""
+    return f"lr {t.lr:g}{warm}"
