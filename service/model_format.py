@@ -88,9 +88,6 @@ def version_numbers(model_dir: Path) -> list[int]:
     )
 
 
-# -- metadata.json ---------------------------------------------------------------
-
-
 class TensorSpec(BaseModel):
     """A model input or output: V2 datatype and shape, ``-1`` for dynamic axes."""
 
@@ -119,8 +116,7 @@ class TensorSpec(BaseModel):
         return True
 
     def random(self, rng: np.random.Generator, shape: list[int]) -> np.ndarray:
-        """Made-up values of this tensor's dtype in ``shape`` (concrete sizes), to run a model
-        on: floats ~ N(0, 1), integers in [0, 10), booleans fair coins."""
+        """Values to run a model on: floats ~ N(0, 1), integers in [0, 10), fair booleans."""
         kind = self.dtype.kind
         if kind == "f":
             return rng.standard_normal(shape).astype(self.dtype)
@@ -167,24 +163,24 @@ class VersionFiles(BaseModel):
     unfolded: str = UNFOLDED_FILE  # "" when the version has no unfolded twin
 
 
-class FoldedBatchNorm(BaseModel):
+class BatchNormSite(BaseModel):
+    bn: str
+    bn_type: str = ""  # e.g. "BatchNorm2d", "BatchNormalization", "Mul+Add"
+    bn_shape: list[int] = []  # the per-channel parameters' shape
+
+
+class FoldedBatchNorm(BatchNormSite):
     """One BN folded into a neighbouring layer: "backward" into the layer before it (that
     layer's weights absorb the scale and shift), "forward" into the layer after it."""
 
-    bn: str
     into: str
     direction: str
-    bn_type: str = ""  # e.g. "BatchNorm2d", "BatchNormalization", "Mul+Add"
-    bn_shape: list[int] = []  # the per-channel parameters' shape
     into_type: str = ""  # e.g. "Conv2d", "Gemm"
     into_shape: list[int] = []  # the absorbing layer's weight shape
 
 
-class KeptBatchNorm(BaseModel):
-    bn: str
+class KeptBatchNorm(BatchNormSite):
     reason: str
-    bn_type: str = ""
-    bn_shape: list[int] = []
 
 
 class FoldRecord(BaseModel):
