@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from service.model_format import KeptBatchNorm
 from service.onnx_fold.version import DerivedFrom
 
 # ONNX Runtime's type strings for the same tensors.
@@ -57,11 +58,6 @@ class TensorMetadata(BaseModel):
     name: str
     datatype: str
     shape: list[int] = Field(description="-1 marks the dynamic batch axis")
-
-
-class KeptBatchNorm(BaseModel):
-    bn: str
-    reason: str
 
 
 class FoldReportSummary(BaseModel):

@@ -16,7 +16,6 @@ from service.protocol import (
     PLATFORM,
     SERVER_EXTENSIONS,
     FoldReportSummary,
-    KeptBatchNorm,
     ModelMetadata,
     ModelReady,
     ServerMetadata,
@@ -64,7 +63,7 @@ def describe(repository: ModelRepository, name: str, version: str | None) -> Mod
         bn_nodes=meta.bn_nodes,
         fold_report=FoldReportSummary(
             folded=len(meta.fold_report.folded),
-            kept=[KeptBatchNorm(bn=k.bn, reason=k.reason) for k in meta.fold_report.kept],
+            kept=meta.fold_report.kept,
         ),
         labels=model.labels,
         derived_from=derived_from(meta),
