@@ -18,6 +18,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[serve,train,dev]'
+	# Public architectures for the fold tests (tests/test_onnx_fold_networks.py) and
+	# bench/fold_sites.py: --no-deps, as geffnet declares torchvision, whose PyPI build
+	# pulls another torch; these models import neither.
+	$(BIN)/pip install -q --no-deps efficientnet_pytorch==0.7.1 geffnet==1.0.2 pytorchcv==0.0.74
 	touch $(STAMP)
 
 # Train and export each default model that the repository lacks.
