@@ -27,6 +27,19 @@ class ServerProcess:
     client: httpx.Client  # a new connection per request: any worker may take it
 
 
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """One torch intra-op thread: tiny models train faster, bit for bit repeatably, and are
+    robust to a busy machine (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``;
+    torch is imported here, so the service tests never need it)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -22,14 +22,7 @@ from training.fold import FoldedBN, FoldError, FoldReport, KeptBN, fold_batchnor
 from training.fold.weights import round_to_dtype
 from training.zoo import ModelConfig, build_model, count_batchnorms
 
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """These layers are tiny: one intra-op thread is faster, and robust to a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _run(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:

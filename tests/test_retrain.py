@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import shutil
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,13 +38,7 @@ REQUESTS = 12  # per check, each on a new connection: both workers answer some
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """One thread: tiny models, a busy machine, and bit-for-bit repeatable training."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +49,7 @@ def base_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ds = spec.load()
     cfg = ModelConfig("mlp", ds.input_shape, ds.num_classes, width=8, depth=1)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # module scope: the one_torch_thread fixture is per test
     try:
         result = train(cfg, ds, RECORDED, progress=False)
     finally:
