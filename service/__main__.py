@@ -57,6 +57,7 @@ FLAGS: dict[str, dict[str, Any]] = {
     "max_batch_size": {"type": int},
     "max_queue_delay_us": {"type": int},
     "max_queue_size": {"type": int},
+    "max_concurrency": {"type": int},
     "request_timeout_ms": {"type": float},
 }
 

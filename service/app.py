@@ -19,6 +19,7 @@ from pathlib import Path
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
+from service.admission import AdmissionGates
 from service.drain import Drain
 from service.errors import install_error_handlers
 from service.latency_lab import FoldLatencyLab
@@ -122,6 +123,7 @@ def create_app(settings: Settings | None = None, repo: ModelRepository | None = 
     app.state.metrics = service_metrics
     app.state.sync = sync
     app.state.drain = drain
+    app.state.admission = AdmissionGates(service_metrics.admission_waiting)
     app.state.fold_latency = FoldLatencyLab(runtime, settings.fold_latency_max_seconds)
     install_error_handlers(app)
     infer.install(app)  # before the request middleware, which must wrap its dispatch

@@ -16,8 +16,9 @@ ONNX Runtime computes each sample of a batch independently, so a request gets
 the same bits batched or alone (tested). A request over ``max_batch_size``
 samples runs alone, whole.
 
-Back-pressure: a full queue refuses new requests (:class:`QueueFull`, 503 with
-Retry-After). A request that times out (:class:`RequestTimeout`, 504) leaves
+Back-pressure is the entry's (:mod:`service.admission`): at most ``max_queue_size``
+requests of a model are admitted or waiting in a worker, so the queue here never
+holds more. A request that times out (:class:`RequestTimeout`, 504) leaves
 the queue at once and never runs. So does one whose client disconnects, once
 it has waited ``WATCH_AFTER_S`` (its connection is watched from then on: most
 requests are answered sooner, and watching each from the start would cost a
@@ -42,7 +43,6 @@ from service.errors import (
     BadRequest,
     ClientDisconnected,
     ModelNotReady,
-    QueueFull,
     RequestTimeout,
     ServiceError,
 )
@@ -153,6 +153,11 @@ class DynamicBatcher:
         self._runner = ThreadPoolExecutor(1, thread_name_prefix="foldserve-ort")
 
     @property
+    def closed(self) -> bool:
+        """Swapped out or unloaded: new requests go to the version that serves now."""
+        return self._closed
+
+    @property
     def depth(self) -> int:
         """Requests waiting (not yet in a running call)."""
         return len(self._queue)
@@ -163,19 +168,22 @@ class DynamicBatcher:
         names: list[str],
         *,
         timeout_s: float | None = None,
+        waited_s: float = 0.0,
         receive: Receive | None = None,
     ) -> Outputs:
         """The outputs ``names`` for checked ``feeds``, batched with others.
 
-        Raises :class:`ModelNotReady` once closed, :class:`QueueFull` when the queue
-        is full, :class:`RequestTimeout` after ``timeout_s`` seconds,
-        :class:`ClientDisconnected` when ``receive`` (the request's ASGI receive, body
-        already read) reports a disconnect.
+        Raises :class:`ModelNotReady` once closed, :class:`RequestTimeout` after
+        ``timeout_s`` seconds (of which ``waited_s`` have passed before it got here),
+        :class:`ClientDisconnected` when ``receive`` (the request's
+        ASGI receive, body already read) reports a disconnect.
         """
         item = self._enqueue(feeds, names)
         loop = asyncio.get_running_loop()
         timer = (
-            None if timeout_s is None else loop.call_later(timeout_s, self._expire, item, timeout_s)
+            None
+            if timeout_s is None
+            else loop.call_later(max(0.0, timeout_s - waited_s), self._expire, item, timeout_s)
         )
         # Most requests are answered before the watch starts: a task per request would cost
         # the event loop more than the rest of the batching does.
@@ -218,13 +226,6 @@ class DynamicBatcher:
 
     def _enqueue(self, feeds: Feeds, names: list[str]) -> _Pending:
         config = self.config
-        if len(self._queue) >= config.max_queue_size:
-            self.metrics.dropped["queue_full"].inc()
-            raise QueueFull(
-                f"{self.label} is overloaded: {len(self._queue)} requests are queued "
-                f"(max_queue_size {config.max_queue_size}); retry later",
-                headers={"Retry-After": "1"},
-            )
         first = next(iter(feeds.values()))
         rows = int(first.shape[0]) if first.ndim else 1
         key = _signature(feeds, names) if self.batchable and config.enabled else None

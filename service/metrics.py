@@ -219,6 +219,13 @@ class ServiceMetrics:
             registry=self.registry,
             multiprocess_mode="max",
         )
+        self.admission_waiting = Gauge(
+            "foldserve_admission_waiting",
+            "Requests waiting in line at a model's entry, body not yet read (all workers)",
+            ["model"],
+            registry=self.registry,
+            multiprocess_mode="livesum",
+        )
         self._request_counters: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
         self._codec_counters: dict[tuple[str, str], tuple[Counter, Counter]] = {}
         self.models_ready = Gauge(

@@ -15,10 +15,17 @@ import time
 import zlib
 
 from fastapi import Request
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.drain import Drain
-from service.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType, error_response
+from service.errors import (
+    BadRequest,
+    ClientDisconnected,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+    error_response,
+)
 from service.logs import log_access, new_request_id, request_id_var
 
 REQUEST_ID_HEADER = b"x-request-id"
@@ -102,14 +109,18 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
     """The raw body (whatever its Content-Type), decompressed, at most ``max_bytes``.
 
     Raises 413 past the limit (also for chunked bodies and after decompression),
-    415 for an unknown Content-Encoding, 400 for a corrupt compressed body.
+    415 for an unknown Content-Encoding, 400 for a corrupt compressed body, 499
+    (:class:`ClientDisconnected`) when the client has gone.
     """
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise PayloadTooLarge(f"request body exceeds the limit of {max_bytes} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_bytes:
+                raise PayloadTooLarge(f"request body exceeds the limit of {max_bytes} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect as err:  # e.g. it gave up while its request waited for a turn
+        raise ClientDisconnected("the client disconnected before its body was read") from err
     body = b"".join(chunks)
     encoding = (header(request.scope, b"content-encoding") or "identity").strip().lower()
     if encoding in ("", "identity"):

@@ -51,7 +51,8 @@ class BatchingConfig:
     enabled: bool
     max_batch_size: int  # samples per call
     max_queue_delay_us: int  # how long an idle model holds a partial batch
-    max_queue_size: int  # requests waiting, beyond which 503
+    max_queue_size: int  # requests in progress or waiting in line, beyond which 503
+    max_concurrency: int = 0  # requests past the entry at once (0: twice max_batch_size)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> BatchingConfig:
@@ -60,7 +61,14 @@ class BatchingConfig:
             settings.max_batch_size,
             settings.max_queue_delay_us,
             settings.max_queue_size,
+            settings.max_concurrency,
         )
+
+    @property
+    def admission_limit(self) -> int:
+        """Requests worked on at once: enough for the batch that runs and the next one that
+        gathers, never more than the queue may hold."""
+        return min(self.max_concurrency or 2 * self.max_batch_size, self.max_queue_size)
 
     def merged(self, overrides: BatchingOverrides) -> BatchingConfig:
         """This config with a model's ``config.json`` values put over it."""
@@ -73,6 +81,7 @@ class BatchingConfig:
             pick(self.max_batch_size, overrides.max_batch_size),
             pick(self.max_queue_delay_us, overrides.max_queue_delay_us),
             pick(self.max_queue_size, overrides.max_queue_size),
+            self.max_concurrency,
         )
 
 

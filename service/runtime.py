@@ -113,20 +113,26 @@ class ServedVersion:
 
     # -- requests ---------------------------------------------------------------------
 
+    @property
+    def default_timeout_s(self) -> float | None:
+        """The server's request timeout (None: none); a request's own goes over it."""
+        return self._options.timeout_s
+
     async def infer(
-        self, request: DecodedRequest, receive: Receive | None = None
+        self, request: DecodedRequest, receive: Receive | None = None, waited_s: float = 0.0
     ) -> list[OutputTensor]:
         """The outputs ``request`` asks for (all when it names none), checked and batched.
 
         ``receive`` (the request's ASGI receive, body already read) lets a client
-        that disconnects take its queued request with it. Raises the
+        that disconnects take its queued request with it; ``waited_s`` (seconds in
+        line at the entry) counts against the request's timeout. Raises the
         :mod:`service.errors` of a bad request, a full queue, a timeout.
         """
         feeds = prepare_feeds(self.name, self.input_specs, self.inputs, request.inputs)
         wanted = select_outputs(self.name, self.output_names, request.outputs, self.every_output)
         timeout = request.timeout_us / 1e6 if request.timeout_us else self._options.timeout_s
         results = await self.batcher.run(
-            feeds, [w.name for w in wanted], timeout_s=timeout, receive=receive
+            feeds, [w.name for w in wanted], timeout_s=timeout, waited_s=waited_s, receive=receive
         )
         outputs = []
         for w in wanted:

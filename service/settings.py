@@ -101,12 +101,22 @@ class Settings(BaseSettings):
         "model is idle (requests that arrive while it runs batch up anyway)",
     )
     max_queue_size: int = Field(
-        default=512, ge=1, description="requests waiting per model version (503 beyond)"
+        default=4096,
+        ge=1,
+        description="requests of one model each worker holds at once, in progress or "
+        "waiting in line; beyond it 503 with Retry-After, before the body is read",
+    )
+    max_concurrency: int = Field(
+        default=0,
+        ge=0,
+        description="requests of one model each worker works on at once (reading, "
+        "decoding, queued, running, encoding); the others wait in line before their body "
+        "is read (0: twice max_batch_size)",
     )
     request_timeout_ms: float = Field(
         default=0.0,
         ge=0.0,
-        description="default per-request deadline from queueing to result, 504 past it "
+        description="default per-request deadline from arrival to result, 504 past it "
         "(0: none; a request's parameters.timeout in microseconds overrides it)",
     )
 

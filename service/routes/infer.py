@@ -21,8 +21,9 @@ from fastapi.routing import APIRoute
 from starlette.routing import Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from service.admission import AdmissionGate, AdmissionGates
 from service.codecs import decode_infer_request, encode_infer_response
-from service.errors import ServiceError, service_error_response
+from service.errors import QueueFull, RequestTimeout, ServiceError, service_error_response
 from service.inference import (
     INLINE_BODY_BYTES,
     INLINE_OUTPUT_ELEMENTS,
@@ -30,7 +31,7 @@ from service.inference import (
     output_elements,
     v1_request,
 )
-from service.metrics import ServiceMetrics
+from service.metrics import RequestRecord, ServiceMetrics
 from service.middleware import header, read_body, request_id
 from service.protocol import (
     InferRequest,
@@ -41,6 +42,7 @@ from service.protocol import (
     request_body_openapi,
 )
 from service.repository import ModelRepository
+from service.runtime import ServedVersion
 from service.settings import Settings
 
 
@@ -119,32 +121,69 @@ async def _answer(request: Request, name: str, version: str | None, v1: bool) ->
     state = request.app.state
     repository: ModelRepository = state.repository
     metrics: ServiceMetrics = state.metrics
-    settings: Settings = state.settings
     with metrics.track_request(repository.metric_label(name)) as record:
-        body = await read_body(request, settings.max_request_bytes)
-        served = repository.get(name, version)
+        served = repository.get(name, version)  # 404 or 503 before anything is read
         record.version = str(served.version)
-        if v1:
-            decode = partial(v1_request, body, name, served.inputs)
-        else:
-            header_length = header(request.scope, b"inference-header-content-length")
-            decode = partial(decode_infer_request, body, header_length)
-        # Small bodies inline (a thread hop costs more), large ones off the loop.
-        start = time.perf_counter()
-        decoded = await asyncio.to_thread(decode) if len(body) > INLINE_BODY_BYTES else decode()
-        record.decode_s = time.perf_counter() - start
-        outputs = await served.infer(decoded, request.receive)
-        start = time.perf_counter()
-        large = output_elements(outputs) > INLINE_OUTPUT_ELEMENTS
-        if v1:
-            encode_1 = partial(encode_v1, outputs, served.labels)
-            answer = await asyncio.to_thread(encode_1) if large else encode_1()
-            record.encode_s = time.perf_counter() - start
-            return TensorResponse(answer)
-        answer_id = decoded.id or request_id(request)
-        encode = partial(encode_infer_response, name, str(served.version), answer_id, outputs)
-        encoded = await asyncio.to_thread(encode) if large else encode()
+        gates: AdmissionGates = state.admission
+        gate = gates(name)  # known models only: resolved just above
+        arrived = time.perf_counter()
+        await _admit(gate, served)
+        try:
+            return await _admitted(request, served, name, version, v1, record, arrived)
+        finally:
+            gate.leave()
+
+
+async def _admit(gate: AdmissionGate, served: ServedVersion) -> None:
+    """Wait for a turn at the model's entry (its body still unread); count a refusal."""
+    config = served.batcher.config
+    try:
+        await gate.enter(config.admission_limit, config.max_queue_size, served.default_timeout_s)
+    except QueueFull:
+        served.batcher.metrics.dropped["queue_full"].inc()
+        raise
+    except RequestTimeout:
+        served.batcher.metrics.dropped["timeout"].inc()
+        raise
+
+
+async def _admitted(
+    request: Request,
+    served: ServedVersion,
+    name: str,
+    version: str | None,
+    v1: bool,
+    record: RequestRecord,
+    arrived: float,
+) -> Response:
+    """An admitted request: read, decode, run on the version that serves now, encode."""
+    settings: Settings = request.app.state.settings
+    body = await read_body(request, settings.max_request_bytes)
+    if served.batcher.closed:  # swapped out or unloaded while it waited: the one serving now
+        served = request.app.state.repository.get(name, version)
+        record.version = str(served.version)
+    if v1:
+        decode = partial(v1_request, body, name, served.inputs)
+    else:
+        header_length = header(request.scope, b"inference-header-content-length")
+        decode = partial(decode_infer_request, body, header_length)
+    # Small bodies inline (a thread hop costs more), large ones off the loop.
+    start = time.perf_counter()
+    decoded = await asyncio.to_thread(decode) if len(body) > INLINE_BODY_BYTES else decode()
+    record.decode_s = time.perf_counter() - start
+    waited = time.perf_counter() - arrived
+    outputs = await served.infer(decoded, request.receive, waited)
+    start = time.perf_counter()
+    large = output_elements(outputs) > INLINE_OUTPUT_ELEMENTS
+    if v1:
+        encode_1 = partial(encode_v1, outputs, served.labels)
+        answer = await asyncio.to_thread(encode_1) if large else encode_1()
         record.encode_s = time.perf_counter() - start
+        return TensorResponse(answer)
+    answer_id = decoded.id or request_id(request)
+    encode = partial(encode_infer_response, name, str(served.version), answer_id, outputs)
+    encoded = await asyncio.to_thread(encode) if large else encode()
+    record.encode_s = time.perf_counter() - start
     return TensorResponse(encoded.body, encoded.header_length)
 
 
