@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import shutil
+import time
 import weakref
 from pathlib import Path
 from typing import Any
@@ -328,7 +329,12 @@ def test_a_version_that_leaves_service_is_freed_at_once(
             shutil.rmtree(version_dir)
             build.write_version(tmp_path, "m", 1, build.linear_model(4, 3, seed=5))
             repo.refresh()
-            assert repo.get("m") is not None
+            assert repo.get("m").version == 1
+        # The model's thread drops its last work item (which holds the version) just after
+        # it hands the result over: poll for that, with the collector still off.
+        deadline = time.monotonic() + 10
+        while gone() is not None and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert gone() is None
     finally:
         gc.enable()
