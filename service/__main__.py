@@ -23,8 +23,10 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI
 from pydantic import ValidationError
+from uvicorn.supervisors.multiprocess import Multiprocess
 
 from service.app import create_app
+from service.listeners import WorkerListeners, reserve_port, reuse_port_supported
 from service.logs import configure_logging
 from service.metrics import start_multiprocess
 from service.sessions import usable_cpus
@@ -165,7 +167,31 @@ def main(argv: Sequence[str] | None = None) -> None:
         loop,
         http,
     )
-    uvicorn.run("service.__main__:worker_app", factory=True, workers=workers, **server)
+    config = uvicorn.Config("service.__main__:worker_app", factory=True, workers=workers, **server)
+    if not reuse_port_supported():
+        log.warning(
+            "SO_REUSEPORT is not available here: the workers share one listening socket, "
+            "and connections may split unevenly between them"
+        )
+        Multiprocess(config, sockets=[config.bind_socket()]).run()
+        return
+    # Each worker listens with a socket of its own (service.listeners); this one holds the
+    # port while the supervisor runs.
+    try:
+        held = reserve_port(config.host, config.port)
+    except OSError as err:
+        raise SystemExit(
+            f"python -m service: cannot listen on {config.host}:{config.port}: {err}"
+        ) from err
+    with held:
+        port = held.getsockname()[1]
+        log.info(
+            "each worker listens on http://%s:%d with a socket of its own (SO_REUSEPORT: "
+            "the kernel spreads connections over them)",
+            config.host,
+            port,
+        )
+        Multiprocess(config, sockets=WorkerListeners(config.host, port, config.backlog)).run()
 
 
 if __name__ == "__main__":

@@ -79,11 +79,12 @@ class Drain:
 
 
 def _stop_accepting(server: Any) -> None:
-    """Stop listening for every worker at once: with several workers the listening socket
-    is shared (the supervisor holds it too), and closing only this worker's descriptor
-    would leave new connections waiting in the backlog until the supervisor exits, then
-    reset them; shutting the socket down makes new connections fail at connect instead,
-    which a client can retry safely."""
+    """Stop listening. Each worker has a socket of its own (:mod:`service.listeners`):
+    shut down, it leaves the kernel's spread, and new connections go to the workers still
+    listening, or fail at connect once none is, which a client can retry safely. Where the
+    workers share one socket (no SO_REUSEPORT; the supervisor holds it too), closing only
+    this worker's descriptor would leave new connections waiting in the backlog until the
+    supervisor exits, then reset them; the shutdown applies to the socket itself."""
     for listener in getattr(server, "servers", []):
         for sock in listener.sockets:
             # The event loop's own socket objects refuse shutdown(); a duplicate descriptor

@@ -1,4 +1,5 @@
-"""Under overload: refusals before the body.
+"""Under overload and across workers: refusals before the body, a listener per worker
+that the kernel spreads connections over.
 
 Events are ordered by polling the server's own state (metrics, listeners,
 answers), never by sleeping.
@@ -7,9 +8,13 @@ answers), never by sleeping.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
+import subprocess
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -74,3 +79,52 @@ def test_a_refusal_comes_before_the_body_is_read(fresh_server: Any) -> None:
         assert held[0].status_code == 200
         samples = scrape(client)
     assert value(samples, "foldserve_requests_dropped_total", reason="queue_full", **labels) == 1
+
+
+# -- real processes ------------------------------------------------------------------------
+
+
+def listeners(port: int) -> int:
+    """Sockets in LISTEN state on ``port`` (all processes), from /proc/net/tcp."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        if not os.path.exists(table):
+            continue
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":
+                count += 1
+    return count
+
+
+def worker_of(url: str) -> str:
+    """The worker that answers a request on a new connection (its request-id prefix)."""
+    with httpx.Client(base_url=url, timeout=30.0) as fresh:
+        return fresh.get("/v2/health/ready").headers["x-request-id"].split("-")[0]
+
+
+def worker_pids(process: subprocess.Popen[str]) -> list[int]:
+    pid = process.pid
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [int(c) for c in children if "spawn_main" in Path(f"/proc/{c}/cmdline").read_text()]
+
+
+def test_each_worker_listens_on_its_own_socket_and_a_restarted_one_rejoins(
+    model_store: Any, tmp_path: Path, serve_process: Any
+) -> None:
+    repo = model_store.copy_to(tmp_path / "models")
+    with serve_process(repo, 2) as live:
+        port = int(live.url.rsplit(":", 1)[1])
+        assert listeners(port) == 2  # one per worker (a shared socket shows as one)
+        shares = Counter(worker_of(live.url) for _ in range(64))
+        assert len(shares) == 2 and max(shares.values()) <= 52, shares  # the kernel's hash
+        old = set(shares)
+        os.kill(worker_pids(live.process)[0], signal.SIGKILL)
+        seen: set[str] = set()
+
+        def a_new_worker_answers() -> bool:
+            seen.add(worker_of(live.url))
+            return bool(seen - old)
+
+        poll(a_new_worker_answers, limit=90)
+        poll(lambda: listeners(port) == 2)
