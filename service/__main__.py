@@ -11,6 +11,7 @@ out between the workers' ONNX Runtime thread pools.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib.util
 import logging
 import os
@@ -26,6 +27,7 @@ from pydantic import ValidationError
 from uvicorn.supervisors.multiprocess import Multiprocess
 
 from service.app import create_app
+from service.connections import GuardedHttpProtocol
 from service.listeners import WorkerListeners, reserve_port, reuse_port_supported
 from service.logs import configure_logging
 from service.metrics import start_multiprocess
@@ -61,6 +63,9 @@ FLAGS: dict[str, dict[str, Any]] = {
     "max_queue_size": {"type": int},
     "max_concurrency": {"type": int},
     "request_timeout_ms": {"type": float},
+    "header_timeout": {"type": float},
+    "body_timeout": {"type": float},
+    "max_connections": {"type": int},
 }
 
 
@@ -128,6 +133,18 @@ def _event_loop() -> tuple[str, str]:
     return loop, http
 
 
+def _http_protocol(http: str) -> str | type[asyncio.Protocol]:
+    """The httptools protocol with the connection limits (service.connections); h11 without
+    them, said in the log."""
+    if http != "httptools":
+        log.warning(
+            "httptools is not installed: no time limits on request headers and bodies, "
+            "and no bound on connections per worker (pip install 'uvicorn[standard]')"
+        )
+        return http
+    return GuardedHttpProtocol
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     flags = parse_args(argv)
     try:
@@ -142,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "host": settings.host,
         "port": settings.port,
         "loop": loop,
-        "http": http,
+        "http": _http_protocol(http),
         "log_config": None,
         "access_log": False,  # the request middleware logs each request with its id
         "server_header": False,

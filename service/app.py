@@ -15,11 +15,19 @@ import logging
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
 from service.admission import AdmissionGates
+from service.connections import (
+    GUARD_STATE_KEY,
+    REASONS,
+    ConnectionGuard,
+    default_max_connections,
+    describe,
+)
 from service.drain import Drain
 from service.errors import install_error_handlers
 from service.latency_lab import FoldLatencyLab
@@ -90,6 +98,19 @@ def runtime_directory(settings: Settings) -> Path:
     return Path(tempfile.mkdtemp(prefix="foldserve-runtime-"))
 
 
+def connection_guard(settings: Settings, metrics: ServiceMetrics) -> ConnectionGuard:
+    """This worker's limits on what one client can hold (``service.connections``)."""
+    guard = ConnectionGuard(
+        settings.header_timeout,
+        settings.body_timeout,
+        settings.max_connections or default_max_connections(),
+        {reason: metrics.connections_closed.labels(reason) for reason in REASONS},
+        metrics.open_connections,
+    )
+    log.info(describe(guard))
+    return guard
+
+
 def create_app(settings: Settings | None = None, repo: ModelRepository | None = None) -> FastAPI:
     """The service for ``settings`` (default: the environment); ``repo`` replaces the default."""
     settings = settings or get_settings()
@@ -98,15 +119,16 @@ def create_app(settings: Settings | None = None, repo: ModelRepository | None = 
     repo = repo or build_repository(settings, service_metrics, runtime)
     sync = WorkerSync(runtime, repo)
     drain = Drain(settings.drain_seconds)
+    guard = connection_guard(settings, service_metrics)
 
     @contextlib.asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(_: FastAPI) -> AsyncIterator[dict[str, Any]]:
         drain.install()
         tasks = [
             asyncio.create_task(load_and_poll(repo, sync, settings.poll_interval)),
             asyncio.create_task(sync.watch()),
         ]
-        yield
+        yield {GUARD_STATE_KEY: guard}  # uvicorn hands it to every connection's protocol
         sync.leave()
         leave_multiprocess()
         for task in tasks:

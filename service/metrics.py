@@ -226,6 +226,20 @@ class ServiceMetrics:
             registry=self.registry,
             multiprocess_mode="livesum",
         )
+        self.connections_closed = Counter(
+            "foldserve_connections_closed",
+            "Connections the server closed: header_timeout and body_timeout (408), "
+            "idle_for_new (an idle keep-alive one, for a new one past max_connections), "
+            "refused_at_cap (a new one, 503, none idle)",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.open_connections = Gauge(
+            "foldserve_open_connections",
+            "Open HTTP connections (all workers)",
+            registry=self.registry,
+            multiprocess_mode="livesum",
+        )
         self._request_counters: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
         self._codec_counters: dict[tuple[str, str], tuple[Counter, Counter]] = {}
         self.models_ready = Gauge(

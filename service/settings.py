@@ -79,6 +79,27 @@ class Settings(BaseSettings):
         description="after SIGTERM, seconds a worker keeps serving with readiness 503 and "
         "Connection: close before it stops accepting (in-flight requests finish after)",
     )
+    header_timeout: float = Field(
+        default=10.0,
+        gt=0.0,
+        le=600.0,
+        description="seconds a client has to send a request's headers, from its connection "
+        "or the request's first byte (408 and close past it)",
+    )
+    body_timeout: float = Field(
+        default=30.0,
+        gt=0.0,
+        le=3600.0,
+        description="seconds a client has to send a request's body once its headers are in, "
+        "not counting time the server holds the body back (408 and close past it)",
+    )
+    max_connections: int = Field(
+        default=0,
+        ge=0,
+        description="open connections per worker; past it the longest-idle keep-alive "
+        "connection is closed, or else the new one refused with 503 (0: from the "
+        "process's descriptor limit)",
+    )
     poll_interval: float = Field(
         default=0.0, ge=0.0, description="seconds between repository rescans (0: off)"
     )
