@@ -28,6 +28,7 @@ runner = CliRunner()
         (["train", "--dataset", "mnist"], "unknown dataset 'mnist'; choose one of digits"),
         (["train", "--model", "cnn", "--dataset", "wine"], "needs image inputs"),
         (["train", "--batch-size", "1"], "batch-size >= 2"),
+        (["train", "--dtype", "float16"], "unknown dtype 'float16'; choose float32 or float64"),
         (
             ["train", "--activation", "swish", "--model", "mlp", "--dataset", "wine"],
             "unknown activation",

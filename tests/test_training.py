@@ -142,6 +142,23 @@ def test_run_roundtrip_gives_identical_outputs(tmp_path: Path):
     assert json.loads((tmp_path / "metrics.json").read_text())["history"] == result.history
 
 
+def test_a_float64_run_trains_in_float64_and_loads_as_the_float32_network(tmp_path: Path):
+    ds = load_dataset("wine", seed=0)
+    mcfg = ModelConfig("mlp", ds.input_shape, ds.num_classes, width=16)
+    cfg = TrainConfig(epochs=2, batch_size=16, dtype="float64")
+    result = train(mcfg, ds, cfg, progress=False)
+    floats = [v for v in result.model.state_dict().values() if v.is_floating_point()]
+    assert floats and all(v.dtype == torch.float64 for v in floats)
+    assert evaluate(result.model, ds.X_test, ds.y_test, CPU)[1] == result.metrics["test_accuracy"]
+    save_run(tmp_path, result, mcfg, DatasetSpec("wine"), cfg, ds.labels)
+    run = load_run(tmp_path)
+    assert next(run.model.parameters()).dtype == torch.float32
+    x = torch.from_numpy(ds.X_test)  # (N, 13) float32
+    with torch.no_grad():
+        expected = result.model(x.double())
+        assert float((run.model(x).double() - expected).abs().max()) < 1e-5
+
+
 @pytest.mark.parametrize(
     ("spec", "direct"),
     [

@@ -84,6 +84,7 @@ def train_cmd(
     weight_decay: opts.WeightDecayOption = 1e-4,
     seed: opts.SeedOption = 0,
     device: opts.DeviceOption = "auto",
+    dtype: opts.DtypeOption = "float32",
     distributed: opts.DistributedOption = False,
     sync_bn: opts.SyncBnOption = True,
 ) -> None:
@@ -96,6 +97,8 @@ def train_cmd(
         fail(f"unknown optimizer {optimizer!r}; choose sgd or adamw")
     if schedule not in ("cosine", "constant"):
         fail(f"unknown schedule {schedule!r}; choose cosine or constant")
+    if dtype not in ("float32", "float64"):
+        fail(f"unknown dtype {dtype!r}; choose float32 or float64")
     if epochs < 1 or batch_size < 2:
         fail("--epochs must be >= 1 and --batch-size >= 2 (BN needs 2+ samples per batch)")
     try:
@@ -136,6 +139,7 @@ def train_cmd(
         weight_decay=weight_decay,
         seed=seed,
         device=device,
+        dtype=dtype,  # type: ignore[arg-type]
     )
     processes = int(os.environ.get("WORLD_SIZE", "1")) if distributed else 1
     if batch_size % processes or batch_size // processes < 2:

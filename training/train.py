@@ -48,6 +48,9 @@ class TrainConfig:
     device: str = "auto"
     warmup_epochs: float = 0.0  # linear learning-rate warm-up from 0 over this many epochs
     keep: Literal["best", "last"] = "best"  # checkpoint returned: best validation or last epoch
+    # float64 lets two runs that differ only in float32 rounding be compared at 1e-5: in
+    # float32, one step's rounding can flip a max-pool or ReLU near-tie, and the runs part
+    dtype: Literal["float32", "float64"] = "float32"
 
 
 @dataclass
@@ -99,11 +102,12 @@ def resolve_device(name: str) -> torch.device:
 def evaluate(
     model: nn.Module, X: np.ndarray, y: np.ndarray, device: torch.device, batch_size: int = 512
 ) -> tuple[float, float]:
-    """Return ``(mean cross-entropy, accuracy)`` of ``model`` in eval mode."""
+    """Return ``(mean cross-entropy, accuracy)`` of ``model`` in eval mode, in its dtype."""
     model.eval()
+    dtype = next(model.parameters()).dtype
     loss_sum, correct = 0.0, 0
     for i in range(0, len(X), batch_size):
-        xb = torch.from_numpy(X[i : i + batch_size]).to(device)
+        xb = torch.from_numpy(X[i : i + batch_size]).to(device, dtype)
         yb = torch.from_numpy(y[i : i + batch_size]).to(device)
         logits = model(xb)
         loss_sum += float(nn.functional.cross_entropy(logits, yb, reduction="sum"))
@@ -146,6 +150,7 @@ def train(
     the model; neither may ``on_epoch``. ``cfg.warmup_epochs`` scales the rate
     linearly from 0 over that many epochs' steps; ``cfg.keep="last"`` returns
     the last epoch's weights instead of the best validation epoch's.
+    ``cfg.dtype`` is the precision of the weights, the data and the returned model.
     A run stops after the first epoch whose training loss is not finite.
     Metrics: ``test_accuracy``, ``val_accuracy``, ``train_accuracy``, ``epochs``,
     ``seconds``, ``best_epoch``, ``diverged``, ``world_size``,
@@ -161,8 +166,9 @@ def train(
             f"among {world_size} processes"
         )
     local_batch = cfg.batch_size // world_size
+    dtype = getattr(torch, cfg.dtype)
     mean, std = data.standardization()
-    model = build_model(model_cfg, mean, std).to(device)
+    model = build_model(model_cfg, mean, std).to(device, dtype)
     # ``net`` takes the training steps (a DDP replica when distributed); ``model`` is the
     # same parameters without the wrapper, for evaluation and checkpoints.
     net: nn.Module = model if distributed is None else data_parallel(model, distributed)
@@ -172,7 +178,7 @@ def train(
         if cfg.schedule == "cosine"
         else None
     )
-    ds = TensorDataset(torch.from_numpy(data.X_train), torch.from_numpy(data.y_train))
+    ds = TensorDataset(torch.from_numpy(data.X_train).to(dtype), torch.from_numpy(data.y_train))
     sampler: DistributedSampler[Any] | None = (
         None
         if distributed is None
@@ -272,7 +278,7 @@ def train(
     }
     if distributed is not None:
         # The checkpoint's keys are the plain network's: hand back the plain network.
-        model = build_model(model_cfg, mean, std)
+        model = build_model(model_cfg, mean, std).to(dtype)
         model.load_state_dict(best_state)
     return TrainResult(model.cpu().eval(), metrics, history)
 

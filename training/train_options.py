@@ -53,6 +53,12 @@ BatchSizeOption = Annotated[int, typer.Option(help="samples per training step")]
 WeightDecayOption = Annotated[float, typer.Option(help="optimizer weight decay")]
 SeedOption = Annotated[int, typer.Option(help="seed of the data split and of training")]
 DeviceOption = Annotated[str, typer.Option(help="auto, cpu or cuda")]
+DtypeOption = Annotated[
+    str,
+    typer.Option(
+        help="training precision: float32, or float64 to compare runs beyond float32's rounding"
+    ),
+]
 DistributedOption = Annotated[
     bool,
     typer.Option(
