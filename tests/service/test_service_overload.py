@@ -1,5 +1,5 @@
-"""Under overload and across workers: refusals before the body, a listener per worker
-that the kernel spreads connections over.
+"""Under overload and across workers: refusals before the body, goodput past the queue,
+a listener per worker that the kernel spreads connections over.
 
 Events are ordered by polling the server's own state (metrics, listeners,
 answers), never by sleeping.
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from test_service_batching import HOLD_US, scrape, value
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -128,3 +130,50 @@ def test_each_worker_listens_on_its_own_socket_and_a_restarted_one_rejoins(
 
         poll(a_new_worker_answers, limit=90)
         poll(lambda: listeners(port) == 2)
+
+
+def run_wrk(url: str, body: Path, clients: int, seconds: int) -> dict[str, int]:
+    lua = ROOT / "bench" / "wrk" / "post.lua"
+    command = ["wrk", "-t1", f"-c{clients}", f"-d{seconds}s", "--timeout", "30s", "-s", str(lua)]
+    command += [url, "--", str(body), "Content-Type=application/json"]
+    done = subprocess.run(command, capture_output=True, text=True, check=True, timeout=120)
+    result: dict[str, int] = json.loads(done.stdout.splitlines()[-1])
+    return result
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="needs wrk (apt-get install wrk)")
+def test_goodput_holds_with_clients_far_past_the_old_queue(
+    model_store: Any, tmp_path: Path, serve_process: Any
+) -> None:
+    """1,500 closed-loop clients on 2 workers (each past the 512 a model's queue held):
+    nobody is refused, nothing times out, readiness stays 200, and goodput stays near what
+    64 clients get."""
+    repo = model_store.copy_to(tmp_path / "models")
+    body = tmp_path / "digits.json"
+    body.write_bytes(DIGITS_BODY)
+    with serve_process(repo, 2, FOLDSERVE_ACCESS_LOG="true") as live:
+        url = live.url + "/v2/models/digits_cnn/infer"
+        run_wrk(url, body, 64, 1)  # warm-up
+        base = run_wrk(url, body, 64, 3)
+        ready: list[int] = []
+        stop = threading.Event()
+
+        def ask_ready() -> None:
+            while not stop.is_set():
+                with httpx.Client(base_url=live.url, timeout=30.0) as fresh:
+                    ready.append(fresh.get("/v2/health/ready").status_code)
+
+        prober = threading.Thread(target=ask_ready)
+        prober.start()
+        try:
+            crowd = run_wrk(url, body, 1500, 3)
+        finally:
+            stop.set()
+            prober.join()
+
+    def goodput(result: dict[str, int]) -> float:
+        return (result["requests"] - result["status_errors"]) / (result["duration_us"] / 1e6)
+
+    assert crowd["status_errors"] == 0 and crowd["timeouts"] == 0, crowd
+    assert ready and set(ready) == {200}
+    assert goodput(crowd) >= 0.5 * goodput(base), (crowd, base)
