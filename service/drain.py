@@ -79,16 +79,56 @@ class Drain:
 
 
 def _stop_accepting(server: Any) -> None:
-    """Stop listening. Each worker has a socket of its own (:mod:`service.listeners`):
-    shut down, it leaves the kernel's spread, and new connections go to the workers still
-    listening, or fail at connect once none is, which a client can retry safely. Where the
-    workers share one socket (no SO_REUSEPORT; the supervisor holds it too), closing only
-    this worker's descriptor would leave new connections waiting in the backlog until the
-    supervisor exits, then reset them; the shutdown applies to the socket itself."""
+    """Stop listening, losing no connection already in the listen backlog.
+
+    Each worker has a socket of its own (:mod:`service.listeners`). Shut down, a
+    listening socket resets the connections in its backlog (completed handshakes the
+    event loop has not accepted yet: under load, a few each time), and with a socket per
+    worker that happens once per worker. So the backlog is accepted here first, each
+    connection served like any other (uvicorn's graceful shutdown gives them the same
+    last call), and only then is the socket shut down: it leaves the kernel's spread,
+    and new connections go to the workers still listening, or fail at connect once none
+    is, which a client can retry safely. Where the workers share one socket (no
+    SO_REUSEPORT; the supervisor holds it too), the shutdown applies to the socket
+    itself, for every worker at once, rather than to this worker's descriptor.
+    """
+    loop = asyncio.get_running_loop()
     for listener in getattr(server, "servers", []):
         for sock in listener.sockets:
-            # The event loop's own socket objects refuse shutdown(); a duplicate descriptor
-            # of the same socket does it (the shutdown applies to the socket, not the fd).
+            # The event loop's own socket objects refuse accept() and shutdown(); a
+            # duplicate descriptor of the same socket does both.
             with contextlib.suppress(OSError), socket.socket(fileno=os.dup(sock.fileno())) as dup:
+                dup.setblocking(False)
+                for accepted in _backlog(dup):
+                    loop.create_task(_serve_accepted(loop, server, accepted))
                 dup.shutdown(socket.SHUT_RDWR)
         listener.close()
+
+
+def _backlog(sock: socket.socket) -> list[socket.socket]:
+    """Every connection waiting in a (non-blocking) listening socket's backlog."""
+    accepted: list[socket.socket] = []
+    while True:
+        try:
+            connection, _ = sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return accepted
+        accepted.append(connection)
+
+
+async def _serve_accepted(
+    loop: asyncio.AbstractEventLoop, server: Any, sock: socket.socket
+) -> None:
+    """Serve a connection accepted by hand with the server's own protocol, as its listener
+    would have (uvicorn's ``create_protocol``)."""
+    config = server.config
+
+    def protocol() -> asyncio.Protocol:
+        return config.http_protocol_class(  # type: ignore[no-any-return]
+            config=config, server_state=server.server_state, app_state=server.lifespan.state
+        )
+
+    try:
+        await loop.connect_accepted_socket(protocol, sock)
+    except OSError:  # the client went away meanwhile
+        sock.close()

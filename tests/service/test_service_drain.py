@@ -61,9 +61,9 @@ def test_sigterm_drains_without_losing_a_request(
     for t in threads:
         t.join(10)
     lost = sum(v for k, v in outcomes.items() if not k.startswith(("answered", "refused")))
-    # Goal zero. Measured: 0, 0 and 3 in three runs of ~3,000 requests, against 16-26 when
-    # the workers closed only their own copy of the shared listener (a client reconnecting
-    # in the last millisecond can still land in the backlog when the listener shuts).
-    assert lost <= 5, outcomes
+    # Goal zero. Measured with a socket per worker: 0 in each of six runs of ~1,000-1,300
+    # requests once each worker accepts its listen backlog before shutting its socket down,
+    # 0-12 (mean 6) when it did not; 0-7 with the one socket the workers shared before.
+    assert lost <= 2, outcomes
     assert outcomes["answered"] > before  # it kept serving while it drained
     assert closing["close"] > 0  # and told the clients to let their connections go
