@@ -210,12 +210,7 @@ def measure_server(
 
 
 def conditions(args: argparse.Namespace) -> list[str]:
-    cpu = "unknown CPU"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    cpu = load.cpu_model()
     one, five, _ = os.getloadavg()
     return [
         f"- date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; machine: {cpu}, "

@@ -80,12 +80,7 @@ def usable_cpus() -> int:
 
 
 def conditions(args: argparse.Namespace, kserve: str, mlserver: str) -> list[str]:
-    cpu = "unknown CPU"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    cpu = load.cpu_model()
     wrk = load.require_wrk()
     return [
         f"date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; host: {platform.node()}",

@@ -8,6 +8,7 @@ costs the servers little of the machine's CPU.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -121,6 +122,15 @@ def run_wrk(
         raise RuntimeError(f"wrk printed no result:\n{done.stdout}\n{done.stderr}")
     result: dict[str, Any] = json.loads(lines[-1])
     return result
+
+
+def cpu_model() -> str:
+    """The processor's model name (/proc/cpuinfo), for a benchmark's conditions."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return "unknown CPU"
 
 
 def machine_busy_seconds() -> float:
