@@ -1,19 +1,21 @@
 """Admission at the entry: how many of one model's requests a worker works on at once.
 
-A worker admits up to ``limit`` inference requests of a model at a time (reading
-their body, decoding, queued for or in an ONNX Runtime call, encoding). The
-others wait in a first-come line *before their body is read*, which costs the
-event loop nothing while they wait. A request that finds ``room`` requests of
-the model already admitted or waiting is refused at once with 503 and
-Retry-After, also before its body is read, so under overload a refusal costs a
-small fraction of an answer (Google SRE's "Handling Overload"; Triton's
-``max_queue_size``; Envoy's and Netflix's concurrency limits at the point of
-entry).
+A request that finds ``room`` requests of its model already admitted or in line
+in this worker is refused at once with 503 and Retry-After, *before its body is
+read*, so under overload a refusal costs a small fraction of an answer (Google
+SRE's "Handling Overload"; Triton's ``max_queue_size``). The others read their
+body at their own pace (the connection's body time limit bounds it,
+:mod:`service.connections`), then wait for a turn in a first-come line: a
+worker works on up to ``limit`` requests of a model at a time (decoding, queued
+for or in an ONNX Runtime call, encoding), as Envoy's and Netflix's concurrency
+limits do at the point of entry.
 
 Why a line and not a refusal past the limit: closed-loop clients that are
 refused send again at once, and the event loop then spends its time refusing
 while the admitted requests wait for it (measured in docs/throughput.md). A
-waiting request holds only its connection and its parsed headers.
+request in line holds its connection and its body, not yet decoded, and costs
+the event loop nothing. Why the body is read before the line: a turn held
+while a slow client trickles its body would hold up everyone behind it.
 """
 
 from __future__ import annotations
@@ -39,6 +41,16 @@ class AdmissionGate:
         # A waiter's future; done ones (timed out, cancelled) are skipped when a slot frees.
         self._line: deque[asyncio.Future[None]] = deque()
 
+    def check_room(self, room: int) -> None:
+        """Raise :class:`QueueFull` (503, Retry-After) when ``room`` requests of the model
+        are already admitted or waiting: the cheap refusal, before the body is read."""
+        if self.admitted + self.waiting >= room:
+            raise QueueFull(
+                f"{self.label} is overloaded: {self.admitted} requests are in progress and "
+                f"{self.waiting} waiting in this worker (max_queue_size {room}); retry later",
+                headers={"Retry-After": "1"},
+            )
+
     async def enter(self, limit: int, room: int, timeout_s: float | None = None) -> None:
         """Return once the request may go on (call :meth:`leave` when it is answered).
 
@@ -49,12 +61,7 @@ class AdmissionGate:
         if self.admitted < limit and not self.waiting:
             self.admitted += 1
             return
-        if self.admitted + self.waiting >= room:
-            raise QueueFull(
-                f"{self.label} is overloaded: {self.admitted} requests are in progress and "
-                f"{self.waiting} waiting in this worker (max_queue_size {room}); retry later",
-                headers={"Retry-After": "1"},
-            )
+        self.check_room(room)
         loop = asyncio.get_running_loop()
         turn: asyncio.Future[None] = loop.create_future()
         self._line.append(turn)

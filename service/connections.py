@@ -11,8 +11,8 @@ than ``header_timeout`` (counted from the connection, or from the request's
 first byte), or its body longer than ``body_timeout`` after the headers (nginx's
 ``client_header_timeout`` and ``client_body_timeout``, Envoy's
 ``request_headers_timeout``). Time the server itself holds a body back (uvicorn
-stops reading past 64 KiB while the request waits in line at the model's
-entry) is not the client's: the body clock waits then.
+stops reading past 64 KiB until the app asks for more) is not the client's: the
+body clock waits then.
 
 Past ``max_connections`` open connections in a worker, a new connection first
 takes the place of the keep-alive connection that has been idle the longest;

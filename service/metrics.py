@@ -221,7 +221,7 @@ class ServiceMetrics:
         )
         self.admission_waiting = Gauge(
             "foldserve_admission_waiting",
-            "Requests waiting in line at a model's entry, body not yet read (all workers)",
+            "Requests waiting in line at a model's entry, body read, not decoded (all workers)",
             ["model"],
             registry=self.registry,
             multiprocess_mode="livesum",

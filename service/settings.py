@@ -130,9 +130,9 @@ class Settings(BaseSettings):
     max_concurrency: int = Field(
         default=0,
         ge=0,
-        description="requests of one model each worker works on at once (reading, "
-        "decoding, queued, running, encoding); the others wait in line before their body "
-        "is read (0: twice max_batch_size)",
+        description="requests of one model each worker works on at once (decoding, "
+        "queued, running, encoding); the others wait in line with their body read, not "
+        "decoded (0: twice max_batch_size)",
     )
     request_timeout_ms: float = Field(
         default=0.0,

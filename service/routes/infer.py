@@ -21,7 +21,7 @@ from fastapi.routing import APIRoute
 from starlette.routing import Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.admission import AdmissionGate, AdmissionGates
+from service.admission import AdmissionGates
 from service.codecs import decode_infer_request, encode_infer_response
 from service.errors import QueueFull, RequestTimeout, ServiceError, service_error_response
 from service.inference import (
@@ -127,41 +127,38 @@ async def _answer(request: Request, name: str, version: str | None, v1: bool) ->
         gates: AdmissionGates = state.admission
         gate = gates(name)  # known models only: resolved just above
         arrived = time.perf_counter()
-        await _admit(gate, served)
+        config = served.batcher.config
+        settings: Settings = state.settings
+        timeout = served.default_timeout_s
         try:
-            return await _admitted(request, served, name, version, v1, record, arrived)
+            gate.check_room(config.max_queue_size)  # refused before the body is read
+            body = await read_body(request, settings.max_request_bytes)  # at the client's pace
+            await gate.enter(config.admission_limit, config.max_queue_size, timeout)
+        except QueueFull:
+            served.batcher.metrics.dropped["queue_full"].inc()
+            raise
+        except RequestTimeout:  # in line past the server's default timeout
+            served.batcher.metrics.dropped["timeout"].inc()
+            raise
+        try:
+            if served.batcher.closed:  # swapped out or unloaded while it waited in line
+                served = repository.get(name, version)
+                record.version = str(served.version)
+            return await _admitted(request, body, served, name, v1, record, arrived)
         finally:
             gate.leave()
 
 
-async def _admit(gate: AdmissionGate, served: ServedVersion) -> None:
-    """Wait for a turn at the model's entry (its body still unread); count a refusal."""
-    config = served.batcher.config
-    try:
-        await gate.enter(config.admission_limit, config.max_queue_size, served.default_timeout_s)
-    except QueueFull:
-        served.batcher.metrics.dropped["queue_full"].inc()
-        raise
-    except RequestTimeout:
-        served.batcher.metrics.dropped["timeout"].inc()
-        raise
-
-
 async def _admitted(
     request: Request,
+    body: bytes,
     served: ServedVersion,
     name: str,
-    version: str | None,
     v1: bool,
     record: RequestRecord,
     arrived: float,
 ) -> Response:
-    """An admitted request: read, decode, run on the version that serves now, encode."""
-    settings: Settings = request.app.state.settings
-    body = await read_body(request, settings.max_request_bytes)
-    if served.batcher.closed:  # swapped out or unloaded while it waited: the one serving now
-        served = request.app.state.repository.get(name, version)
-        record.version = str(served.version)
+    """An admitted request: decode, run, encode."""
     if v1:
         decode = partial(v1_request, body, name, served.inputs)
     else:

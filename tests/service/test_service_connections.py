@@ -88,11 +88,12 @@ def digits_body(samples: int) -> dict[str, Any]:
     return {"inputs": [{**tensor, "data": [0.5] * (64 * samples)}]}
 
 
-def test_a_body_the_server_holds_back_while_it_waits_in_line_is_not_late(
+def test_a_request_that_waits_in_line_past_the_body_timeout_is_served(
     model_store: Any, tmp_path: Path, serve_process: Any
 ) -> None:
-    """One request holds the model's only slot for 3 s; the next one's 400 kB body waits in
-    line with reading paused, well past the 1 s body timeout, and is then served."""
+    """One request holds the model's only turn for 3 s; the next one, with a 400 kB body
+    (past uvicorn's 64 KiB read-ahead), waits in line well past the 1 s body timeout, and
+    is then served: the body clock stops once the body is in."""
     repo = model_store.copy_to(tmp_path / "models")
     flags = ("--body-timeout", "1", "--max-concurrency", "1", "--max-queue-delay-us", "3000000")
     with serve_process(repo, 1, *flags) as live:
@@ -159,3 +160,26 @@ def test_past_max_connections_an_idle_one_makes_room_or_the_new_one_is_refused(
             sock.close()
         counts = closed_by_reason(live.url)
     assert counts["idle_for_new"] == 3 and counts["refused_at_cap"] >= 1
+
+
+def test_slow_bodies_hold_no_turn_at_the_models_entry(
+    model_store: Any, tmp_path: Path, serve_process: Any
+) -> None:
+    """Requests still trickling their body in do not take the model's turns: with one turn
+    and three such requests open, a normal request is answered at once."""
+    repo = model_store.copy_to(tmp_path / "models")
+    with serve_process(repo, 1, "--max-concurrency", "1") as live:
+        port = port_of(live.url)
+        slow = []
+        for _ in range(3):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+            sock.sendall(
+                b"POST /v2/models/digits_cnn/infer HTTP/1.1\r\nHost: t\r\n"
+                b"Content-Length: 100000\r\n\r\n{"
+            )
+            slow.append(sock)
+        with httpx.Client(base_url=live.url, timeout=10) as client:
+            answer = client.post(DIGITS, json=digits_body(1))
+        for sock in slow:
+            sock.close()
+    assert answer.status_code == 200 and len(answer.json()["outputs"][0]["data"]) == 10
