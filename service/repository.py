@@ -324,11 +324,14 @@ class ModelRepository:
         name, number = version_dir.parent.name, int(version_dir.name)
         try:
             opened = open_version(version_dir, self._derived)
-            served = (
-                opened.folded
-                if variant == "folded"
-                else variant_bytes(opened.metadata, version_dir, variant)
-            )
+            served = opened.folded
+            if variant != "folded":
+                try:
+                    served = variant_bytes(opened.metadata, version_dir, variant)
+                except ModelVersionError as err:
+                    raise ModelVersionError(
+                        f"config.json asks for variant '{variant}': {err}"
+                    ) from err
             session = self.options.factory.create(served)
             model = ServedVersion(
                 opened.metadata,

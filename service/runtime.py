@@ -73,8 +73,8 @@ def variant_bytes(
     name = {"folded": files.folded, "unfolded": files.unfolded, "int8": files.int8}[variant]
     if variant == "int8" and (not name or metadata.int8 is None):
         raise ModelVersionError(
-            "config.json asks for variant 'int8', but this version has no model.int8.onnx "
-            "(export it with `python -m training export --int8`)"
+            "this version has no model.int8.onnx (export it with `python -m training export "
+            "--int8`)"
         )
     if not name:
         raise ModelVersionError(f"metadata names no {variant} file")
