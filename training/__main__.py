@@ -191,16 +191,18 @@ RunOption = Annotated[Path, typer.Option("--run", help="run directory written by
 @app.command("fold")
 def fold_cmd(run: RunOption) -> None:
     """Fold the run's BN layers; print what went into which layer (types, shapes) or was
-    kept and why, and the PyTorch parity check (exit 1 when it fails)."""
+    kept and why, the spread of each folded layer's weights over its output channels,
+    and the PyTorch parity check (exit 1 when it fails)."""
     from training.export import torch_parity
     from training.fold import fold_batchnorm
-    from training.fold.report import DIRECTIONS
+    from training.fold.report import DIRECTIONS, RANGE_NOTE, channel_ranges
 
     r = _load(run)
     x = torch.zeros((2, *r.model_cfg.input_shape))
     folded, report = fold_batchnorm(r.model, x)
-    console.print(report.table())
+    console.print(report.table(channel_ranges(folded, report)))
     console.print(DIRECTIONS, highlight=False, soft_wrap=True)
+    console.print(RANGE_NOTE, highlight=False, soft_wrap=True)
     parity = torch_parity(r, folded)
     console.print(parity.line(), highlight=False, soft_wrap=True)
     if not parity.passed:
