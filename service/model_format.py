@@ -197,9 +197,10 @@ class Int8Record(BaseModel):
     """
 
     format: str = "QDQ"
-    weights: str = "INT8"
-    activations: str = "INT8"
+    weights: str = "INT8, 7-bit range"  # ORT's reduce_range: no AVX2 saturation
+    activations: str = "UINT8"
     per_channel: bool = True
+    preprocessed: bool = False  # ORT's quant_pre_process ran on the folded model first
     calibration: Calibration
     accuracy: float | None = None
     reference_accuracy: float | None = None

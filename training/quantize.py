@@ -29,6 +29,7 @@ from onnxruntime.quantization import (
     QuantType,
     quantize_static,
 )
+from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from service.model_format import QDQ_OPS, Calibration, Int8Record, TensorData, op_counts
 
@@ -54,6 +55,7 @@ class Int8Options:
     methods: tuple[str, ...] = tuple(METHODS)
     tolerance: float = TOLERANCE  # accuracy loss allowed, as a fraction (0.01 = 1 point)
     seed: int = 0
+    preprocess: bool = True  # ORT's quant_pre_process on the folded model first
 
 
 @dataclass(frozen=True)
@@ -86,16 +88,35 @@ def calibration_sample(x: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
     return x[np.sort(rng.permutation(len(x))[:n])]
 
 
+def preprocess(model: bytes) -> bytes | None:
+    """ONNX Runtime's quantization pre-processing (``quant_pre_process``: shape inference
+    and ORT's basic graph optimizations, which fuse e.g. a Pad into its Conv); None when
+    it fails on this graph (then quantize the file as it is)."""
+    with tempfile.TemporaryDirectory(prefix="foldserve-int8-") as tmp:
+        source, target = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
+        source.write_bytes(model)
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                quant_pre_process(source, target)
+            return target.read_bytes()
+        except Exception as err:  # ORT's and onnx's own errors, many kinds: quantize as is
+            log.info("quantization pre-processing failed (%s): quantizing the file as it is", err)
+            return None
+
+
 def quantize_qdq(
     model: bytes, input_name: str, calibration: np.ndarray, method: str, per_channel: bool = True
 ) -> bytes:
-    """Static QDQ quantization: INT8 weights (per output channel when ``per_channel``),
-    INT8 activations calibrated with ``method`` on ``calibration``.
+    """Static QDQ quantization: INT8 weights (per output channel when ``per_channel``) in
+    a 7-bit range, UINT8 activations calibrated with ``method`` on ``calibration``.
 
-    INT8 activations (S8S8, ONNX Runtime's recommended first choice for QDQ), not
-    UINT8: on a CPU without VNNI, ORT's U8S8 kernels can saturate their 16-bit
-    intermediate sums; resnet_bench lost 2.5 points of test accuracy with UINT8
-    activations and none with INT8 on this project's AVX2 machine (docs/folding.md).
+    UINT8 activations with 7-bit weights (``reduce_range``), measured on this
+    project's AVX2 machine without VNNI (resnet_bench, batch 8, one thread, against
+    FP32 folded): U8S8 1.31x as fast but 2.5 points of test accuracy lost (ORT's
+    AVX2 U8S8 kernels saturate their 16-bit pair sums); U8S8 with 7-bit weights
+    1.37x and no loss; S8S8 no loss but 0.78x (no fast kernel there); U8U8 0.96x.
+    7-bit weights cost a VNNI machine a little precision and no speed, so the file
+    is the same for both (docs/folding.md).
     """
     if method not in METHODS:
         raise Int8Error(f"unknown calibration method {method!r}; choose {', '.join(METHODS)}")
@@ -114,8 +135,9 @@ def quantize_qdq(
                     _Batches(input_name, calibration),
                     quant_format=QuantFormat.QDQ,
                     per_channel=per_channel,
-                    activation_type=QuantType.QInt8,
+                    activation_type=QuantType.QUInt8,
                     weight_type=QuantType.QInt8,
+                    reduce_range=True,
                     calibrate_method=METHODS[method],
                 )
         finally:
@@ -150,7 +172,8 @@ def build_int8(
     reference_inputs: np.ndarray,
     options: Int8Options,
 ) -> tuple[bytes, Int8Record]:
-    """Quantize ``folded``, choose the calibration method, check it; the file and its record.
+    """Pre-process ``folded`` (:func:`preprocess`), quantize it, choose the calibration
+    method, check it; the file and its record.
 
     ``names`` are the input and output names. The methods are scored on ``selection``
     (the validation split for a run), the chosen model is measured on ``evaluation``
@@ -159,6 +182,8 @@ def build_int8(
     when ``evaluation`` has no labels), saying by how much it missed.
     """
     input_name, output_name = names
+    source = preprocess(folded) if options.preprocess else None
+    model = folded if source is None else source  # what is quantized
     cal = calibration_sample(calibration.x, options.calibration_samples, options.seed)
     if len(cal) == 0:
         raise Int8Error(f"no calibration samples in {calibration.what}")
@@ -166,7 +191,7 @@ def build_int8(
     candidates: dict[str, float] = {}
     models: dict[str, bytes] = {}
     for method in options.methods:
-        models[method] = quantize_qdq(folded, input_name, cal, method)
+        models[method] = quantize_qdq(model, input_name, cal, method)
         scored = run_model(models[method], input_name, selection.x)
         candidates[method] = _score(scored, fp32_sel, selection.y)
     # The best score; ties go to the earlier method in options.methods (MinMax: the cheapest).
@@ -190,7 +215,7 @@ def build_int8(
             f"missed by {(loss - options.tolerance) * 100:.2f}: no INT8 file written "
             "(--int8-tolerance sets the tolerance)"
         )
-    per_tensor_model = quantize_qdq(folded, input_name, cal, method, per_channel=False)
+    per_tensor_model = quantize_qdq(model, input_name, cal, method, per_channel=False)
     per_tensor = run_model(per_tensor_model, input_name, evaluation.x)
     per_tensor_acc = _accuracy(per_tensor, evaluation.y)
     per_tensor_loss = (
@@ -219,6 +244,7 @@ def build_int8(
         max_abs_diff=float(np.abs(ref_int8.astype(np.float64) - ref_fp32).max(initial=0.0)),
         per_tensor_accuracy=per_tensor_acc,
         per_channel_needed=per_tensor_loss > options.tolerance,
+        preprocessed=source is not None,
         qdq_nodes=op_counts(onnx.load_model_from_string(int8), QDQ_OPS),
         reference_outputs={output_name: TensorData.of(ref_int8)},
         reference_atol=max(1e-4, REFERENCE_STEPS * spread / 255),
@@ -244,8 +270,9 @@ def summary(record: Int8Record) -> list[str]:
         else "per-tensor weights measured by FP32 agreement"
     )
     needed = "needed" if record.per_channel_needed else "not needed here"
+    pre = "folded model pre-processed by ORT, " if record.preprocessed else ""
     return [
-        f"int8 (QDQ, per-channel INT8 weights, INT8 activations): {acc} on "
+        f"int8 ({pre}QDQ, per-channel INT8 weights in 7 bits, UINT8 activations): {acc} on "
         f"{record.accuracy_samples} {record.accuracy_inputs}; argmax agreement with FP32 "
         f"{record.agreement:.4f}; tolerance {record.tolerance * 100:g} point(s)",
         f"int8 calibration: {cal.method} on {cal.samples} {cal.inputs} ({cal.chosen_by}: {tried})",
