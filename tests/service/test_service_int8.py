@@ -44,11 +44,15 @@ def logits(client: Any, name: str, md: VersionMetadata) -> list[np.ndarray]:
     return outs
 
 
-def test_every_worker_serves_the_int8_variant_and_switches_back(
+def test_every_worker_serves_the_variant_config_json_asks_for(
     model_store: Any, tmp_path: Path, serve_process: Any
 ) -> None:
+    """One server (starting several costs seconds each): INT8 served, switched back; a
+    version without an INT8 file refused from the start, or kept serving FP32."""
     repo = model_store.copy_to(tmp_path / "models")
     set_variant(repo, CNN, "int8")
+    shutil.copytree(repo / MLP, repo / "mlp_new")
+    set_variant(repo, "mlp_new", "int8")  # asked for from the start: nothing to keep serving
     md = VersionMetadata.read(repo / CNN / "1")
     assert md.int8 is not None
     int8_ref = md.int8.reference_outputs["logits"].array()
@@ -60,6 +64,13 @@ def test_every_worker_serves_the_int8_variant_and_switches_back(
         assert variants(client, MLP) == {"folded"}
         for got in logits(client, CNN, md):
             np.testing.assert_allclose(got, int8_ref, atol=md.int8.reference_atol)
+        index = {
+            (e["name"], e.get("version")): e for e in client.get("/v2/repository/index").json()
+        }
+        fresh = index[("mlp_new", "1")]
+        assert fresh["state"] == "UNAVAILABLE" and "no model.int8.onnx" in fresh["reason"]
+
+        # Back to FP32 folded, in every worker, once the load answers.
         set_variant(repo, CNN, "folded")
         r = client.post(f"/v2/repository/models/{CNN}/load")
         assert r.status_code == 200, r.text
@@ -68,20 +79,6 @@ def test_every_worker_serves_the_int8_variant_and_switches_back(
         for got in logits(client, CNN, md):
             np.testing.assert_allclose(got, fp32_ref, atol=md.reference.atol)
 
-
-def test_int8_for_a_version_without_one_fails_its_load_and_keeps_serving(
-    model_store: Any, tmp_path: Path, serve_process: Any
-) -> None:
-    repo = model_store.copy_to(tmp_path / "models")
-    shutil.copytree(repo / MLP, repo / "mlp_new")
-    set_variant(repo, "mlp_new", "int8")  # asked for from the start: nothing to keep serving
-    with serve_process(repo, WORKERS) as server:
-        client = server.client
-        index = {
-            (e["name"], e.get("version")): e for e in client.get("/v2/repository/index").json()
-        }
-        fresh = index[("mlp_new", "1")]
-        assert fresh["state"] == "UNAVAILABLE" and "no model.int8.onnx" in fresh["reason"]
         # A served version asked to switch: the load fails (400, the reason), it keeps serving.
         set_variant(repo, MLP, "int8")
         r = client.post(f"/v2/repository/models/{MLP}/load")
@@ -90,9 +87,9 @@ def test_int8_for_a_version_without_one_fails_its_load_and_keeps_serving(
         assert "variant 'int8' not loaded" in error and "no model.int8.onnx" in error
         assert "still serving variant 'folded'" in error
         assert variants(client, MLP) == {"folded"}
-        md = VersionMetadata.read(repo / MLP / "1")
-        for got in logits(client, MLP, md):
-            np.testing.assert_allclose(got, md.reference.outputs["logits"].array(), atol=1e-4)
+        mlp = VersionMetadata.read(repo / MLP / "1")
+        for got in logits(client, MLP, mlp):
+            np.testing.assert_allclose(got, mlp.reference.outputs["logits"].array(), atol=1e-4)
 
 
 @pytest.mark.parametrize(
