@@ -67,7 +67,9 @@ class Samples:
     what: str
 
 
-class _Batches(CalibrationDataReader):  # type: ignore[misc]  # ORT's class is untyped
+class CalibrationBatches(CalibrationDataReader):  # type: ignore[misc]  # ORT's class is untyped
+    """ONNX Runtime's calibration reader over ``x``, ``CALIBRATION_BATCH`` rows at a time."""
+
     def __init__(self, input_name: str, x: np.ndarray) -> None:
         self._feeds = iter(
             {input_name: x[i : i + CALIBRATION_BATCH]} for i in range(0, len(x), CALIBRATION_BATCH)
@@ -110,11 +112,12 @@ def quantize_qdq(
     """Static QDQ quantization: INT8 weights (per output channel when ``per_channel``) in
     a 7-bit range, UINT8 activations calibrated with ``method`` on ``calibration``.
 
-    UINT8 activations with 7-bit weights (``reduce_range``), measured on this
-    project's AVX2 machine without VNNI (resnet_bench, batch 8, one thread, against
-    FP32 folded): U8S8 1.31x as fast but 2.5 points of test accuracy lost (ORT's
-    AVX2 U8S8 kernels saturate their 16-bit pair sums); U8S8 with 7-bit weights
-    1.37x and no loss; S8S8 no loss but 0.78x (no fast kernel there); U8U8 0.96x.
+    UINT8 activations with 7-bit weights (``reduce_range``), chosen by measurement on
+    this project's AVX2 machine without VNNI (``bench/int8_kernels.py``: resnet_bench,
+    batch 8, one thread, against FP32 folded): U8S8 with 8-bit weights loses 2.5
+    points of test accuracy (ORT's AVX2 U8S8 kernels saturate their 16-bit pair
+    sums), with 7-bit weights none, at the same speed (1.11x-1.37x over FP32 in two
+    runs); S8S8 keeps the accuracy but is slower than FP32 (0.68x-0.78x), U8U8 too.
     7-bit weights cost a VNNI machine a little precision and no speed, so the file
     is the same for both (docs/folding.md).
     """
@@ -132,7 +135,7 @@ def quantize_qdq(
                 quantize_static(
                     source,
                     target,
-                    _Batches(input_name, calibration),
+                    CalibrationBatches(input_name, calibration),
                     quant_format=QuantFormat.QDQ,
                     per_channel=per_channel,
                     activation_type=QuantType.QUInt8,
