@@ -18,7 +18,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -27,8 +27,15 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from service.bn_graph import batchnorm_after_ort, batchnorm_inputs
+from service.bn_graph import batchnorm_after_ort, batchnorm_inputs, batchnorm_share
 from service.errors import NotMeasurable
+from service.latency_words import (
+    RUNTIME_ONLY,
+    bound_words,
+    describe_case,
+    int8_verdict,
+    verdict,
+)
 from service.machine import machine_facts
 from service.model_format import TensorSpec, batchnorm_nodes
 from service.runtime import ServedVersion
@@ -36,9 +43,6 @@ from service.stats import LatencySummary, Speedup, paired_speedup, summarize
 from service.worker_sync import write_atomic
 
 log = logging.getLogger(__name__)
-
-# The ops after which ONNX Runtime fuses a BatchNormalization node by itself (ConvBNFusion).
-ORT_FUSES_AFTER = frozenset({"Conv"})
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,7 @@ class LatencyParams:
     isolate: bool = False
     seed: int = 0
     max_seconds: float = math.inf
+    int8: bool = False  # also time model.int8.onnx, interleaved with the other two
 
 
 class Progress:
@@ -107,6 +112,8 @@ class Timings:
     max_abs_diff: float | None  # None: an output was NaN/inf in one variant
     seconds: float  # wall time of warm-up plus timed runs
     time_limited: bool
+    int8_s: np.ndarray | None = None  # run i of the INT8 model, when timed
+    int8_max_abs_diff: float | None = None  # INT8 against folded FP32 outputs
 
 
 @dataclass(frozen=True)
@@ -114,6 +121,22 @@ class VariantReport:
     file: str
     bn_nodes: int
     latency: LatencySummary
+
+
+@dataclass(frozen=True)
+class Bound:
+    """The most folding can buy on this model: BN kernels' share of the unfolded model's
+    kernel time (ORT's profiler, same optimization level and threads), and
+    ``1 / (1 - share)``, the speedup of removing them entirely."""
+
+    bn_share: float | None
+    max_speedup: float | None
+    description: str
+
+    @classmethod
+    def of(cls, share: float | None, isolate: bool) -> Bound:
+        top = None if share is None or share >= 1 else 1 / (1 - share)
+        return cls(share, top, bound_words(share, isolate))
 
 
 @dataclass(frozen=True)
@@ -149,14 +172,23 @@ class FoldLatencyReport:
     unfolded_bn_inputs: dict[str, int]
     unfolded_bn_nodes_after_ort: int | None
     machine: dict[str, Any]
+    bound: Bound
     samples_ms: dict[str, list[float]] = field(default_factory=dict)
+    int8: VariantReport | None = None
+    int8_speedup: Speedup | None = None  # folded p50 / int8 p50
+    int8_verdict: str | None = None
+    int8_max_abs_diff: float | None = None
 
     def to_dict(self, *, samples: bool = False) -> dict[str, Any]:
-        """JSON-ready; ``samples`` adds the per-run latencies (ms) of both variants."""
+        """JSON-ready; ``samples`` adds the per-run latencies (ms) of every variant."""
         body = {f.name: getattr(self, f.name) for f in fields(self)}
         body["speedup"] = self.speedup.to_dict()
-        for name in ("folded", "unfolded"):
-            variant: VariantReport = body[name]
+        body["bound"] = asdict(self.bound)
+        body["int8_speedup"] = self.int8_speedup.to_dict() if self.int8_speedup else None
+        for name in ("folded", "unfolded", "int8"):
+            variant: VariantReport | None = body[name]
+            if variant is None:
+                continue
             body[name] = {
                 "file": variant.file,
                 "bn_nodes": variant.bn_nodes,
@@ -201,59 +233,6 @@ def random_feeds(
     return feeds
 
 
-def describe_case(isolate: bool, bn_inputs: dict[str, int], after_ort: int | None) -> str:
-    """The measured case in words: what the numbers mean and what to expect."""
-    fusable = sum(n for op, n in bn_inputs.items() if op in ORT_FUSES_AFTER)
-    other = sum(bn_inputs.values()) - fusable
-    if isolate:
-        return (
-            "ONNX Runtime graph optimizations disabled (ORT_DISABLE_ALL) in both sessions: "
-            f"all {fusable + other} BatchNormalization nodes of the unfolded file run as "
-            "written, so this isolates what folding itself buys."
-        )
-    left = "" if after_ort is None else f" After ORT's optimization {after_ort} remain."
-    return (
-        "ONNX Runtime graph optimizations on (ORT_ENABLE_ALL), as served: what a user gets. "
-        "ORT fuses Conv+BatchNormalization by itself but not Gemm+BatchNormalization "
-        f"(Linear followed by BatchNorm1d). The unfolded file has {fusable} BN node(s) after "
-        f"a Conv, which ORT folds on its own, and {other} elsewhere, which it does not.{left} "
-        "Folding pays here only for the ones ORT leaves."
-    )
-
-
-RUNTIME_ONLY = (
-    "These times are ONNX Runtime's session.run alone: a request to the server also spends "
-    "time on HTTP, JSON, batching and queueing, which folding does not change."
-)
-
-
-def scale(saving_us: float, batch_size: int, e2e_p50_ms: float | None, requests: int) -> str:
-    """The saving in absolute terms, set beside the server's own end-to-end request p50."""
-    faster = "faster" if saving_us >= 0 else "slower"
-    text = (
-        f"The folded model runs {abs(saving_us):.2f} us {faster} per call of {batch_size} "
-        f"sample(s) ({abs(saving_us) / batch_size:.2f} us per sample) in ONNX Runtime."
-    )
-    if e2e_p50_ms is None or e2e_p50_ms <= 0:
-        return text + " No answered requests to this version are in the metrics yet."
-    share = saving_us / (e2e_p50_ms * 1e3) * 100
-    return (
-        f"{text} This server's {requests} answered request(s) to this version took "
-        f"{e2e_p50_ms:.3f} ms end to end at p50 (from the request-duration histogram), so "
-        f"that is {share:.2g}% of a request."
-    )
-
-
-def verdict(speedup: Speedup) -> str:
-    ratio, low, high = speedup.ratio, speedup.ci_low, speedup.ci_high
-    interval = f"(95% CI {low:.3f}-{high:.3f})"
-    if low > 1.0:
-        return f"folded is {ratio:.2f}x as fast as unfolded {interval}"
-    if high < 1.0:
-        return f"folded is slower: {ratio:.2f}x {interval}"
-    return f"no difference resolved: {ratio:.2f}x {interval} includes 1"
-
-
 # -- timing ---------------------------------------------------------------------
 
 
@@ -273,34 +252,45 @@ def time_interleaved(
     feeds: dict[str, np.ndarray],
     params: LatencyParams,
     progress: Progress | None = None,
+    int8: ort.InferenceSession | None = None,
 ) -> Timings:
-    """Warm up, then time ``params.iterations`` interleaved pairs of ``session.run`` calls.
+    """Warm up, then time ``params.iterations`` interleaved rounds of ``session.run`` calls,
+    one per session (two, or three with ``int8``), the order rotating from round to round.
 
-    Stops after the pair that crosses ``params.max_seconds`` (from the start,
-    warm-up included), keeping at least two pairs.
+    Stops after the round that crosses ``params.max_seconds`` (from the start,
+    warm-up included), keeping at least two rounds.
     """
     start = time.perf_counter()
-    diff = _max_abs_diff(folded.run(None, feeds), unfolded.run(None, feeds))
+    reference = folded.run(None, feeds)
+    diff = _max_abs_diff(reference, unfolded.run(None, feeds))
+    diff_int8 = None if int8 is None else _max_abs_diff(reference, int8.run(None, feeds))
+    sessions = [folded, unfolded] + ([] if int8 is None else [int8])
     for _ in range(params.warmup):
-        folded.run(None, feeds)
-        unfolded.run(None, feeds)
-    tf, tu = np.empty(params.iterations), np.empty(params.iterations)
+        for session in sessions:
+            session.run(None, feeds)
+    times = np.empty((len(sessions), params.iterations))  # (variant, round)
     clock = time.perf_counter
     deadline = start + params.max_seconds
     done = 0
     for i in range(params.iterations):
-        order = ((folded, tf), (unfolded, tu)) if i % 2 == 0 else ((unfolded, tu), (folded, tf))
-        for session, times in order:
+        k = i % len(sessions)
+        for j in [*range(k, len(sessions)), *range(k)]:
             t0 = clock()
-            session.run(None, feeds)
-            times[i] = clock() - t0
+            sessions[j].run(None, feeds)
+            times[j, i] = clock() - t0
         done = i + 1
         if progress is not None:
             progress.advance(done / params.iterations)
         if done >= 2 and clock() > deadline:
             break
     return Timings(
-        tf[:done], tu[:done], diff, clock() - start, time_limited=done < params.iterations
+        times[0, :done],
+        times[1, :done],
+        diff,
+        clock() - start,
+        time_limited=done < params.iterations,
+        int8_s=None if int8 is None else times[2, :done],
+        int8_max_abs_diff=diff_int8,
     )
 
 
@@ -316,12 +306,13 @@ def measure_model(
     optimized = not params.isolate
     folded = model.session("folded", optimized=optimized)
     unfolded = model.session("unfolded", optimized=optimized)
+    int8 = model.session("int8", optimized=optimized) if params.int8 else None
     reference = {name: tuple(t.shape) for name, t in meta.reference.inputs.items()}
     try:
         feeds = random_feeds(model.inputs, params.batch_size, params.seed, reference)
     except ValueError as err:
         raise NotMeasurable(f"model '{model.name}' cannot be measured: {err}") from err
-    timings = time_interleaved(folded, unfolded, feeds, params, progress)
+    timings = time_interleaved(folded, unfolded, feeds, params, progress, int8)
 
     folded_bytes = model.file_bytes("folded")
     unfolded_bytes = model.file_bytes("unfolded")
@@ -336,6 +327,14 @@ def measure_model(
     tf, tu, batch = timings.folded_s, timings.unfolded_s, params.batch_size
     speedup = paired_speedup(tu, tf, seed=params.seed)
     saving = float(np.median(tu) - np.median(tf)) * 1e6  # p50 to p50, microseconds
+    share = batchnorm_share(unfolded_bytes, provider, model.threads, optimized, feeds)
+    tq = timings.int8_s
+    int8_speedup = None if tq is None else paired_speedup(tf, tq, seed=params.seed)
+    int8_report = None
+    if tq is not None:
+        int8_bytes = model.file_bytes("int8")
+        int8_bn = batchnorm_nodes(onnx.load_model_from_string(int8_bytes))
+        int8_report = VariantReport(meta.files.int8, int8_bn, summarize(tq, batch))
     return FoldLatencyReport(
         model_name=model.name,
         model_version=str(model.version),
@@ -366,8 +365,14 @@ def measure_model(
         unfolded_bn_inputs=bn_inputs,
         unfolded_bn_nodes_after_ort=after_ort,
         machine=machine_facts(provider),
+        bound=Bound.of(share, params.isolate),
         samples_ms={
-            "folded": (timings.folded_s * 1e3).round(6).tolist(),
-            "unfolded": (timings.unfolded_s * 1e3).round(6).tolist(),
+            name: (times * 1e3).round(6).tolist()
+            for name, times in (("folded", tf), ("unfolded", tu), ("int8", tq))
+            if times is not None
         },
+        int8=int8_report,
+        int8_speedup=int8_speedup,
+        int8_verdict=None if int8_speedup is None else int8_verdict(int8_speedup),
+        int8_max_abs_diff=timings.int8_max_abs_diff,
     )

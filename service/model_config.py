@@ -1,4 +1,5 @@
-"""A model directory's optional ``config.json``: version policy and batching (Triton's keys).
+"""A model directory's optional ``config.json``: version policy and batching (Triton's keys),
+and which variant serves (``"variant": "int8"``: ``model.int8.onnx``).
 
 Written by operators, read by the service only; see ``docs/model-repository.md``.
 Everything wrong with it raises :class:`ModelVersionError` with a reason that is
@@ -85,12 +86,18 @@ class BatchingConfig:
         )
 
 
+ServedVariant = Literal["folded", "int8"]
+SERVED_VARIANTS: tuple[ServedVariant, ...] = ("folded", "int8")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    """What a model directory's optional ``config.json`` says."""
+    """What a model directory's optional ``config.json`` says; ``variant``: which file of
+    each version serves, ``model.onnx`` ("folded") or ``model.int8.onnx`` ("int8")."""
 
     policy: VersionPolicy = VersionPolicy()
     batching: BatchingOverrides = BatchingOverrides()
+    variant: ServedVariant = "folded"
 
 
 def _require(condition: bool, message: str) -> None:
@@ -146,8 +153,18 @@ def _batching(config: dict[str, Any]) -> BatchingOverrides:
     )
 
 
+def _variant(value: Any) -> ServedVariant:
+    if value is None:
+        return "folded"
+    for known in SERVED_VARIANTS:
+        if value == known:
+            return known
+    raise ModelVersionError(f"variant must be one of {list(SERVED_VARIANTS)}, got {value!r}")
+
+
 def read_model_config(model_dir: Path) -> ModelConfig:
-    """``model_dir/config.json``: version policy and batching (defaults when absent)."""
+    """``model_dir/config.json``: version policy, batching and the variant served (defaults
+    when absent)."""
     path = model_dir / CONFIG_FILE
     if not path.is_file():
         return ModelConfig()
@@ -156,4 +173,6 @@ def read_model_config(model_dir: Path) -> ModelConfig:
     except (OSError, ValueError) as err:
         raise ModelVersionError(f"{CONFIG_FILE} is unreadable: {err}") from err
     _require(isinstance(config, dict), f"{CONFIG_FILE} is not a JSON object")
-    return ModelConfig(_policy(config.get("version_policy")), _batching(config))
+    return ModelConfig(
+        _policy(config.get("version_policy")), _batching(config), _variant(config.get("variant"))
+    )

@@ -24,51 +24,26 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import onnx
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from service.datatypes import NUMPY_DTYPES as NUMPY_DTYPES
+from service.datatypes import V2_DATATYPES as V2_DATATYPES
+from service.datatypes import Datatype as Datatype
+from service.model_graph import BATCHNORM as BATCHNORM
+from service.model_graph import QDQ_OPS as QDQ_OPS
+from service.model_graph import batchnorm_nodes as batchnorm_nodes
+from service.model_graph import op_counts as op_counts
 
 FORMAT = "foldserve-model/1"
 FOLDED_FILE = "model.onnx"
 UNFOLDED_FILE = "model.unfolded.onnx"
+INT8_FILE = "model.int8.onnx"  # optional: static INT8 (QDQ) of the folded model
 METADATA_FILE = "metadata.json"
-BATCHNORM = "BatchNormalization"
 
 # A version directory: a positive integer without leading zeros ("01" is not a version).
 VERSION_DIR = re.compile(r"[1-9][0-9]*")
 # A model directory: ASCII letters, digits, '_', '-', '.', not starting with '.'.
 MODEL_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
-
-Datatype = Literal[
-    "BOOL",
-    "UINT8",
-    "UINT16",
-    "UINT32",
-    "UINT64",
-    "INT8",
-    "INT16",
-    "INT32",
-    "INT64",
-    "FP16",
-    "FP32",
-    "FP64",
-]
-
-# V2 datatype name -> numpy dtype (little-endian on the wire). BYTES has no fixed dtype.
-NUMPY_DTYPES: dict[Datatype, np.dtype[Any]] = {
-    "BOOL": np.dtype(np.bool_),
-    "UINT8": np.dtype(np.uint8),
-    "UINT16": np.dtype(np.uint16),
-    "UINT32": np.dtype(np.uint32),
-    "UINT64": np.dtype(np.uint64),
-    "INT8": np.dtype(np.int8),
-    "INT16": np.dtype(np.int16),
-    "INT32": np.dtype(np.int32),
-    "INT64": np.dtype(np.int64),
-    "FP16": np.dtype(np.float16),
-    "FP32": np.dtype(np.float32),
-    "FP64": np.dtype(np.float64),
-}
-V2_DATATYPES: dict[np.dtype[Any], Datatype] = {dt: name for name, dt in NUMPY_DTYPES.items()}
 
 
 class ModelVersionError(ValueError):
@@ -161,6 +136,7 @@ class ReferenceBatch(BaseModel):
 class VersionFiles(BaseModel):
     folded: str = FOLDED_FILE
     unfolded: str = UNFOLDED_FILE  # "" when the version has no unfolded twin
+    int8: str = ""  # INT8_FILE when the version has one
 
 
 class BatchNormSite(BaseModel):
@@ -198,6 +174,48 @@ class Parity(BaseModel):
     inputs: str = ""  # what the samples were, e.g. "test split of the run's dataset"
 
 
+class Calibration(BaseModel):
+    """How the INT8 activation ranges were calibrated: ``method`` (ONNX Runtime's
+    CalibrationMethod name) chosen by ``chosen_by``, on ``samples`` of ``inputs``;
+    ``candidates``: each method tried, with the accuracy (or FP32 agreement) it reached."""
+
+    method: str
+    samples: int = Field(ge=1)
+    inputs: str
+    chosen_by: str = ""
+    candidates: dict[str, float] = {}
+
+
+class Int8Record(BaseModel):
+    """``metadata.json`` ``int8``: what ``model.int8.onnx`` is and what it costs.
+
+    Accuracies are fractions in [0, 1] on ``accuracy_samples`` of ``accuracy_inputs``
+    (None when those have no labels: then ``agreement`` is what the tolerance held);
+    ``tolerance`` is the accuracy loss allowed, in points (0.01 = 1 point).
+    ``reference_outputs`` are the INT8 file's own outputs on the version's reference
+    inputs: the load-time check of a server that serves this variant.
+    """
+
+    format: str = "QDQ"
+    weights: str = "INT8, 7-bit range"  # ORT's reduce_range: no AVX2 saturation
+    activations: str = "UINT8"
+    per_channel: bool = True
+    preprocessed: bool = False  # ORT's quant_pre_process ran on the folded model first
+    calibration: Calibration
+    accuracy: float | None = None
+    reference_accuracy: float | None = None
+    accuracy_samples: int = 0
+    accuracy_inputs: str = ""
+    agreement: float = Field(ge=0, le=1)  # argmax agreement with the folded FP32 model
+    tolerance: float = Field(ge=0)
+    max_abs_diff: float  # against the folded FP32 outputs on the reference batch
+    per_tensor_accuracy: float | None = None  # the same model with per-tensor weights
+    per_channel_needed: bool | None = None  # per-tensor weights lose more than the tolerance
+    qdq_nodes: dict[str, int] = {}
+    reference_outputs: dict[str, TensorData]
+    reference_atol: float = Field(ge=0)
+
+
 class VersionMetadata(BaseModel):
     """``metadata.json``: what a version is, how it was made, and how to verify it.
 
@@ -227,6 +245,7 @@ class VersionMetadata(BaseModel):
     bn_nodes: dict[str, int] = {}
     parity: Parity | None = None
     reference: ReferenceBatch
+    int8: Int8Record | None = None  # set when files.int8 names a file
 
     def to_json(self) -> bytes:
         return self.model_dump_json(by_alias=True, indent=1, exclude_none=True).encode()
@@ -376,24 +395,3 @@ def _candidates(model_dir: Path, version: int | None) -> Iterator[int]:
         return
     for _ in range(100):  # concurrent writers: each retry takes the next free number
         yield (version_numbers(model_dir) or [0])[-1] + 1
-
-
-# -- graphs ------------------------------------------------------------------------
-
-
-def _nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
-    """Every node of ``graph`` and of its subgraphs (If/Loop/Scan bodies)."""
-    for node in graph.node:
-        yield node
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _nodes(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for sub in attr.graphs:
-                    yield from _nodes(sub)
-
-
-def batchnorm_nodes(model: onnx.ModelProto) -> int:
-    """BatchNormalization nodes in the graph, its subgraphs and its local functions."""
-    nodes = [*_nodes(model.graph), *(n for f in model.functions for n in f.node)]
-    return sum(1 for node in nodes if node.op_type == BATCHNORM)

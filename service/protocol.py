@@ -75,6 +75,10 @@ class ModelMetadata(BaseModel):
     outputs: list[TensorMetadata]
     version: str = Field(description="the version these details describe")
     provider: str = Field(description="ONNX Runtime execution provider actually used")
+    variant: str = Field(
+        description="the file that serves: 'folded' (model.onnx) or 'int8' (model.int8.onnx), "
+        "as the model's config.json asks"
+    )
     io_binding: bool
     bn_nodes: dict[str, int]
     fold_report: FoldReportSummary

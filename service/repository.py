@@ -16,21 +16,26 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-
-import numpy as np
 
 from service.derived import DerivedVersions, open_version
 from service.errors import ModelNotFound, ModelNotReady
-from service.model_config import BatchingOverrides, ModelConfig, VersionPolicy, read_model_config
+from service.model_config import (
+    BatchingOverrides,
+    ModelConfig,
+    ServedVariant,
+    VersionPolicy,
+    read_model_config,
+)
 from service.model_format import (
     VERSION_DIR,
     ModelVersionError,
     valid_model_name,
 )
-from service.protocol import ORT_DATATYPES, ModelState
-from service.runtime import ServedVersion, ServingOptions
+from service.protocol import ModelState
+from service.runtime import ServedVersion, ServingOptions, variant_bytes
+from service.version_checks import check_io, check_reference
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +50,7 @@ class VersionStatus:
     reason: str = ""
     model: ServedVersion | None = None
     fingerprint: Fingerprint | None = None  # the files this status was computed from
+    variant: ServedVariant = "folded"  # the variant config.json asked for then
 
 
 @dataclass(frozen=True)
@@ -86,52 +92,6 @@ def _fingerprint(version_dir: Path) -> Fingerprint:
         st = path.stat()
         files.append((path.name, st.st_mtime_ns, st.st_size, st.st_ino))
     return tuple(files)
-
-
-def _check_io(model: ServedVersion) -> None:
-    session = model.session()
-    for kind, specs, actual in (
-        ("input", model.inputs, session.get_inputs()),
-        ("output", model.outputs, session.get_outputs()),
-    ):
-        found = {a.name: ORT_DATATYPES.get(a.type, a.type) for a in actual}
-        for spec in specs:
-            if spec.name not in found:
-                raise ModelVersionError(
-                    f"metadata {kind} '{spec.name}' is not in model.onnx ({', '.join(found)})"
-                )
-            if found[spec.name] != spec.datatype:
-                raise ModelVersionError(
-                    f"{kind} '{spec.name}': metadata says {spec.datatype}, "
-                    f"model.onnx has {found[spec.name]}"
-                )
-        if kind == "input" and len(found) != len(specs):
-            raise ModelVersionError("model.onnx has inputs that metadata.json does not list")
-
-
-def _check_reference(model: ServedVersion) -> float:
-    """Run the reference batch (the warm-up); return the largest output difference."""
-    ref = model.metadata.reference
-    feeds = {s.name: ref.inputs[s.name].array().astype(s.dtype) for s in model.inputs}
-    results = model.run(feeds)
-    worst = 0.0
-    for name, tensor in ref.outputs.items():
-        if name not in results:
-            raise ModelVersionError(f"reference batch: output '{name}' is not a model output")
-        expected, got = tensor.array(), results[name]
-        if got.shape != expected.shape:
-            raise ModelVersionError(
-                f"reference batch: output '{name}' has shape {list(got.shape)}, "
-                f"metadata expects {list(expected.shape)}"
-            )
-        diff = float(np.max(np.abs(got.astype(np.float64) - expected), initial=0.0))
-        if not diff <= ref.atol:
-            raise ModelVersionError(
-                f"reference batch: output '{name}' differs from metadata by {diff:.3g} "
-                f"> atol {ref.atol:g}"
-            )
-        worst = max(worst, diff)
-    return worst
 
 
 class ModelRepository:
@@ -310,9 +270,7 @@ class ModelRepository:
             if skip:
                 statuses[number] = VersionStatus(number, "UNAVAILABLE", skip)
                 continue
-            status = self._version_status(
-                model_dir / str(number), previous, retry_failed, config.batching
-            )
+            status = self._version_status(model_dir / str(number), previous, retry_failed, config)
             ready += status.model is not None
             statuses[number] = status
         return ModelEntry(name, statuses, config=config)
@@ -331,54 +289,85 @@ class ModelRepository:
         version_dir: Path,
         previous: ModelEntry | None,
         retry_failed: bool,
-        batching: BatchingOverrides,
+        config: ModelConfig,
     ) -> VersionStatus:
+        """The version's status for ``config``: the previous one when its files and the
+        variant asked for are unchanged, else a (re)load. A served version whose variant
+        cannot be switched to keeps serving the one it has, the failure as its reason."""
         number = int(version_dir.name)
         try:
             fingerprint = _fingerprint(version_dir)
         except OSError as err:
             return VersionStatus(number, "UNAVAILABLE", f"unreadable: {err}")
         old = previous.versions.get(number) if previous is not None else None
-        if old is not None and old.fingerprint == fingerprint:
+        if old is not None and old.fingerprint == fingerprint and old.variant == config.variant:
             if old.model is not None or not retry_failed:
                 return old
-        return self._load_version(version_dir, fingerprint, batching)
+        status = self._load_version(version_dir, fingerprint, config.batching, config.variant)
+        if status.model is None and old is not None and old.model is not None:
+            if old.fingerprint == fingerprint:
+                reason = (
+                    f"variant '{config.variant}' not loaded: {status.reason}; still serving "
+                    f"variant '{old.model.variant}'"
+                )
+                log.warning("model %s version %d: %s", version_dir.parent.name, number, reason)
+                return replace(old, reason=reason, variant=config.variant)
+        return status
 
     def _load_version(
-        self, version_dir: Path, fingerprint: Fingerprint, batching: BatchingOverrides
+        self,
+        version_dir: Path,
+        fingerprint: Fingerprint,
+        batching: BatchingOverrides,
+        variant: ServedVariant,
     ) -> VersionStatus:
         name, number = version_dir.parent.name, int(version_dir.name)
         try:
             opened = open_version(version_dir, self._derived)
-            session = self.options.factory.create(opened.folded)
+            served = opened.folded
+            if variant != "folded":
+                try:
+                    served = variant_bytes(opened.metadata, version_dir, variant)
+                except ModelVersionError as err:
+                    raise ModelVersionError(
+                        f"config.json asks for variant '{variant}': {err}"
+                    ) from err
+            session = self.options.factory.create(served)
             model = ServedVersion(
-                opened.metadata, version_dir, session, self.options, batching, opened.folded_dir
+                opened.metadata,
+                version_dir,
+                session,
+                self.options,
+                batching,
+                opened.folded_dir,
+                variant,
             )
             try:
-                _check_io(model)
-                diff = _check_reference(model)
+                check_io(model)
+                diff = check_reference(model)
             except BaseException:
                 model.close()
                 raise
         except ModelVersionError as err:
             log.warning("model %s version %d not served: %s", name, number, err)
-            return VersionStatus(number, "UNAVAILABLE", str(err), None, fingerprint)
+            return VersionStatus(number, "UNAVAILABLE", str(err), None, fingerprint, variant)
         except Exception as err:  # ONNX Runtime's own errors: corrupt graph, failing kernel
             reason = f"onnxruntime: {type(err).__name__}: {err}".splitlines()[0]
             log.warning("model %s version %d not served: %s", name, number, reason)
-            return VersionStatus(number, "UNAVAILABLE", reason, None, fingerprint)
+            return VersionStatus(number, "UNAVAILABLE", reason, None, fingerprint, variant)
         log.info(
-            "model %s version %d ready: provider %s, %d threads, io_binding %s, "
+            "model %s version %d ready: variant %s, provider %s, %d threads, io_binding %s, "
             "reference max abs diff %.3g, files: %s",
             name,
             number,
+            variant,
             model.provider,
             model.threads,
             model.io_binding,
             diff,
             opened.source,
         )
-        return VersionStatus(number, "READY", "", model, fingerprint)
+        return VersionStatus(number, "READY", "", model, fingerprint, variant)
 
 
 def _close_retired(previous: ModelEntry | None, current: ModelEntry | None) -> None:

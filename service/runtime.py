@@ -2,9 +2,10 @@
 
 The repository creates a :class:`ServedVersion` when a version passes its
 checks and closes it when the version is swapped out or unloaded. It owns the
-version's ONNX Runtime sessions (the folded one, the unfolded and unoptimized
-ones on demand), its batching configuration and dynamic batcher, and the specs
-that requests are checked against; a request asks it, never a side table.
+version's ONNX Runtime sessions (the served one: folded, or INT8 when the model's
+``config.json`` asks; the others and the unoptimized ones on demand), its batching
+configuration and dynamic batcher, and the specs that requests are checked against;
+a request asks it, never a side table.
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ from service.batching import DynamicBatcher, Feeds, Outputs, Receive
 from service.codecs import DecodedRequest, OutputTensor, RequestedOutput
 from service.inference import classify, prepare_feeds, select_outputs
 from service.metrics import ServiceMetrics
-from service.model_config import BatchingConfig, BatchingOverrides
+from service.model_config import BatchingConfig, BatchingOverrides, ServedVariant
 from service.model_format import (
     V2_DATATYPES,
     ModelVersionError,
+    TensorData,
     TensorSpec,
     VersionMetadata,
     verified_bytes,
@@ -36,7 +38,7 @@ from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
-Variant = Literal["folded", "unfolded"]
+Variant = Literal["folded", "unfolded", "int8"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,27 @@ class ServingOptions:
         )
 
 
+def variant_bytes(
+    metadata: VersionMetadata, version_dir: Path, variant: Variant, folded_dir: Path | None = None
+) -> bytes:
+    """A version's file of ``variant``, verified against the metadata's sha256; the folded
+    file lives in ``folded_dir`` when given (a bare model.onnx's derived cache).
+
+    Raises :class:`ModelVersionError` when the version has no such file or it changed.
+    """
+    files = metadata.files
+    name = {"folded": files.folded, "unfolded": files.unfolded, "int8": files.int8}[variant]
+    if variant == "int8" and (not name or metadata.int8 is None):
+        raise ModelVersionError(
+            "this version has no model.int8.onnx (export it with `python -m training export "
+            "--int8`)"
+        )
+    if not name:
+        raise ModelVersionError(f"metadata names no {variant} file")
+    where = (folded_dir or version_dir) if variant == "folded" else version_dir
+    return verified_bytes(where, name, metadata.sha256)
+
+
 class ServedVersion:
     """One served model version: sessions, batcher, specs; ``infer`` answers a request."""
 
@@ -70,8 +93,10 @@ class ServedVersion:
         options: ServingOptions,
         batching: BatchingOverrides,
         folded_dir: Path | None = None,
+        variant: ServedVariant = "folded",
     ) -> None:
         self.metadata = metadata
+        self.variant: ServedVariant = variant  # the file ``session`` runs: model.onnx or int8
         self.name = version_dir.parent.name
         self.version = int(version_dir.name)
         self.version_dir = version_dir
@@ -89,8 +114,9 @@ class ServedVersion:
         self.every_output = [RequestedOutput(n, None, 0) for n in self.output_names]
         self._device = "cuda" if self.provider == CUDA else "cpu"
         self._options = options
+        self._serving = session
         self._sessions: dict[tuple[Variant, bool], ort.InferenceSession] = {
-            ("folded", True): session
+            (variant, True): session
         }
         self._lock = threading.Lock()
         version = str(self.version)
@@ -171,17 +197,20 @@ class ServedVersion:
 
     def file_bytes(self, variant: Variant) -> bytes:
         """The variant's ONNX file, verified against the metadata's sha256."""
-        files = self.metadata.files
-        name = files.folded if variant == "folded" else files.unfolded
-        if not name:
-            raise ModelVersionError(f"metadata names no {variant} file")
-        where = self.folded_dir if variant == "folded" else self.version_dir
-        return verified_bytes(where, name, self.metadata.sha256)
+        return variant_bytes(self.metadata, self.version_dir, variant, self.folded_dir)
+
+    def reference_outputs(self) -> tuple[dict[str, TensorData], float]:
+        """The outputs the served file must give on the reference inputs, and their atol:
+        the INT8 file's own recorded outputs when it serves, else the folded model's."""
+        int8 = self.metadata.int8
+        if self.variant == "int8" and int8 is not None:
+            return int8.reference_outputs, int8.reference_atol
+        return self.metadata.reference.outputs, self.metadata.reference.atol
 
     def run(self, feeds: Feeds, output_names: list[str] | None = None) -> Outputs:
-        """Run the folded model once (a worker thread); ``feeds`` must match the specs."""
+        """Run the served file once (a worker thread); ``feeds`` must match the specs."""
         names = output_names or self.output_names
-        session = self._sessions[("folded", True)]
+        session = self._serving
         if self.io_binding:
             try:
                 return self._run_bound(session, feeds, names)

@@ -39,7 +39,8 @@ CONTROL_FILE = "control.json"
 LOCK_FILE = "control.lock"
 WORKERS_DIR = "workers"
 Action = Literal["load", "unload"]
-Served = list[tuple[int, str]]  # (version, state) of one model, as a worker has it
+# (version, state, variant served: "" when none) of one model, as a worker has it
+Served = list[tuple[int, str, str]]
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,10 @@ def pid_alive(pid: int) -> bool:
 def served(entry: ModelEntry | None) -> Served:
     if entry is None:
         return []
-    return sorted((v, s.state) for v, s in entry.versions.items())
+    return sorted(
+        (v, s.state, s.model.variant if s.model is not None else "")
+        for v, s in entry.versions.items()
+    )
 
 
 class WorkerSync:
@@ -193,7 +197,10 @@ class WorkerSync:
                 with contextlib.suppress(OSError):
                     path.unlink()
                 continue
-            models = {k: [(int(v), str(s)) for v, s in vs] for k, vs in body["models"].items()}
+            models = {
+                k: [(int(v), str(s), str(variant)) for v, s, variant in vs]
+                for k, vs in body["models"].items()
+            }
             states.append(WorkerState(pid, int(body["generation"]), models))
         return sorted(states, key=lambda s: s.pid)
 

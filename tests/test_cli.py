@@ -9,11 +9,13 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 import typer
 from typer.testing import CliRunner
 
 from training.__main__ import app
 from training.console import configure_logging
+from training.train import load_run
 
 runner = CliRunner()
 
@@ -166,6 +168,16 @@ def test_fold_report_shows_types_shapes_directions_and_parity_verdict(tmp_path: 
     assert "2.1 (BatchNorm1d [8]) │ folded │ backward into 2.0 (Linear [8, 13])" in text
     assert "3.1 (BatchNorm1d [8]) │ folded │ backward into 3.0 (Linear [8, 8])" in text
     assert "backward: into the layer before the BN; forward: into the layer after it" in text
+    # Each folded layer's |W'| spread over output channels, computed here from BN and Linear.
+    model = load_run(out).model
+    for layer, bn in (("2.0", "2.1"), ("3.0", "3.1")):
+        lin, norm = model.get_submodule(layer), model.get_submodule(bn)
+        scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)  # (C,)
+        per_channel = (scale[:, None] * lin.weight).abs().amax(dim=1).detach()  # (C,)
+        low, high = float(per_channel.min()), float(per_channel.max())
+        row = next(line for line in text.splitlines() if f"backward into {layer} " in line)
+        assert row.rstrip(" │").endswith(f"{low:.3g} - {high:.3g} ({high / low:.3g}x)")
+    assert "one INT8 scale per tensor spends its 256 steps on the widest channel" in text
     parity = next(line for line in text.splitlines() if line.startswith("parity"))
     assert parity.startswith("parity (PyTorch, folded vs unfolded, 36 samples of the run's test")
     assert parity.endswith("<= tolerance 0.0001: PASS")

@@ -11,6 +11,7 @@ from typing import Annotated
 import torch
 import typer
 
+from training import int8_cli as q
 from training import train_options as opts
 from training.console import ExperimentCommand, configure_logging, new_run_dir, zoo_table
 from training.data import DatasetError, load_dataset, parse_shape
@@ -194,16 +195,18 @@ RunOption = Annotated[Path, typer.Option("--run", help="run directory written by
 @app.command("fold")
 def fold_cmd(run: RunOption) -> None:
     """Fold the run's BN layers; print what went into which layer (types, shapes) or was
-    kept and why, and the PyTorch parity check (exit 1 when it fails)."""
+    kept and why, the spread of each folded layer's weights over its output channels,
+    and the PyTorch parity check (exit 1 when it fails)."""
     from training.export import torch_parity
     from training.fold import fold_batchnorm
-    from training.fold.report import DIRECTIONS
+    from training.fold.report import DIRECTIONS, RANGE_NOTE, channel_ranges
 
     r = _load(run)
     x = torch.zeros((2, *r.model_cfg.input_shape))
     folded, report = fold_batchnorm(r.model, x)
-    console.print(report.table())
+    console.print(report.table(channel_ranges(folded, report)))
     console.print(DIRECTIONS, highlight=False, soft_wrap=True)
+    console.print(RANGE_NOTE, highlight=False, soft_wrap=True)
     parity = torch_parity(r, folded)
     console.print(parity.line(), highlight=False, soft_wrap=True)
     if not parity.passed:
@@ -222,16 +225,22 @@ def export_cmd(
         ),
     ] = "",
     dtype: Annotated[str, typer.Option(help="float32 or float16")] = "float32",
+    int8: q.Int8Option = False,
+    int8_tolerance: q.Int8ToleranceOption = q.DEFAULT_TOLERANCE,
+    calibration_samples: q.CalibrationSamplesOption = q.DEFAULT_SAMPLES,
+    calibration_method: q.CalibrationMethodOption = q.DEFAULT_METHODS,
 ) -> None:
-    """Export folded and unfolded ONNX with metadata as the next version of --name."""
+    """Export folded and unfolded ONNX with metadata as the next version of --name;
+    with --int8 also model.int8.onnx (calibrated on the run's training split)."""
     from training.export import ExportError, ParityCheck, export_run
     from training.fold.report import DIRECTIONS
 
     dtypes = {"float32": torch.float32, "float16": torch.float16}
     if dtype not in dtypes:
         fail(f"unknown dtype {dtype!r}; choose {', '.join(dtypes)}")
+    quantize = q.int8_options(int8, int8_tolerance, calibration_samples, calibration_method)
     try:
-        result = export_run(_load(run), repository, name or run.name, dtypes[dtype])
+        result = export_run(_load(run), repository, name or run.name, dtypes[dtype], quantize)
     except ExportError as err:
         fail(str(err))
         return
@@ -242,6 +251,7 @@ def export_cmd(
         p = md.parity
         check = ParityCheck("ONNX Runtime", p.max_abs_diff, p.atol, p.samples, p.inputs)
         console.print(check.line(), highlight=False, soft_wrap=True)
+    q.print_int8(md.int8)
     console.print(
         f"wrote {result.path}: BN nodes folded={md.bn_nodes['folded']} "
         f"unfolded={md.bn_nodes['unfolded']}",
@@ -296,11 +306,12 @@ def retrain_cmd(
             soft_wrap=True,
         )
         with console.status(f"exporting {name} (fold, ONNX, parity checks)"):
-            result = export_run(run_dir, repository, name, plan.dtype)
+            result = export_run(run_dir, repository, name, plan.dtype, plan.int8)
     except (RetrainError, DatasetError, ExportError, LoadError) as err:
         fail(str(err))
         return
     md = result.metadata
+    q.print_int8(md.int8)
     console.print(
         f"wrote {result.path}: test_accuracy={md.training['test_accuracy']:.4f}, BN nodes "
         f"{md.bn_nodes['unfolded']} -> {md.bn_nodes['folded']}",

@@ -26,6 +26,7 @@ from torch import nn
 
 from service.model_format import (
     FOLDED_FILE,
+    INT8_FILE,
     UNFOLDED_FILE,
     V2_DATATYPES,
     FoldRecord,
@@ -39,9 +40,10 @@ from service.model_format import (
     valid_model_name,
     write_version,
 )
-from training.data import load_dataset
+from training.data import Dataset, load_dataset
 from training.fold import FoldReport, fold_batchnorm
 from training.onnx_graph import export_onnx
+from training.quantize import Int8Error, Int8Options, Samples, build_int8
 from training.train import Run, load_run
 from training.zoo import count_batchnorms
 
@@ -68,22 +70,29 @@ RANDOM_INPUTS = "seeded random normal inputs"
 TEST_INPUTS = "samples of the run's test split"
 
 
+def run_dataset(run: Run) -> Dataset:
+    """The run's dataset, rebuilt from what the run recorded (same splits).
+
+    Raises ``KeyError``, ``ValueError`` or ``OSError`` when it cannot be (e.g. a data
+    file that moved).
+    """
+    spec = run.config.get("dataset", {})
+    kwargs: dict[str, Any] = {"seed": spec.get("seed", 0)}
+    if spec.get("name") == "synthetic":
+        kwargs.update(
+            shape=tuple(spec["shape"]), num_classes=spec["num_classes"], n_samples=spec["n_samples"]
+        )
+    return load_dataset(
+        spec["name"], path=spec.get("path"), label_column=spec.get("label_column"), **kwargs
+    )
+
+
 def reference_inputs(run: Run, n: int, seed: int = 0) -> tuple[np.ndarray, str]:
     """Up to ``n`` real test samples when the run's dataset can be rebuilt, else ``n``
     samples of seeded noise;
     and which of the two, in words (``TEST_INPUTS`` or ``RANDOM_INPUTS``)."""
-    spec = run.config.get("dataset", {})
     try:
-        kwargs: dict[str, Any] = {"seed": spec.get("seed", 0)}
-        if spec.get("name") == "synthetic":
-            kwargs.update(
-                shape=tuple(spec["shape"]),
-                num_classes=spec["num_classes"],
-                n_samples=spec["n_samples"],
-            )
-        ds = load_dataset(
-            spec["name"], path=spec.get("path"), label_column=spec.get("label_column"), **kwargs
-        )
+        ds = run_dataset(run)
         if len(ds.X_test) >= min(n, 8):  # a small test split: all of it
             return ds.X_test[:n], TEST_INPUTS
     except (KeyError, ValueError, OSError) as err:
@@ -234,13 +243,44 @@ def build_version(
     return folded_bytes, unfolded_bytes, metadata, report
 
 
+def int8_version(
+    run: Run, folded: bytes, metadata: VersionMetadata, options: Int8Options
+) -> tuple[bytes, VersionMetadata]:
+    """``model.int8.onnx`` of a run's folded model, and the metadata that records it:
+    calibrated on the run's training split, the method chosen on its validation split,
+    accuracy measured on its test split. Raises :class:`ExportError` (nothing written)."""
+    if metadata.inputs[0].datatype != "FP32":
+        raise ExportError("--int8 quantizes a float32 export; drop --dtype float16")
+    try:
+        ds = run_dataset(run)
+    except (KeyError, ValueError, OSError) as err:
+        raise ExportError(f"--int8 needs the run's dataset to calibrate on: {err}") from err
+    reference = metadata.reference.inputs[INPUT_NAME].array()
+    try:
+        data, record = build_int8(
+            folded,
+            (INPUT_NAME, OUTPUT_NAME),
+            Samples(ds.X_train, ds.y_train, "samples of the run's training split"),
+            Samples(ds.X_val, ds.y_val, "samples of the run's validation split"),
+            Samples(ds.X_test, ds.y_test, "samples of the run's test split"),
+            reference,
+            options,
+        )
+    except Int8Error as err:
+        raise ExportError(str(err)) from err
+    files = metadata.files.model_copy(update={"int8": INT8_FILE})
+    return data, metadata.model_copy(update={"files": files, "int8": record})
+
+
 def export_run(
     run_dir: str | Path | Run,
     repository: str | Path,
     name: str,
     dtype: torch.dtype = torch.float32,
+    int8: Int8Options | None = None,
 ) -> ExportResult:
-    """Export a run as the next version of ``repository/name``. Raises :class:`ExportError`."""
+    """Export a run as the next version of ``repository/name``; with ``int8``, also its
+    ``model.int8.onnx`` (:func:`int8_version`). Raises :class:`ExportError`."""
     if not valid_model_name(name):
         raise ExportError(
             f"bad model name {name!r}: use letters, digits, '_', '-', '.' (not starting with '.')"
@@ -249,6 +289,8 @@ def export_run(
     folded, unfolded, metadata, report = build_version(run, name, dtype)
     model_dir = Path(repository) / name
     files = {FOLDED_FILE: folded, UNFOLDED_FILE: unfolded}
+    if int8 is not None:
+        files[INT8_FILE], metadata = int8_version(run, folded, metadata, int8)
     try:
         version = write_version(model_dir, files, metadata)
     except ModelVersionError as err:

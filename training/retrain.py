@@ -2,9 +2,11 @@
 
 A version's ``metadata.json`` holds the network (``model_config``), the dataset
 spec (``training.dataset``) and the training config (``training.config``; both
-recorded by :func:`training.export.build_version`). :func:`plan_retrain` reads
-them back, applies the caller's overrides and refuses, naming every missing key,
-a version that lacks any of them (one exported before they were recorded).
+recorded by :func:`training.export.build_version`) and, when it has
+``model.int8.onnx``, how that was made (``int8``: the next version gets one too, with
+the same calibration size, methods and tolerance). :func:`plan_retrain` reads them
+back, applies the caller's overrides and refuses, naming every missing key, a
+version that lacks any of them (one exported before they were recorded).
 :func:`train_plan` trains it into a run directory, which ``python -m training
 retrain`` then exports with :func:`training.export.export_run`, as ``export`` does.
 """
@@ -19,6 +21,8 @@ from typing import Any
 import torch
 
 from service.model_format import ModelVersionError, VersionMetadata, version_numbers
+from training.int8_cli import options_of
+from training.quantize import Int8Options
 from training.train import DatasetSpec, TrainConfig, TrainResult, save_run, train
 from training.zoo import ModelConfig
 
@@ -41,6 +45,7 @@ class RetrainPlan:
     dataset: DatasetSpec
     train: TrainConfig
     dtype: torch.dtype
+    int8: Int8Options | None = None  # the base version had model.int8.onnx: made the same way
 
 
 def _section(
@@ -116,7 +121,13 @@ def plan_retrain(
     except (KeyError, TypeError) as err:
         raise RetrainError(f"{where}: model_config is not a zoo config ({err})") from err
     return RetrainPlan(
-        name, base, model, DatasetSpec(**dataset), TrainConfig(**config), EXPORT_DTYPES[datatype]
+        name,
+        base,
+        model,
+        DatasetSpec(**dataset),
+        TrainConfig(**config),
+        EXPORT_DTYPES[datatype],
+        None if md.int8 is None else options_of(md.int8),
     )
 
 

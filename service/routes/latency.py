@@ -7,8 +7,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, Field
 
-from service.latency import LatencyParams, scale
+from service.latency import LatencyParams
 from service.latency_lab import FoldLatencyLab
+from service.latency_words import scale
 from service.metrics import ServiceMetrics
 from service.protocol import error_responses
 from service.repository import ModelRepository
@@ -32,12 +33,28 @@ class VariantLatency(BaseModel):
     p90_ms: float
     p99_ms: float
     mean_ms: float
-    samples_per_s: float = Field(description="batch_size / mean latency")
+    samples_per_s: float = Field(description="batch_size / p50 latency")
 
 
 class SpeedupInterval(BaseModel):
     ratio: float = Field(description="unfolded p50 / folded p50 (> 1: folding is faster)")
     ci95: tuple[float, float] = Field(description="95% bootstrap interval over paired runs")
+
+
+class Int8Speedup(BaseModel):
+    ratio: float = Field(description="folded p50 / int8 p50 (> 1: INT8 is faster)")
+    ci95: tuple[float, float] = Field(description="95% bootstrap interval over paired runs")
+
+
+class FoldBound(BaseModel):
+    bn_share: float | None = Field(
+        description="BatchNormalization kernels' share of the unfolded model's kernel time "
+        "(ONNX Runtime's profiler, same optimization level; null: no kernel times)"
+    )
+    max_speedup: float | None = Field(
+        description="1 / (1 - bn_share): the most folding can buy, all BN work removed"
+    )
+    description: str
 
 
 class EndToEnd(BaseModel):
@@ -71,6 +88,17 @@ class FoldLatencyResponse(BaseModel):
     unfolded: VariantLatency
     speedup: SpeedupInterval
     verdict: str
+    bound: FoldBound | None = Field(
+        None, description="the speedup folding can reach on this model, beside the measured one"
+    )
+    int8: VariantLatency | None = Field(
+        None, description="model.int8.onnx, timed interleaved with the other two (int8=true)"
+    )
+    int8_speedup: Int8Speedup | None = Field(None, description="INT8 against folded FP32")
+    int8_verdict: str | None = None
+    int8_max_abs_diff: float | None = Field(
+        None, description="largest INT8 vs folded FP32 output difference on these inputs"
+    )
     saving_us_per_call: float = Field(
         description="unfolded p50 - folded p50 per session.run call, microseconds"
     )
@@ -118,14 +146,17 @@ async def fold_latency(
     seed: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
     samples: bool = False,
     cached: bool = False,
+    int8: bool = False,
 ) -> FoldLatencyResponse:
     """Time the folded and unfolded files of a version, interleaved, on the same runtime.
 
     ``isolate=true`` disables ORT's graph optimizations in both sessions (what folding
     itself buys); the default keeps them on (what a user gets). ``samples=true`` adds
-    the per-run latencies. ``cached=true`` returns the model's last report without
-    measuring (the measurement parameters are then ignored). One measurement runs at
-    a time: 429 with Retry-After while one runs.
+    the per-run latencies. ``int8=true`` also times the version's ``model.int8.onnx``
+    (409 when it has none) and adds ``int8`` and ``int8_speedup`` (against folded
+    FP32). ``cached=true`` returns the model's last report without measuring (the
+    measurement parameters are then ignored). One measurement runs at a time: 429
+    with Retry-After while one runs.
     """
     if cached:
         repository.entry(name)  # 404 for a model the repository does not have
@@ -134,7 +165,7 @@ async def fold_latency(
             body["samples_ms"] = None
     else:
         model = repository.get(name, version)
-        params = LatencyParams(batch_size, iterations, warmup, isolate, seed)
+        params = LatencyParams(batch_size, iterations, warmup, isolate, seed, int8=int8)
         body = (await lab.measure(model, params)).to_dict(samples=samples)
     body.update(in_scale(repository, metrics, name, body))
     return FoldLatencyResponse.model_validate({**body, "cached": cached})

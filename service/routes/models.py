@@ -59,6 +59,7 @@ def describe(repository: ModelRepository, name: str, version: str | None) -> Mod
         ],
         version=str(model.version),
         provider=model.provider,
+        variant=model.variant,
         io_binding=model.io_binding,
         bn_nodes=meta.bn_nodes,
         fold_report=FoldReportSummary(

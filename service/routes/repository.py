@@ -30,13 +30,14 @@ async def repository_index(repository: RepositoryDep, ready: bool = False) -> li
 
 
 def _failures(entry: ModelEntry) -> list[str]:
-    """Why versions of ``entry`` cannot serve, where that is a failure (not a policy)."""
+    """Why versions of ``entry`` cannot serve (or cannot serve the variant its config.json
+    asks for: a READY version with a reason), where that is a failure (not a policy)."""
     if not entry.versions:
         return [entry.why_not_ready()]
     return [
         f"version {v}: {s.reason}"
         for v, s in sorted(entry.versions.items())
-        if s.state != "READY" and not s.reason.startswith(NOT_SELECTED)
+        if s.reason and not s.reason.startswith(NOT_SELECTED)
     ]
 
 

@@ -126,6 +126,7 @@ function reportURL(cached) {
   } else {
     for (const id of ["batch_size", "iterations", "warmup"]) q.set(id, $(id).value);
     if ($("isolate").checked) q.set("isolate", "true");
+    if ($("int8").checked) q.set("int8", "true");
     if ($("version").value) q.set("version", $("version").value);
   }
   return `/v2/models/${name}/fold-latency?${q}`;
@@ -156,6 +157,17 @@ function renderReport(r) {
   $("speedup").textContent =
     `speedup ${r.speedup.ratio.toFixed(3)}x (95% CI ${low.toFixed(3)}-${high.toFixed(3)})`;
   $("verdict").textContent = `${r.model_name} v${r.model_version}: ${r.verdict}`;
+  $("bound").textContent = r.bound
+    ? `bound: ${r.bound.max_speedup ? `${r.bound.max_speedup.toFixed(3)}x` : "n/a"} (${r.bound.description})`
+    : "";
+  $("int8_speedup").hidden = !r.int8_speedup;
+  if (r.int8_speedup) {
+    const [l8, h8] = r.int8_speedup.ci95;
+    $("int8_speedup").textContent =
+      `int8 speedup over folded FP32 ${r.int8_speedup.ratio.toFixed(3)}x ` +
+      `(95% CI ${l8.toFixed(3)}-${h8.toFixed(3)}): ${r.int8_verdict}; ` +
+      `max abs diff ${fmt(r.int8_max_abs_diff)}`;
+  }
   $("case").textContent = r.case_description;
   $("saving").textContent =
     `saving per call: ${fmt(r.saving_us_per_call, 3)} us; per sample: ${fmt(r.saving_us_per_sample, 3)} us` +
@@ -165,7 +177,7 @@ function renderReport(r) {
 
   const body = $("variants").tBodies[0];
   body.replaceChildren();
-  for (const v of VARIANTS) {
+  for (const v of r.int8 ? [...VARIANTS, "int8"] : VARIANTS) {
     const s = r[v];
     const name = el("td");
     name.append(el("span", { class: "swatch", style: `background: var(--${v})` }), v);
@@ -301,6 +313,7 @@ async function main() {
     if (params.has(id)) $(id).value = params.get(id);
   }
   $("isolate").checked = params.get("isolate") === "true";
+  $("int8").checked = params.get("int8") === "true";
   $("api_key").value = sessionStorage.getItem("foldserve-api-key") || "";
   $("api_key").addEventListener("change", () =>
     sessionStorage.setItem("foldserve-api-key", $("api_key").value.trim()));

@@ -155,6 +155,7 @@ class ModelStore:
 def model_store(tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
     from training.data import load_dataset
     from training.export import export_run
+    from training.quantize import Int8Options
     from training.train import DatasetSpec, TrainConfig, save_run, train
     from training.zoo import ModelConfig
 
@@ -177,7 +178,10 @@ def model_store(tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
             ds.labels,
             ds.features,
         )
-        export_run(run_dir, root, name)
+        # digits_cnn also gets model.int8.onnx, as `export --int8` writes it (one calibration
+        # method, and no accuracy bar: this 1-epoch model is for serving tests).
+        int8 = Int8Options(methods=("MinMax",), tolerance=1.0) if model == "cnn" else None
+        export_run(run_dir, root, name, int8=int8)
         runs[name] = run_dir
     write_version(root, "two_io", 1, two_io_model())
     write_version(

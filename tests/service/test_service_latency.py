@@ -108,11 +108,43 @@ def test_report_values(
         assert s["p50_ms"] <= s["p90_ms"] <= s["p99_ms"]
         assert s["p50_ms"] == pytest.approx(np.median(ms), abs=1e-5)
         assert s["mean_ms"] == pytest.approx(ms.mean(), abs=1e-5)
-        assert s["samples_per_s"] == pytest.approx(4 * 1e3 / s["mean_ms"], rel=1e-9)
+        # From the median, like the speedup: one slow run must not reorder the variants.
+        assert s["samples_per_s"] == pytest.approx(4 * 1e3 / s["p50_ms"], rel=1e-9)
     speedup = r["speedup"]
     assert speedup["ratio"] == pytest.approx(r["unfolded"]["p50_ms"] / r["folded"]["p50_ms"])
     assert speedup["ci95"][0] <= speedup["ratio"] <= speedup["ci95"][1]
     assert f"{speedup['ratio']:.2f}x" in r["verdict"]
+    # The bound: BN kernels' share of the unfolded model's time. With ORT's optimizations on,
+    # a CNN's BN nodes are fused into their Convs: nothing left for folding to remove.
+    bound = r["bound"]
+    if bn_after == "Conv" and not isolate:
+        assert bound["bn_share"] == 0.0 and bound["max_speedup"] == 1.0
+    else:
+        assert 0.0 < bound["bn_share"] < 1.0
+        assert bound["max_speedup"] == pytest.approx(1 / (1 - bound["bn_share"]))
+    assert f"{bound['max_speedup']:.3f}x" in bound["description"]
+    assert r["int8"] is None and r["int8_speedup"] is None and "int8" not in r["samples_ms"]
+
+
+def test_int8_is_timed_with_the_other_two(client: httpx.Client, server: Any) -> None:
+    params = {"batch_size": 4, "iterations": 60, "warmup": 5, "samples": "true", "int8": "true"}
+    response = client.get(url(CNN), params=params, headers=KEY)
+    assert response.status_code == 200, response.text
+    r = response.json()
+    assert r["int8"].keys() == r["folded"].keys()
+    assert r["int8"]["file"] == "model.int8.onnx" and r["int8"]["bn_nodes"] == 0
+    ms = np.array(r["samples_ms"]["int8"])
+    assert ms.shape == (60,) and len(r["samples_ms"]["folded"]) == 60
+    assert r["int8"]["p50_ms"] == pytest.approx(np.median(ms), abs=1e-5)
+    ratio = r["int8_speedup"]["ratio"]
+    assert ratio == pytest.approx(r["folded"]["p50_ms"] / r["int8"]["p50_ms"])
+    assert r["int8_speedup"]["ci95"][0] <= ratio <= r["int8_speedup"]["ci95"][1]
+    assert f"{ratio:.2f}x" in r["int8_verdict"]
+    assert 0.0 < r["int8_max_abs_diff"] < 100.0  # quantized: close to FP32, not equal
+    # A version without model.int8.onnx cannot be measured with it: 409, named.
+    missing = client.get(url(MLP), params={"int8": "true", "iterations": 10}, headers=KEY)
+    assert missing.status_code == 409
+    assert "no model.int8.onnx" in missing.json()["error"]
 
 
 @pytest.mark.parametrize(

@@ -131,6 +131,9 @@ def test_page_lists_models_and_draws_the_report(fresh_server: Any, tmp_path: Pat
     low, high = report["speedup"]["ci95"]
     expected = f"speedup {report['speedup']['ratio']:.3f}x (95% CI {low:.3f}-{high:.3f})"
     assert dom.by_id("speedup").text == expected
+    bound = report["bound"]
+    assert dom.by_id("bound").text == f"bound: {bound['max_speedup']:.3f}x ({bound['description']})"
+    assert dom.by_id("int8_speedup").attrs.get("hidden") is not None  # not asked for
     # The saving in microseconds, that it is ONNX Runtime time only, and the served p50.
     assert dom.by_id("scale").text == report["scale"]
     assert dom.by_id("scope").text == report["scope"]
@@ -150,6 +153,22 @@ def test_page_lists_models_and_draws_the_report(fresh_server: Any, tmp_path: Pat
     assert len(dom.select("circle", "ratio")) == 1 and len(dom.select("rect", "ci")) == 1
     cells = Counter(e.text for e in dom.select("td", "num"))
     assert cells["0"] >= 1 and cells["2"] >= 1  # BN nodes: folded 0, unfolded 2
+
+
+@needs_chromium
+def test_page_shows_the_int8_variant(fresh_server: Any, tmp_path: Path) -> None:
+    with fresh_server(api_key=None) as live, live.client() as client:
+        query = "model=digits_cnn&run=measure&iterations=30&int8=true"
+        dom = dump_dom(f"{live.url}/ui?{query}", tmp_path / "profile")
+        report = client.get("/v2/models/digits_cnn/fold-latency", params={"cached": "true"}).json()
+    assert dom.by_id("error").text == ""
+    low, high = report["int8_speedup"]["ci95"]
+    assert dom.by_id("int8_speedup").text.startswith(
+        f"int8 speedup over folded FP32 {report['int8_speedup']['ratio']:.3f}x "
+        f"(95% CI {low:.3f}-{high:.3f}): {report['int8_verdict']}"
+    )
+    rows = [e.attrs["data-variant"] for e in dom.select("tr") if "data-variant" in e.attrs]
+    assert rows == ["folded", "unfolded", "int8"]
 
 
 @needs_chromium

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
+import torch
 from rich.markup import escape
 from rich.table import Table
 from torch import nn
@@ -35,6 +36,47 @@ class KeptBN:
     reason: str
     bn_type: str = ""
     bn_shape: list[int] = field(default_factory=list)
+
+
+RANGE_COLUMN = "folded |W'| per output channel: min - max (max/min)"
+RANGE_NOTE = (
+    "max/min: how far apart the output channels' largest |W'| are after folding; one INT8 "
+    "scale per tensor spends its 256 steps on the widest channel, so a large spread needs "
+    "per-channel scales (what `export --int8` uses)"
+)
+
+
+@dataclass(frozen=True)
+class ChannelRange:
+    """Over a layer's output channels c: the smallest and largest of max |W'[c]|."""
+
+    low: float
+    high: float
+
+    @property
+    def spread(self) -> float:
+        return self.high / self.low if self.low > 0 else float("inf")
+
+    def text(self) -> str:
+        return f"{self.low:.3g} - {self.high:.3g} ({self.spread:.3g}x)"
+
+
+def channel_range(weight: torch.Tensor) -> ChannelRange:
+    """:class:`ChannelRange` of a weight whose axis 0 is the output channel (Conv, Linear)."""
+    per_channel = weight.detach().abs().reshape(weight.shape[0], -1).amax(dim=1)  # (C_out,)
+    return ChannelRange(float(per_channel.min()), float(per_channel.max()))
+
+
+def channel_ranges(folded: nn.Module, report: FoldReport) -> dict[str, ChannelRange]:
+    """The folded weights' :class:`ChannelRange` of every layer a BN was folded into (by
+    layer name; layers absorbing several BNs, or without a weight, are left out)."""
+    modules = dict(folded.named_modules())
+    found = {}
+    for f in report.folded:
+        weight = getattr(modules.get(f.into), "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.ndim >= 2:
+            found[f.into] = channel_range(weight)
+    return found
 
 
 @dataclass
@@ -93,13 +135,22 @@ class FoldReport:
             for f in self.folded
         ] + [(layer(k.bn, k.bn_type, k.bn_shape), "kept", k.reason) for k in self.kept]
 
-    def table(self) -> Table:
-        """A rich table (BN, result, detail) for a console (print :data:`DIRECTIONS` with it)."""
+    def table(self, ranges: dict[str, ChannelRange] | None = None) -> Table:
+        """A rich table (BN, result, detail) for a console (print :data:`DIRECTIONS` with it);
+        with ``ranges`` (:func:`channel_ranges`), a column of each folded layer's spread."""
         table = Table(title=f"BatchNorm folding: {len(self.folded)} folded, {len(self.kept)} kept")
-        for column in ("BN (type, channels)", "result", "into (type, weight shape) / reason"):
+        columns = ["BN (type, channels)", "result", "into (type, weight shape) / reason"]
+        if ranges is not None:
+            columns.append(RANGE_COLUMN)
+        for column in columns:
             table.add_column(column)
-        for row in self._rows():
-            table.add_row(*(escape(cell) for cell in row))
+        layers = [f.into for f in self.folded] + [""] * len(self.kept)
+        for row, into in zip(self._rows(), layers, strict=True):
+            cells = list(row)
+            if ranges is not None:
+                found = ranges.get(into)
+                cells.append(found.text() if found is not None else "")
+            table.add_row(*(escape(cell) for cell in cells))
         return table
 
     def __str__(self) -> str:
