@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
-from test_service_overload import read_response
+from test_service_overload import poll, read_response
 
 DIGITS = "/v2/models/digits_cnn/infer"
 
@@ -21,11 +21,14 @@ DIGITS = "/v2/models/digits_cnn/infer"
 def closed_by_reason(url: str) -> dict[str, float]:
     """The close counters, asked until a connection gets through (it may find the server at
     its connection limit while the test's own closes are still on their way)."""
-    deadline = time.monotonic() + 30
-    while (answer := httpx.get(url + "/metrics", timeout=30)).status_code != 200:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    text = answer.text
+    answers: list[httpx.Response] = []
+
+    def answered() -> bool:
+        answers.append(httpx.get(url + "/metrics", timeout=30))
+        return answers[-1].is_success
+
+    poll(answered)
+    text = answers[-1].text
     return {
         s.labels["reason"]: s.value
         for family in text_string_to_metric_families(text)
@@ -105,10 +108,7 @@ def test_a_request_that_waits_in_line_past_the_body_timeout_is_served(
 
         holder = threading.Thread(target=post, args=("holder", 1))
         holder.start()
-        deadline = time.monotonic() + 30
-        while "foldserve_queue_depth" not in held_queue(live.url):
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        poll(lambda: "foldserve_queue_depth" in held_queue(live.url))
         start = time.monotonic()
         big = threading.Thread(target=post, args=("big", 600))
         big.start()
