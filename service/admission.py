@@ -37,7 +37,7 @@ class AdmissionGate:
         self.label = label  # "model 'name'", for messages
         self.admitted = 0  # requests past the gate and not yet answered
         self.waiting = 0  # requests in the line
-        self._gauge = gauge  # of ``waiting``: set only when the line changes (not per request)
+        self._gauge = gauge  # of ``waiting``: touched only by requests that wait
         # A waiter's future; done ones (timed out, cancelled) are skipped when a slot frees.
         self._line: deque[asyncio.Future[None]] = deque()
 
