@@ -13,6 +13,7 @@ import onnx
 import onnxruntime as ort
 
 from service.model_format import BATCHNORM, batchnorm_nodes
+from service.sessions import session_options
 
 log = logging.getLogger(__name__)
 
@@ -63,15 +64,7 @@ def batchnorm_share(
     with the given provider, threads and optimization level). With ORT's optimizations on,
     a BN that ORT fused into its Conv costs nothing here, as in serving. None when the
     profile has no kernel times (a provider that does not report them)."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.graph_optimization_level = (
-        ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if optimized
-        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    )
+    options = session_options(threads, optimized=optimized)
     options.enable_profiling = True
     with tempfile.TemporaryDirectory(prefix="foldserve-profile-") as tmp:
         options.profile_file_prefix = str(Path(tmp) / "bn")

@@ -36,6 +36,22 @@ def usable_cpus() -> int:
     return count
 
 
+def session_options(threads: int, *, optimized: bool = True) -> ort.SessionOptions:
+    """The options of every session the service runs: ``threads`` intra-op threads that do
+    not spin, one inter-op thread; ``optimized=False``: no ONNX Runtime graph passes."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    # Spinning worker threads would take the CPU from the event loop between requests.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if optimized
+        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    return options
+
+
 class SessionFactory:
     """Creates sessions with the configured provider and thread count.
 
@@ -67,16 +83,7 @@ class SessionFactory:
 
     def create(self, model: bytes, *, optimized: bool = True) -> ort.InferenceSession:
         """A session for serialized ONNX ``model``; ``optimized=False``: no ORT graph passes."""
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = self.threads
-        options.inter_op_num_threads = 1
-        # Spinning worker threads would take the CPU from the event loop between requests.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.graph_optimization_level = (
-            ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            if optimized
-            else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        )
+        options = session_options(self.threads, optimized=optimized)
         with self._lock:
             wanted = self.provider_list()
             probing = wanted[0] == CUDA and not self._cuda_started
