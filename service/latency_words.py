@@ -52,25 +52,35 @@ def scale(saving_us: float, batch_size: int, e2e_p50_ms: float | None, requests:
     )
 
 
-def verdict(speedup: Speedup) -> str:
+def _verdict(speedup: Speedup, faster: str, slower: str, unresolved: str) -> str:
+    """The speedup in words: ``faster`` (e.g. "folded is {r} as fast as unfolded") when its
+    interval lies above 1, ``slower`` below 1, else ``unresolved``."""
     ratio, low, high = speedup.ratio, speedup.ci_low, speedup.ci_high
     interval = f"(95% CI {low:.3f}-{high:.3f})"
     if low > 1.0:
-        return f"folded is {ratio:.2f}x as fast as unfolded {interval}"
+        return f"{faster.format(ratio=f'{ratio:.2f}x')} {interval}"
     if high < 1.0:
-        return f"folded is slower: {ratio:.2f}x {interval}"
-    return f"no difference resolved: {ratio:.2f}x {interval} includes 1"
+        return f"{slower}: {ratio:.2f}x {interval}"
+    return f"{unresolved}: {ratio:.2f}x {interval} includes 1"
+
+
+def verdict(speedup: Speedup) -> str:
+    return _verdict(
+        speedup,
+        "folded is {ratio} as fast as unfolded",
+        "folded is slower",
+        "no difference resolved",
+    )
 
 
 def int8_verdict(speedup: Speedup) -> str:
     """INT8 against the folded FP32 model, in words (ratio: folded p50 / int8 p50)."""
-    ratio, low, high = speedup.ratio, speedup.ci_low, speedup.ci_high
-    interval = f"(95% CI {low:.3f}-{high:.3f})"
-    if low > 1.0:
-        return f"int8 is {ratio:.2f}x as fast as folded FP32 {interval}"
-    if high < 1.0:
-        return f"int8 is slower than folded FP32: {ratio:.2f}x {interval}"
-    return f"no INT8 difference resolved: {ratio:.2f}x {interval} includes 1"
+    return _verdict(
+        speedup,
+        "int8 is {ratio} as fast as folded FP32",
+        "int8 is slower than folded FP32",
+        "no INT8 difference resolved",
+    )
 
 
 def bound_words(share: float | None, isolate: bool) -> str:
