@@ -187,8 +187,13 @@ def test_real_process_starts_from_the_command_line(tmp_path: Path, build: Any) -
                 pass
             assert proc.poll() is None and time.monotonic() < deadline, "server did not start"
             time.sleep(0.1)
-        meta = httpx.get(f"http://127.0.0.1:{port}/v2/models/linear", timeout=5).json()
-        assert meta["provider"] == "CPUExecutionProvider"
+        # Each worker turns ready on its own, and a new connection may reach the other one
+        # while it still loads (503): poll until the model answers.
+        model_url = f"http://127.0.0.1:{port}/v2/models/linear"
+        while (found := httpx.get(model_url, timeout=5)).status_code != 200:
+            assert found.status_code == 503 and time.monotonic() < deadline, found.text
+            time.sleep(0.1)
+        assert found.json()["provider"] == "CPUExecutionProvider"
     finally:
         proc.terminate()
         _, err = proc.communicate(timeout=10)
