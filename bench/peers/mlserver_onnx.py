@@ -8,10 +8,11 @@ uvloop 0.22). The runtime, :class:`OnnxRuntime`, is written as MLServer's
 custom-runtime guide shows: an ``MLModel`` whose async ``load`` opens the file
 named by ``parameters.uri`` and whose async ``predict`` decodes the V2 request
 with ``NumpyCodec``, runs the session and encodes each output back. This
-script writes MLServer's ``settings.json`` (ports; everything else MLServer's
-defaults: one inference worker process, adaptive batching off) and one
-``model-settings.json`` per model of the repository into a temporary folder,
-then becomes ``mlserver start`` on that folder.
+script writes MLServer's ``settings.json`` (ports, and ``parallel_workers`` with
+``--workers``; everything else MLServer's defaults: one inference worker
+process, adaptive batching off) and one ``model-settings.json`` per model of
+the repository into a temporary folder, then becomes ``mlserver start`` on that
+folder. MLServer serves gRPC as well as REST: ``--grpc-port`` picks its port.
 """
 
 from __future__ import annotations
@@ -65,14 +66,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--repository", type=Path, default=Path("models"))
     parser.add_argument("--port", type=int, default=8004)
+    parser.add_argument("--grpc-port", type=int, help="MLServer's gRPC port (default: a free one)")
+    parser.add_argument(
+        "--workers", type=int, help="inference worker processes (default: MLServer's, 1)"
+    )
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="mlserver-"))
     settings = {
         "host": "127.0.0.1",
         "http_port": args.port,
-        "grpc_port": free_port(),
+        "grpc_port": args.grpc_port or free_port(),
         "metrics_port": free_port(),
     }
+    if args.workers is not None:
+        settings["parallel_workers"] = args.workers
     (folder / "settings.json").write_text(json.dumps(settings))
     for model_dir in sorted(args.repository.resolve().iterdir()):
         if not model_dir.is_dir() or model_dir.name.startswith("."):
