@@ -128,6 +128,7 @@ def run_h2load(
         str(log_file),
         url + METHOD,
     ]
+    log_file.unlink(missing_ok=True)  # h2load appends to it
     done = subprocess.run(command, capture_output=True, text=True, check=True)
     out = done.stdout
     counts, status, traffic, finished = (
