@@ -1,0 +1,318 @@
+"""gRPC throughput: FoldServe's gRPC beside its REST, MLServer's and KServe's gRPC, a gRPC floor.
+
+    python bench/grpc_throughput.py --repository models
+    python bench/grpc_throughput.py --quick            # the cells the targets name, 3 s each
+    python bench/grpc_throughput.py --servers floor,mlserver,kserve --seconds 5
+    python bench/grpc_throughput.py --record docs/benchmarks.md
+
+Servers, one at a time, each with ``--workers`` processes where it takes a count:
+the gRPC floor (bench/peers/grpc_floor.py: a bare ``grpc.aio`` server answering a
+constant), FoldServe (``--grpc-port``; also its REST JSON and binary tensors on the
+same server, driven by wrk), MLServer (``parallel_workers``; one process serves its
+gRPC and REST) and KServe (its gRPC server runs in the main process whatever its
+REST worker count, so it runs with one). Cells: model x batch x calls in flight,
+each call carrying ``batch`` samples. gRPC through h2load on prepared ModelInfer
+frames (bench/grpc_load.py), with ``CONNECTIONS`` connections and streams per
+connection for each number of calls in flight; REST through wrk with that many
+keep-alive connections, one request in flight each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import grpc
+import grpc_load
+import numpy as np
+import onnxruntime as ort
+import throughput_load as load
+import throughput_servers as servers
+from grpc_report import Cell, cell_line, ratios, tables
+from markdown_section import publish
+
+START, END = "<!-- grpc-throughput:start -->", "<!-- grpc-throughput:end -->"
+# calls in flight -> (connections, streams in flight per connection); 16 connections at 64
+# spread over the workers' shared port more evenly than 8 would.
+CONNECTIONS = {1: (1, 1), 8: (8, 1), 64: (16, 4)}
+MODELS = ("digits_cnn", "resnet_bench")
+BATCHES = (1, 32)
+# The cells the targets compare: digits_cnn batch 1 and resnet_bench batch 32.
+QUICK = (("digits_cnn", 1), ("resnet_bench", 32))
+GOOD_STATUSES = {"200", "OK", "0"}  # FoldServe's request counter: a served call, REST or gRPC
+
+
+@dataclass(frozen=True)
+class Server:
+    """A server of the run: how it starts, its gRPC port, whether its REST is measured too."""
+
+    spec: servers.ServerSpec
+    grpc_port: int | None  # None: its --port is its gRPC port (the floor)
+    rest: bool = False
+
+    def grpc_target(self, running: servers.RunningServer) -> str:
+        return f"127.0.0.1:{self.grpc_port or running.port}"
+
+
+@dataclass
+class Run:
+    args: argparse.Namespace
+    workdir: Path
+    cells: list[Cell] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def server_list(args: argparse.Namespace, log: Path) -> list[Server]:
+    repo = str(args.repository.resolve())
+    workers = ["--workers", str(args.workers)]
+    wanted = args.servers.split(",")
+    found: list[Server] = []
+    with log.open("a") as out:
+        if "floor" in wanted:
+            command = [sys.executable, str(servers.PEERS / "grpc_floor.py"), *workers]
+            found.append(Server(servers.ServerSpec("grpc-floor", "gRPC floor", command), None))
+        if "fold" in wanted:
+            port = servers.free_port()
+            command = [sys.executable, "-m", "service", "--repository", repo]
+            command += ["--providers", "cpu", *workers, "--grpc-port", str(port)]
+            found.append(Server(servers.ServerSpec("fold", "FoldServe", command), port, True))
+        if "mlserver" in wanted:
+            port = servers.free_port()
+            python = servers.peer_python(servers.MLSERVER_VENV, servers.MLSERVER_PACKAGES, out)
+            command = [str(python), str(servers.PEERS / "mlserver_onnx.py"), "--repository", repo]
+            command += ["--grpc-port", str(port), *workers]
+            found.append(Server(servers.ServerSpec("mlserver", "MLServer", command), port))
+        if "kserve" in wanted:
+            port = servers.free_port()
+            python = servers.peer_python(servers.KSERVE_VENV, servers.KSERVE_PACKAGES, out)
+            command = [str(python), str(servers.PEERS / "kserve_onnx.py"), "--repository", repo]
+            command += ["--enable_grpc", "true", "--grpc_port", str(port), "--workers", "1"]
+            command += ["--configure_logging", "false", "--enable_latency_logging", "false"]
+            found.append(Server(servers.ServerSpec("kserve", "KServe", command), port))
+    return found
+
+
+def fold_has_grpc() -> bool:
+    done = subprocess.run(
+        [sys.executable, "-m", "service", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=servers.ROOT,
+        check=False,
+    )
+    return "--grpc-port" in done.stdout
+
+
+def wait_grpc(running: servers.RunningServer, target: str, payload: grpc_load.GrpcPayload) -> None:
+    """Until a ModelInfer call on ``target`` succeeds (the server listens, the model loaded)."""
+    deadline = time.monotonic() + 180.0
+    while True:
+        if running.process.poll() is not None:
+            raise RuntimeError(f"{running.spec.label} exited; log: {running.log_path}")
+        try:
+            grpc_load.call_raw(target, payload, timeout=10.0)
+            return
+        except grpc.RpcError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{running.spec.label}: no gRPC answer") from None
+            time.sleep(0.3)
+
+
+def served_ok(url: str, model: str) -> int:
+    """FoldServe's count of ``model``'s served requests (``foldserve_inference_requests``,
+    all workers, any transport) from its ``/metrics``."""
+    with urllib.request.urlopen(url + "/metrics", timeout=30) as response:
+        text = response.read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith("foldserve_inference_requests_total{"):
+            continue
+        labels, value = line.rsplit(" ", 1)
+        status = labels.split('status="', 1)[1].split('"', 1)[0] if 'status="' in labels else ""
+        if f'model="{model}"' in labels and status in GOOD_STATUSES:
+            total += float(value)
+    return int(total)
+
+
+def reference(repository: Path, payload: grpc_load.GrpcPayload) -> dict[str, np.ndarray]:
+    """ONNX Runtime's own outputs for the payload's inputs, by name."""
+    session = ort.InferenceSession(
+        str(load.model_file(repository, payload.model)), providers=["CPUExecutionProvider"]
+    )
+    results = session.run(None, {payload.input_name: payload.inputs})
+    return {o.name: np.asarray(y) for o, y in zip(session.get_outputs(), results, strict=True)}
+
+
+def cells_of(args: argparse.Namespace) -> Iterator[tuple[str, int]]:
+    for model in args.models.split(","):
+        for batch in BATCHES:
+            if not args.quick or (model, batch) in QUICK:
+                yield model, batch
+
+
+def grpc_cells(run: Run, server: Server, running: servers.RunningServer) -> None:
+    args, target = run.args, server.grpc_target(running)
+    url = f"http://{target}"
+    floor = server.grpc_port is None
+    for model, batch in cells_of(args):
+        name, sample = load.model_input(args.repository, model)
+        payload = grpc_load.make_payload(model, name, sample, batch)
+        frame = payload.write(run.workdir)
+        wait_grpc(running, target, payload)
+        answer = grpc_load.answer_frame_bytes(target, payload)
+        expected = None if floor else reference(args.repository, payload)
+        log = run.workdir / "h2load.log"
+        grpc_load.run_h2load(url, frame, *CONNECTIONS[max(args.in_flight)], args.warmup, log)
+        for in_flight in args.in_flight:
+            before_ok = served_ok(running.url, model) if server.rest else None
+            cpu = running.cpu_seconds()
+            h2 = grpc_load.run_h2load(url, frame, *CONNECTIONS[in_flight], args.seconds, log)
+            cpu = running.cpu_seconds() - cpu
+            ok = None
+            if before_ok is not None:
+                ok = served_ok(running.url, model) - before_ok
+            diff = grpc_load.check_answers(target, payload, expected)
+            answered = h2.answered(answer)
+            cell = Cell(
+                f"{running.spec.label} gRPC",
+                model,
+                batch,
+                in_flight,
+                h2.done,
+                answered,
+                h2.seconds,
+                h2.percentile_ms(0.5),
+                h2.percentile_ms(0.99),
+                cpu / max(answered, 1) * 1e6,
+                ok,
+                None if floor else diff,
+            )
+            run.cells.append(cell)
+            print(cell_line(cell), flush=True)
+            if h2.failed or answered != h2.done:
+                run.notes.append(
+                    f"- {cell.row}, {model} batch {batch} @{in_flight}: {h2.done - answered} of "
+                    f"{h2.done} calls got no answer, {h2.failed} failed in h2load"
+                )
+
+
+def rest_cells(run: Run, running: servers.RunningServer) -> None:
+    args = run.args
+    for model, batch in cells_of(args):
+        name, sample = load.model_input(args.repository, model)
+        path = f"/v2/models/{model}/infer"
+        for kind in ("json", "binary"):
+            payload = load.make_payload(name, sample, batch, kind)  # the gRPC cells' inputs
+            body = payload.write(run.workdir, model)
+            servers.wait_ready(running, path, payload.body, payload.headers)
+            url = running.url + path
+            load.run_wrk(url, body, payload.headers, max(args.in_flight), args.warmup)
+            for in_flight in args.in_flight:
+                cpu = running.cpu_seconds()
+                raw = load.run_wrk(url, body, payload.headers, in_flight, args.seconds)
+                cpu = running.cpu_seconds() - cpu
+                failed = sum(
+                    int(raw[k])
+                    for k in ("connect_errors", "read_errors", "write_errors", "timeouts")
+                )
+                answered = int(raw["requests"]) - int(raw["status_errors"])
+                cell = Cell(
+                    f"{running.spec.label} REST {'JSON' if kind == 'json' else 'binary'}",
+                    model,
+                    batch,
+                    in_flight,
+                    int(raw["requests"]) + failed,
+                    answered,
+                    raw["duration_us"] / 1e6,
+                    raw["p50_us"] / 1e3,
+                    raw["p99_us"] / 1e3,
+                    cpu / max(answered, 1) * 1e6,
+                )
+                run.cells.append(cell)
+                print(cell_line(cell), flush=True)
+
+
+def conditions(args: argparse.Namespace, before: tuple[float, float]) -> list[str]:
+    one, five, _ = os.getloadavg()
+    h2load = subprocess.run(
+        [grpc_load.require_h2load(), "--version"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    versions = [f"python {platform.python_version()}", f"grpcio {grpc.__version__}"]
+    versions.append(f"onnxruntime {ort.__version__}")
+    if "mlserver" in args.servers:
+        versions.append(
+            f"mlserver {servers.pip_version(servers.MLSERVER_VENV / 'bin' / 'python', 'mlserver')}"
+        )
+    if "kserve" in args.servers:
+        versions.append(
+            f"kserve {servers.pip_version(servers.KSERVE_VENV / 'bin' / 'python', 'kserve')}"
+        )
+    streams = ", ".join(
+        f"{n}: {c} x {m}" for n, (c, m) in CONNECTIONS.items() if n in args.in_flight
+    )
+    return [
+        f"- date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; machine: {load.cpu_model()}, "
+        f"{len(os.sched_getaffinity(0))} usable CPUs; load average before: "
+        f"{before[0]:.2f} {before[1]:.2f}, after: {one:.2f} {five:.2f}",
+        f"- {', '.join(versions)}; {h2load} (gRPC), wrk (REST), 1 thread each",
+        f"- each cell: {args.seconds:g} s, closed loop, after a {args.warmup:g} s warm-up per "
+        f"server, model, batch and transport; one server running at a time; {args.workers} "
+        "worker processes for FoldServe and the floor, MLServer's parallel_workers the same "
+        "(one frontend process), KServe's gRPC in its one main process",
+        f"- calls in flight: connections x streams per connection (gRPC) = {streams}; REST: "
+        "that many keep-alive connections, one request each",
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--repository", type=Path, default=Path("models"))
+    parser.add_argument("--servers", default="floor,fold,mlserver,kserve")
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--in-flight", default="1,8,64", help=f"any of {list(CONNECTIONS)}")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--seconds", type=float, default=6.0)
+    parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--quick", action="store_true", help="digits b1, resnet b32, 64, 3 s")
+    parser.add_argument("--record", type=Path, help="write the table into this markdown file")
+    args = parser.parse_args()
+    args.in_flight = [int(n) for n in args.in_flight.split(",")]
+    if args.quick:
+        args.in_flight, args.seconds, args.warmup = [64], 3.0, 1.0
+    if "fold" in args.servers.split(",") and not fold_has_grpc():
+        raise SystemExit(
+            "this checkout's `python -m service` has no --grpc-port: --servers without fold"
+        )
+    before = os.getloadavg()[:2]
+    with tempfile.TemporaryDirectory(prefix="grpc-throughput-") as tmp:
+        run = Run(args, Path(tmp))
+        for server in server_list(args, run.workdir / "venv.log"):
+            running = servers.start(server.spec, run.workdir)
+            try:
+                grpc_cells(run, server, running)
+                if server.rest:
+                    rest_cells(run, running)
+            except Exception:
+                print(running.log_path.read_text()[-3000:], file=sys.stderr)
+                raise
+            finally:
+                servers.stop(running)
+        groups = list(cells_of(args))
+        lines = [*conditions(args, before), "", *tables(run.cells, groups, args.in_flight)]
+        lines += [*ratios(run.cells, args.in_flight), "", *run.notes]
+    record = args.record or Path(os.devnull)
+    publish(lines, record, START, END, write=args.record is not None)
+
+
+if __name__ == "__main__":
+    main()
