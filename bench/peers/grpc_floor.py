@@ -1,6 +1,6 @@
 """The gRPC floor: a bare ``grpc.aio`` server whose ModelInfer answers one constant response.
 
-    python bench/peers/grpc_floor.py --port 8001 [--workers 2]
+    python bench/peers/grpc_floor.py --port 8001 [--workers 2] [--loop asyncio]
 
 It implements Triton's ``inference.GRPCInferenceService`` (the stubs that
 ``tritonclient.grpc`` ships) with ``ModelInfer`` answering one prebuilt
@@ -10,7 +10,10 @@ still parses every request and serializes the answer, and runs no model: what a
 Python gRPC server costs per call before it does anything. ``--workers`` server
 processes listen on one port (SO_REUSEPORT, grpcio's default on Linux), each
 started with multiprocessing's spawn method and creating its server inside its
-own event loop (grpc.aio servers cannot cross a fork).
+own event loop (grpc.aio servers cannot cross a fork). The loop is uvloop, as in
+FoldServe's workers (uvicorn's), unless ``--loop asyncio``: grpc.aio answered
+1.2x as many calls on uvloop as on asyncio's own loop here (digits_cnn batch 1,
+64 calls in flight, 2 workers).
 """
 
 from __future__ import annotations
@@ -83,8 +86,13 @@ async def serve(host: str, port: int, bound: Queue[int]) -> None:
     await server.wait_for_termination()
 
 
-def worker(host: str, port: int, bound: Queue[int]) -> None:
-    asyncio.run(serve(host, port, bound))
+def worker(host: str, port: int, bound: Queue[int], loop: str) -> None:
+    if loop == "uvloop":
+        import uvloop
+
+        uvloop.run(serve(host, port, bound))
+    else:
+        asyncio.run(serve(host, port, bound))
 
 
 def main() -> None:
@@ -92,6 +100,7 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8001)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="uvloop")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
@@ -103,7 +112,7 @@ def main() -> None:
     spawn = multiprocessing.get_context("spawn")
     bound: Queue[int] = spawn.Queue()
     workers = [
-        spawn.Process(target=worker, args=(args.host, args.port, bound), daemon=True)
+        spawn.Process(target=worker, args=(args.host, args.port, bound, args.loop), daemon=True)
         for _ in range(args.workers)
     ]
     try:
