@@ -20,7 +20,6 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
-from service.admission import AdmissionGates
 from service.connections import (
     GUARD_STATE_KEY,
     REASONS,
@@ -28,6 +27,7 @@ from service.connections import (
     default_max_connections,
     describe,
 )
+from service.dataplane import DataPlane
 from service.drain import Drain
 from service.errors import install_error_handlers
 from service.latency_lab import FoldLatencyLab
@@ -153,7 +153,7 @@ def create_app(settings: Settings | None = None, repo: ModelRepository | None = 
     app.state.metrics = service_metrics
     app.state.sync = sync
     app.state.drain = drain
-    app.state.admission = AdmissionGates(service_metrics.admission_waiting)
+    app.state.dataplane = DataPlane(repo, service_metrics, sync, drain, settings.max_request_bytes)
     app.state.fold_latency = FoldLatencyLab(runtime, settings.fold_latency_max_seconds)
     install_error_handlers(app)
     infer.install(app)  # before the request middleware, which must wrap its dispatch
