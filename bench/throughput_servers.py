@@ -110,7 +110,8 @@ def server_specs(
     (one inference worker); with ``baseline`` (another checkout, e.g. a ``git worktree`` of
     the previous commit) also FoldServe as it was there."""
     repo = str(repository)
-    fold_env: dict[str, str] = {}  # FoldServe's defaults, access log included
+    # FoldServe's defaults, access log included; gRPC off (bench/grpc_throughput.py measures it)
+    fold_env: dict[str, str] = {"FOLDSERVE_GRPC_PORT": "0"}
     fold = [sys.executable, "-m", "service", "--repository", repo, "--providers", "cpu"]
     fold += ["--workers", str(workers)]
     processes = ["--workers", str(workers)]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib.util
 import logging
 import os
@@ -46,6 +47,7 @@ FLAGS: dict[str, dict[str, Any]] = {
     "repository": {},
     "host": {},
     "port": {"type": int},
+    "grpc_port": {"type": int},
     "providers": {"choices": ["auto", "cuda", "cpu"]},
     "threads": {"type": int},
     "io_binding": {"choices": ["auto", "on", "off"]},
@@ -164,10 +166,38 @@ def main(argv: Sequence[str] | None = None) -> None:
         "access_log": False,  # the request middleware logs each request with its id
         "server_header": False,
     }
-    if workers == 1:
-        log.info("serving with 1 worker, %s loop, %s parser", loop, http)
-        uvicorn.run(create_app(settings), **server)
-        return
+    # The gRPC port: taken by another server, it fails here, with a clear message, rather
+    # than joining that server's SO_REUSEPORT group. Held while the workers serve.
+    with grpc_port_held(settings):
+        if workers == 1:
+            log.info("serving with 1 worker, %s loop, %s parser", loop, http)
+            uvicorn.run(create_app(settings), **server)
+            return
+        serve_workers(settings, flags, workers, server, loop, http)
+
+
+def grpc_port_held(settings: Settings) -> contextlib.AbstractContextManager[object]:
+    """A bound, not listening socket on the gRPC port (nothing when gRPC is off)."""
+    if not settings.grpc_port:
+        return contextlib.nullcontext()
+    try:
+        return reserve_port(settings.host, settings.grpc_port)
+    except OSError as err:
+        raise SystemExit(
+            f"python -m service: cannot serve gRPC on {settings.host}:{settings.grpc_port}: "
+            f"{err} (--grpc-port 0 turns gRPC off)"
+        ) from err
+
+
+def serve_workers(
+    settings: Settings,
+    flags: dict[str, Any],
+    workers: int,
+    server: dict[str, Any],
+    loop: str,
+    http: str,
+) -> None:
+    """Several worker processes under uvicorn's supervisor, each with its own listener."""
     # Each worker reads its settings from the environment: hand the flags over there, with
     # the runtime directory the workers keep in step through and the metrics they sum.
     runtime = settings.runtime_dir or Path(tempfile.mkdtemp(prefix="foldserve-runtime-"))

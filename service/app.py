@@ -20,7 +20,6 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
-from service.admission import AdmissionGates
 from service.connections import (
     GUARD_STATE_KEY,
     REASONS,
@@ -28,8 +27,10 @@ from service.connections import (
     default_max_connections,
     describe,
 )
+from service.dataplane import DataPlane
 from service.drain import Drain
 from service.errors import install_error_handlers
+from service.grpc_server import start_grpc
 from service.latency_lab import FoldLatencyLab
 from service.logs import flush_logs
 from service.metrics import ServiceMetrics, leave_multiprocess
@@ -71,6 +72,11 @@ async def load_and_poll(repo: ModelRepository, sync: WorkerSync, interval: float
 # (service.admission), which the older generations' scans walk again and again: with
 # thousands of clients in line, at 700 those scans took a tenth of a worker's time.
 YOUNG_COLLECTION_THRESHOLD = 10_000
+
+
+# The longest a worker waits at shutdown for its gRPC calls in flight (at least this, or the
+# drain period when it is longer).
+GRPC_GRACE_S = 5.0
 
 
 def freeze_startup_objects() -> None:
@@ -122,13 +128,18 @@ def create_app(settings: Settings | None = None, repo: ModelRepository | None = 
     guard = connection_guard(settings, service_metrics)
 
     @contextlib.asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[dict[str, Any]]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         drain.install()
         tasks = [
             asyncio.create_task(load_and_poll(repo, sync, settings.poll_interval)),
             asyncio.create_task(sync.watch()),
         ]
+        grpc_service = None
+        if settings.grpc_port:  # created here: a grpc.aio server belongs to this event loop
+            grpc_service = await start_grpc(app.state.dataplane, settings, server_version())
         yield {GUARD_STATE_KEY: guard}  # uvicorn hands it to every connection's protocol
+        if grpc_service is not None:  # calls in flight finish, new ones get UNAVAILABLE
+            await grpc_service.stop(max(settings.drain_seconds, GRPC_GRACE_S))
         sync.leave()
         leave_multiprocess()
         for task in tasks:
@@ -153,7 +164,7 @@ def create_app(settings: Settings | None = None, repo: ModelRepository | None = 
     app.state.metrics = service_metrics
     app.state.sync = sync
     app.state.drain = drain
-    app.state.admission = AdmissionGates(service_metrics.admission_waiting)
+    app.state.dataplane = DataPlane(repo, service_metrics, sync, drain, settings.max_request_bytes)
     app.state.fold_latency = FoldLatencyLab(runtime, settings.fold_latency_max_seconds)
     install_error_handlers(app)
     infer.install(app)  # before the request middleware, which must wrap its dispatch

@@ -225,7 +225,7 @@ def serialize_bytes_tensor(array: np.ndarray) -> bytes:
     return b"".join(parts)
 
 
-def _tensor_bytes(tensor: OutputTensor) -> bytes:
+def tensor_bytes(tensor: OutputTensor) -> bytes:
     if tensor.datatype == "BYTES":
         return serialize_bytes_tensor(tensor.array)
     little = tensor.array.dtype.newbyteorder("<")
@@ -267,7 +267,7 @@ def encode_infer_response(
             "shape": list(tensor.array.shape),
         }
         if tensor.binary:
-            blob = _tensor_bytes(tensor)
+            blob = tensor_bytes(tensor)
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:

@@ -77,9 +77,19 @@ class UnsupportedMediaType(ServiceError):
 
 
 class ModelNotReady(ServiceError):
-    """The model (or the whole repository) exists but cannot serve yet."""
+    """The model cannot serve *yet*: the repository is still loading, or the version was
+    swapped out while the request waited. Transient: a retry soon can succeed."""
 
     status_code = 503
+
+
+class ModelUnavailable(ServiceError):
+    """The model exists but has no version that can serve: unloaded, failed to load, or
+    excluded by its version policy. Not transient (a retry does not help until someone
+    loads it), so 400, as Triton answers, and not 503, which clients and load balancers
+    read as "retry soon"."""
+
+    status_code = 400
 
 
 class LoadFailed(ServiceError):
@@ -92,6 +102,12 @@ class LoadFailed(ServiceError):
 class WorkersOutOfStep(ServiceError):
     """A management change was applied here, but another worker process has not applied it
     in time or serves different versions."""
+
+    status_code = 503
+
+
+class ShuttingDown(ServiceError):
+    """The server is stopping: calls in flight finish, new ones go elsewhere."""
 
     status_code = 503
 

@@ -60,6 +60,7 @@ class RequestRecord:
     """What an inference request resolved to; filled in while it is handled."""
 
     model: str
+    protocol: str = "rest"  # the transport: rest or grpc
     version: str = ""
     decode_s: float = 0.0  # request body to checked tensors
     encode_s: float = 0.0  # outputs to response body
@@ -135,14 +136,15 @@ class ServiceMetrics:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "foldserve_inference_requests",
-            "Inference requests by model, version and HTTP status code",
-            ["model", "version", "status"],
+            "Inference requests by model, version, HTTP status code (gRPC: the HTTP status "
+            "of the same error) and protocol (rest, grpc)",
+            ["model", "version", "status", "protocol"],
             registry=self.registry,
         )
         self.request_seconds = Histogram(
             "foldserve_request_duration_seconds",
             "Inference request time from first byte read to response built",
-            ["model", "version", "status"],
+            ["model", "version", "status", "protocol"],
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
@@ -240,7 +242,7 @@ class ServiceMetrics:
             registry=self.registry,
             multiprocess_mode="livesum",
         )
-        self._request_counters: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+        self._request_counters: dict[tuple[str, str, int, str], tuple[Counter, Histogram]] = {}
         self._codec_counters: dict[tuple[str, str], tuple[Counter, Counter]] = {}
         self.models_ready = Gauge(
             "foldserve_model_versions_ready",
@@ -249,17 +251,17 @@ class ServiceMetrics:
             multiprocess_mode="livemax",  # every worker serves the same versions
         )
 
-    def track_request(self, model: str) -> RequestTracker:
+    def track_request(self, model: str, protocol: str = "rest") -> RequestTracker:
         """Count and time one inference request (``with``): the status comes from the error
         raised, if any."""
-        return RequestTracker(self, RequestRecord(model))
+        return RequestTracker(self, RequestRecord(model, protocol))
 
     def count_request(self, record: RequestRecord, status: int, seconds: float) -> None:
         # Labelled children are cached: labels() costs more than the update itself.
-        key = (record.model, record.version, status)
+        key = (record.model, record.version, status, record.protocol)
         found = self._request_counters.get(key)
         if found is None:
-            labels = (record.model, record.version, str(status))
+            labels = (record.model, record.version, str(status), record.protocol)
             found = self.requests.labels(*labels), self.request_seconds.labels(*labels)
             self._request_counters[key] = found
         counter, timer = found

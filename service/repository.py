@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from service.derived import DerivedVersions, open_version
-from service.errors import ModelNotFound, ModelNotReady
+from service.errors import ModelNotFound, ModelNotReady, ModelUnavailable
 from service.model_config import (
     BatchingOverrides,
     ModelConfig,
@@ -146,13 +146,15 @@ class ModelRepository:
         return entry, entry.versions[number]
 
     def get(self, name: str, version: str | None = None) -> ServedVersion:
-        """The model to run; 404 for unknown names or versions, 503 when not ready."""
+        """The model to run: :class:`ModelNotFound` for unknown names or versions,
+        :class:`ModelUnavailable` when the model or version cannot serve, and
+        :class:`ModelNotReady` while the repository is still loading."""
         entry, status = self.resolve(name, version)
         if status is not None and status.model is not None:
             return status.model
         if status is None:
-            raise ModelNotReady(f"model '{name}' has no ready version: {entry.why_not_ready()}")
-        raise ModelNotReady(f"model '{name}' version {version} is not ready: {status.reason}")
+            raise ModelUnavailable(f"model '{name}' has no ready version: {entry.why_not_ready()}")
+        raise ModelUnavailable(f"model '{name}' version {version} is not ready: {status.reason}")
 
     # -- scanning (serialized) -----------------------------------------------
 

@@ -1,11 +1,11 @@
-"""ServedVersion: one READY model version and everything it serves with, from load to close.
+"""ServedVersion: one READY model version and what it owns, from load to close.
 
 The repository creates a :class:`ServedVersion` when a version passes its
 checks and closes it when the version is swapped out or unloaded. It owns the
 version's ONNX Runtime sessions (the served one: folded, or INT8 when the model's
 ``config.json`` asks; the others and the unoptimized ones on demand), its batching
 configuration and dynamic batcher, and the specs that requests are checked against;
-a request asks it, never a side table.
+the data plane (:mod:`service.dataplane`) runs requests through it.
 """
 
 from __future__ import annotations
@@ -20,13 +20,11 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
-from service.batching import DynamicBatcher, Feeds, Outputs, Receive
-from service.codecs import DecodedRequest, OutputTensor, RequestedOutput
-from service.inference import classify, prepare_feeds, select_outputs
+from service.batching import DynamicBatcher, Feeds, Outputs
+from service.codecs import RequestedOutput
 from service.metrics import ServiceMetrics
 from service.model_config import BatchingConfig, BatchingOverrides, ServedVariant
 from service.model_format import (
-    V2_DATATYPES,
     ModelVersionError,
     TensorData,
     TensorSpec,
@@ -83,7 +81,7 @@ def variant_bytes(
 
 
 class ServedVersion:
-    """One served model version: sessions, batcher, specs; ``infer`` answers a request."""
+    """One served model version: its sessions, batcher and specs."""
 
     def __init__(
         self,
@@ -137,39 +135,10 @@ class ServedVersion:
         self.batcher.close()
         log.info("model %s version %d closed", self.name, self.version)
 
-    # -- requests ---------------------------------------------------------------------
-
     @property
     def default_timeout_s(self) -> float | None:
         """The server's request timeout (None: none); a request's own goes over it."""
         return self._options.timeout_s
-
-    async def infer(
-        self, request: DecodedRequest, receive: Receive | None = None, waited_s: float = 0.0
-    ) -> list[OutputTensor]:
-        """The outputs ``request`` asks for (all when it names none), checked and batched.
-
-        ``receive`` (the request's ASGI receive, body already read) lets a client
-        that disconnects take its queued request with it; ``waited_s`` (seconds in
-        line at the entry) counts against the request's timeout. Raises the
-        :mod:`service.errors` of a bad request, a full queue, a timeout.
-        """
-        feeds = prepare_feeds(self.name, self.input_specs, self.inputs, request.inputs)
-        wanted = select_outputs(self.name, self.output_names, request.outputs, self.every_output)
-        timeout = request.timeout_us / 1e6 if request.timeout_us else self._options.timeout_s
-        results = await self.batcher.run(
-            feeds, [w.name for w in wanted], timeout_s=timeout, waited_s=waited_s, receive=receive
-        )
-        outputs = []
-        for w in wanted:
-            binary = request.binary_output if w.binary is None else w.binary
-            array = results[w.name]
-            if w.classification:
-                top = classify(array, w.classification, self.labels)
-                outputs.append(OutputTensor(w.name, "BYTES", top, binary))
-            else:
-                outputs.append(OutputTensor(w.name, V2_DATATYPES[array.dtype], array, binary))
-        return outputs
 
     # -- ONNX Runtime -----------------------------------------------------------------
 

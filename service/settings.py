@@ -30,6 +30,13 @@ class Settings(BaseSettings):
     repository: Path = Field(default=Path("models"), description="model repository directory")
     host: str = Field(default="127.0.0.1", description="address to bind")
     port: int = Field(default=8000, ge=0, le=65535, description="TCP port (0: any free port)")
+    grpc_port: int = Field(
+        default=8001,
+        ge=0,
+        le=65535,
+        description="gRPC port (Triton's GRPCInferenceService) on the same host, served by "
+        "every worker (0: no gRPC)",
+    )
     providers: ProviderChoice = Field(
         default="auto",
         description="ONNX Runtime provider: auto (CUDA when it really runs), cuda, cpu",

@@ -16,6 +16,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+# Servers the tests start serve no gRPC unless a test asks (a port of its own): the default,
+# 8001, may be taken on a shared machine, and two servers must never share it.
+os.environ["FOLDSERVE_GRPC_PORT"] = "0"
+
 
 @dataclass
 class ServerProcess:
@@ -25,6 +29,11 @@ class ServerProcess:
     runtime: Path
     process: subprocess.Popen[str]
     client: httpx.Client  # a new connection per request: any worker may take it
+    grpc_port: int = 0  # 0: gRPC off (``server_process(..., grpc=True)`` turns it on)
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
 
 
 @pytest.fixture
@@ -60,15 +69,18 @@ def workers_started(runtime: Path, workers: int) -> bool:
 
 @contextmanager
 def server_process(
-    repository: Path, workers: int, *args: str, **env: str
+    repository: Path, workers: int, *args: str, grpc: bool = False, **env: str
 ) -> Iterator[ServerProcess]:
     """``python -m service --workers N`` on 127.0.0.1 (CPU, one thread each, quiet), ready
-    when every worker is; ``args`` are more flags, ``env`` more environment variables."""
+    when every worker is; ``args`` are more flags, ``env`` more environment variables;
+    ``grpc``: gRPC on a free port too (off otherwise)."""
     port = free_port()
+    grpc_port = free_port() if grpc else 0
     runtime = repository.parent / f"runtime-{port}"
     command = [sys.executable, "-m", "service", "--repository", str(repository)]
     command += ["--port", str(port), "--workers", str(workers), "--providers", "cpu"]
-    command += ["--threads", "1", "--log-level", "warning", "--runtime-dir", str(runtime), *args]
+    command += ["--threads", "1", "--log-level", "warning", "--runtime-dir", str(runtime)]
+    command += ["--grpc-port", str(grpc_port), *args]
     log = repository.parent / f"server-{port}.log"
     with log.open("w") as stderr:
         process = subprocess.Popen(
@@ -89,7 +101,7 @@ def server_process(
             assert time.monotonic() < deadline, "the server did not become ready"
             time.sleep(0.1)
         assert client.get("/v2/health/ready").json() == {"ready": True}
-        yield ServerProcess(url, runtime, process, client)
+        yield ServerProcess(url, runtime, process, client, grpc_port)
     finally:
         client.close()
         if process.poll() is None:
@@ -101,7 +113,7 @@ def server_process(
                 process.wait()
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def serve_process() -> Callable[..., object]:
     """``with serve_process(repository, workers, *flags, **env) as server``."""
     return server_process

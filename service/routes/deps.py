@@ -11,11 +11,11 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from service.dataplane import DataPlane
 from service.errors import Forbidden, Unauthorized
 from service.metrics import ServiceMetrics
 from service.repository import ModelRepository
 from service.settings import Settings, management_policy
-from service.worker_sync import WorkerSync
 
 
 async def get_repository(request: Request) -> ModelRepository:
@@ -28,20 +28,21 @@ async def get_metrics(request: Request) -> ServiceMetrics:
     return metrics
 
 
-async def get_sync(request: Request) -> WorkerSync:
-    sync: WorkerSync = request.app.state.sync
-    return sync
+async def get_dataplane(request: Request) -> DataPlane:
+    dataplane: DataPlane = request.app.state.dataplane
+    return dataplane
 
 
-async def get_settings(request: Request) -> Settings:
+async def app_settings(request: Request) -> Settings:
+    """The app's settings (not :func:`service.settings.get_settings`, the environment's)."""
     settings: Settings = request.app.state.settings
     return settings
 
 
 RepositoryDep = Annotated[ModelRepository, Depends(get_repository)]
 MetricsDep = Annotated[ServiceMetrics, Depends(get_metrics)]
-SettingsDep = Annotated[Settings, Depends(get_settings)]
-SyncDep = Annotated[WorkerSync, Depends(get_sync)]
+SettingsDep = Annotated[Settings, Depends(app_settings)]
+DataPlaneDep = Annotated[DataPlane, Depends(get_dataplane)]
 
 
 def _presented_key(request: Request) -> str | None:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Response
 
-from service.drain import Drain
 from service.protocol import LiveResponse, ReadyResponse
-from service.routes.deps import RepositoryDep
+from service.routes.deps import DataPlaneDep
 
 router = APIRouter(tags=["health"])
 
@@ -18,11 +17,10 @@ async def live() -> LiveResponse:
 
 
 @router.get("/v2/health/ready", responses={503: {"model": ReadyResponse}})
-async def ready(request: Request, repository: RepositoryDep, response: Response) -> ReadyResponse:
+async def ready(dataplane: DataPlaneDep, response: Response) -> ReadyResponse:
     """True once the repository's first scan has loaded (or skipped) every model; 503 before,
     and again from SIGTERM on (the drain period: send no more traffic here)."""
-    drain: Drain = request.app.state.drain
-    is_ready = repository.ready and not drain.draining
+    is_ready = dataplane.server_ready()
     if not is_ready:
         response.status_code = 503
     return ReadyResponse(ready=is_ready)

@@ -10,8 +10,6 @@ parameters are path strings, their bodies are read by hand), so
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
@@ -21,17 +19,10 @@ from fastapi.routing import APIRoute
 from starlette.routing import Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.admission import AdmissionGates
-from service.codecs import decode_infer_request, encode_infer_response
-from service.errors import QueueFull, RequestTimeout, ServiceError, service_error_response
-from service.inference import (
-    INLINE_BODY_BYTES,
-    INLINE_OUTPUT_ELEMENTS,
-    encode_v1,
-    output_elements,
-    v1_request,
-)
-from service.metrics import RequestRecord, ServiceMetrics
+from service.codecs import DecodedRequest, decode_infer_request, encode_infer_response
+from service.dataplane import DataPlane, Inferred
+from service.errors import ServiceError, service_error_response
+from service.inference import encode_v1, v1_request
 from service.middleware import header, read_body, request_id
 from service.protocol import (
     InferRequest,
@@ -41,9 +32,7 @@ from service.protocol import (
     error_responses,
     request_body_openapi,
 )
-from service.repository import ModelRepository
 from service.runtime import ServedVersion
-from service.settings import Settings
 
 
 class PlainRoute(APIRoute):
@@ -73,8 +62,8 @@ class PlainRouteDispatch:
     patterns); a :class:`ServiceError` gets the app's one mapping
     (:func:`service_error_response`); any other exception goes on to the app's
     500 handler; every other request (another method on these paths, too) goes
-    through the app as usual. On a 2-CPU machine this stack depth is worth
-    ~10 us of a ~90 us request (``docs/throughput.md``).
+    through the app as usual. That stack's depth is a measurable share of a small
+    model's request (``docs/throughput.md``).
     """
 
     def __init__(self, app: ASGIApp, routes: list[PlainRoute]) -> None:
@@ -104,7 +93,7 @@ INFER_DOCS: dict[str, Any] = {
 
 class TensorResponse(Response):
     """A 200 answer with its raw headers written once (these run per request, and Starlette's
-    generic header building costs a few microseconds of a ~80 us request)."""
+    generic header building is a measurable share of a small request)."""
 
     def __init__(self, body: bytes, header_length: int | None = None) -> None:
         self.status_code = 200
@@ -116,72 +105,42 @@ class TensorResponse(Response):
             self.raw_headers.append((b"inference-header-content-length", b"%d" % header_length))
 
 
+class RestExchange:
+    """An inference request over HTTP for the data plane (:class:`service.dataplane.Exchange`):
+    a V2 body (JSON, or binary tensors after a JSON header) or a V1 ``instances`` body."""
+
+    __slots__ = ("request", "receive", "v1", "body")
+
+    def __init__(self, request: Request, v1: bool) -> None:
+        self.request = request
+        self.receive: Receive | None = request.receive
+        self.v1 = v1
+        self.body = b""
+
+    async def read(self, max_bytes: int) -> int:
+        self.body = await read_body(self.request, max_bytes)
+        return len(self.body)
+
+    def decode(self, served: ServedVersion) -> DecodedRequest:
+        if self.v1:
+            return v1_request(self.body, served.name, served.inputs)
+        header_length = header(self.request.scope, b"inference-header-content-length")
+        return decode_infer_request(self.body, header_length)
+
+    def encode(self, result: Inferred) -> Response:
+        outputs = result.outputs
+        if self.v1:
+            return TensorResponse(encode_v1(outputs, result.served.labels))
+        served = result.served
+        answer_id = result.request.id or request_id(self.request)
+        encoded = encode_infer_response(served.name, str(served.version), answer_id, outputs)
+        return TensorResponse(encoded.body, encoded.header_length)
+
+
 async def _answer(request: Request, name: str, version: str | None, v1: bool) -> Response:
     """One inference request, V2 or V1 (whose instances become a V2 request)."""
-    state = request.app.state
-    repository: ModelRepository = state.repository
-    metrics: ServiceMetrics = state.metrics
-    with metrics.track_request(repository.metric_label(name)) as record:
-        served = repository.get(name, version)  # 404 or 503 before anything is read
-        record.version = str(served.version)
-        gates: AdmissionGates = state.admission
-        gate = gates(name)  # known models only: resolved just above
-        arrived = time.perf_counter()
-        config = served.batcher.config
-        settings: Settings = state.settings
-        timeout = served.default_timeout_s
-        try:
-            gate.check_room(config.max_queue_size)  # refused before the body is read
-            body = await read_body(request, settings.max_request_bytes)  # at the client's pace
-            await gate.enter(config.admission_limit, config.max_queue_size, timeout)
-        except QueueFull:
-            served.batcher.metrics.dropped["queue_full"].inc()
-            raise
-        except RequestTimeout:  # in line past the server's default timeout
-            served.batcher.metrics.dropped["timeout"].inc()
-            raise
-        try:
-            if served.batcher.closed:  # swapped out or unloaded while it waited in line
-                served = repository.get(name, version)
-                record.version = str(served.version)
-            return await _admitted(request, body, served, name, v1, record, arrived)
-        finally:
-            gate.leave()
-
-
-async def _admitted(
-    request: Request,
-    body: bytes,
-    served: ServedVersion,
-    name: str,
-    v1: bool,
-    record: RequestRecord,
-    arrived: float,
-) -> Response:
-    """An admitted request: decode, run, encode."""
-    if v1:
-        decode = partial(v1_request, body, name, served.inputs)
-    else:
-        header_length = header(request.scope, b"inference-header-content-length")
-        decode = partial(decode_infer_request, body, header_length)
-    # Small bodies inline (a thread hop costs more), large ones off the loop.
-    start = time.perf_counter()
-    decoded = await asyncio.to_thread(decode) if len(body) > INLINE_BODY_BYTES else decode()
-    record.decode_s = time.perf_counter() - start
-    waited = time.perf_counter() - arrived
-    outputs = await served.infer(decoded, request.receive, waited)
-    start = time.perf_counter()
-    large = output_elements(outputs) > INLINE_OUTPUT_ELEMENTS
-    if v1:
-        encode_1 = partial(encode_v1, outputs, served.labels)
-        answer = await asyncio.to_thread(encode_1) if large else encode_1()
-        record.encode_s = time.perf_counter() - start
-        return TensorResponse(answer)
-    answer_id = decoded.id or request_id(request)
-    encode = partial(encode_infer_response, name, str(served.version), answer_id, outputs)
-    encoded = await asyncio.to_thread(encode) if large else encode()
-    record.encode_s = time.perf_counter() - start
-    return TensorResponse(encoded.body, encoded.header_length)
+    dataplane: DataPlane = request.app.state.dataplane
+    return await dataplane.infer(name, version, RestExchange(request, v1), "rest")
 
 
 async def infer(request: Request, name: str) -> Response:

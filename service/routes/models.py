@@ -1,4 +1,5 @@
-"""Server and model metadata, model readiness (V2), and the V1 model status."""
+"""Server and model metadata, model readiness (V2), and the V1 model status: REST over the
+data plane (:mod:`service.dataplane`)."""
 
 from __future__ import annotations
 
@@ -9,23 +10,21 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from service import statistics
-from service.metrics import ServiceMetrics
-from service.onnx_fold.version import derived_from
+from service.dataplane import DataPlane
 from service.protocol import (
-    PLATFORM,
     SERVER_EXTENSIONS,
-    FoldReportSummary,
     ModelMetadata,
     ModelReady,
     ServerMetadata,
-    TensorMetadata,
     error_responses,
 )
-from service.repository import ModelRepository
-from service.routes.deps import MetricsDep, RepositoryDep
+from service.routes.deps import DataPlaneDep
 
 router = APIRouter(tags=["models"])
+
+# Answers of a route that resolves a model: unknown (404), not servable (400: unloaded,
+# failed, excluded by its version policy), the repository still loading (503).
+MODEL_ERRORS = error_responses(400, 404, 503)
 
 
 def server_version() -> str:
@@ -41,128 +40,77 @@ async def server_metadata() -> ServerMetadata:
     return ServerMetadata(name="foldserve", version=server_version(), extensions=SERVER_EXTENSIONS)
 
 
-def describe(repository: ModelRepository, name: str, version: str | None) -> ModelMetadata:
-    model = repository.get(name, version)
-    entry = repository.entry(name)
-    meta = model.metadata
-    return ModelMetadata(
-        name=name,
-        versions=[str(v) for v in entry.ready_versions()],
-        platform=PLATFORM,
-        inputs=[
-            TensorMetadata(name=s.name, datatype=s.datatype, shape=list(s.shape))
-            for s in model.inputs
-        ],
-        outputs=[
-            TensorMetadata(name=s.name, datatype=s.datatype, shape=list(s.shape))
-            for s in model.outputs
-        ],
-        version=str(model.version),
-        provider=model.provider,
-        variant=model.variant,
-        io_binding=model.io_binding,
-        bn_nodes=meta.bn_nodes,
-        fold_report=FoldReportSummary(
-            folded=len(meta.fold_report.folded),
-            kept=meta.fold_report.kept,
-        ),
-        labels=model.labels,
-        derived_from=derived_from(meta),
-        features=meta.features,
-    )
-
-
-@router.get("/v2/models/stats")
-async def all_model_stats(repository: RepositoryDep, metrics: MetricsDep) -> dict[str, Any]:
+@router.get("/v2/models/stats", responses=error_responses(503))
+async def all_model_stats(dataplane: DataPlaneDep) -> dict[str, Any]:
     """Triton's statistics extension: every ready version, summed over all workers.
 
     Durations are cumulative nanoseconds; ``compute_infer`` counts each request's whole
     ONNX Runtime call (a batched call once per request in it)."""
-    return stats_body(repository, metrics, None, None)
+    return dataplane.statistics()
 
 
-@router.get("/v2/models/{name}", responses=error_responses(404, 503))
-async def model_metadata(name: str, repository: RepositoryDep) -> ModelMetadata:
+@router.get("/v2/models/{name}", responses=MODEL_ERRORS)
+async def model_metadata(name: str, dataplane: DataPlaneDep) -> ModelMetadata:
     """Metadata of the version an unversioned request is served by (the highest ready one)."""
-    return describe(repository, name, None)
+    return dataplane.metadata(name)
 
 
-@router.get("/v2/models/{name}/versions/{version}", responses=error_responses(404, 503))
-async def model_version_metadata(
-    name: str, version: str, repository: RepositoryDep
-) -> ModelMetadata:
-    return describe(repository, name, version)
+@router.get("/v2/models/{name}/versions/{version}", responses=MODEL_ERRORS)
+async def model_version_metadata(name: str, version: str, dataplane: DataPlaneDep) -> ModelMetadata:
+    return dataplane.metadata(name, version)
 
 
-def readiness(repository: ModelRepository, name: str, version: str | None) -> JSONResponse:
-    entry, status = repository.resolve(name, version)
-    if status is not None and status.model is not None:
-        body = ModelReady(name=name, version=str(status.version), ready=True)
-    else:
-        reason = status.reason if status is not None else entry.why_not_ready()
-        body = ModelReady(name=name, version=version, ready=False, reason=reason)
-    return JSONResponse(body.model_dump(), status_code=200 if body.ready else 503)
+def readiness(dataplane: DataPlane, name: str, version: str | None) -> JSONResponse:
+    body = dataplane.model_ready(name, version)
+    return JSONResponse(body.model_dump(), status_code=200 if body.ready else 400)
 
 
-@router.get("/v2/models/{name}/ready", response_model=ModelReady, responses=error_responses(404))
-async def model_ready(name: str, repository: RepositoryDep) -> JSONResponse:
-    """200 with ready=true when the model can serve, 503 with the reason when it cannot."""
-    return readiness(repository, name, None)
+READY_DOCS: dict[str, Any] = {
+    "response_model": ModelReady,
+    "responses": {
+        400: {"model": ModelReady, "description": "not ready: the body says why"},
+        **error_responses(404, 503),
+    },
+}
 
 
-@router.get(
-    "/v2/models/{name}/versions/{version}/ready",
-    response_model=ModelReady,
-    responses=error_responses(404),
-)
-async def model_version_ready(name: str, version: str, repository: RepositoryDep) -> JSONResponse:
-    return readiness(repository, name, version)
+@router.get("/v2/models/{name}/ready", **READY_DOCS)
+async def model_ready(name: str, dataplane: DataPlaneDep) -> JSONResponse:
+    """200 with ready=true when the model can serve; 400 with ready=false and the reason
+    when it cannot (unloaded, failed to load); 503 while the repository is still loading."""
+    return readiness(dataplane, name, None)
 
 
-@router.get("/v1/models/{name}", response_model=ModelReady, responses=error_responses(404))
-async def v1_model_status(name: str, repository: RepositoryDep) -> JSONResponse:
+@router.get("/v2/models/{name}/versions/{version}/ready", **READY_DOCS)
+async def model_version_ready(name: str, version: str, dataplane: DataPlaneDep) -> JSONResponse:
+    return readiness(dataplane, name, version)
+
+
+@router.get("/v1/models/{name}", **READY_DOCS)
+async def v1_model_status(name: str, dataplane: DataPlaneDep) -> JSONResponse:
     """KServe V1 model status."""
-    return readiness(repository, name, None)
+    return readiness(dataplane, name, None)
 
 
-@router.get("/v2/models/{name}/config", responses=error_responses(404, 503))
-async def model_config(name: str, repository: RepositoryDep) -> dict[str, Any]:
+@router.get("/v2/models/{name}/config", responses=MODEL_ERRORS)
+async def model_config(name: str, dataplane: DataPlaneDep) -> dict[str, Any]:
     """Triton's model configuration of the version an unversioned request gets."""
-    return statistics.model_config(repository.get(name), repository.entry(name).config.policy)
+    return dataplane.config(name)
 
 
-@router.get("/v2/models/{name}/versions/{version}/config", responses=error_responses(404, 503))
-async def model_version_config(
-    name: str, version: str, repository: RepositoryDep
-) -> dict[str, Any]:
+@router.get("/v2/models/{name}/versions/{version}/config", responses=MODEL_ERRORS)
+async def model_version_config(name: str, version: str, dataplane: DataPlaneDep) -> dict[str, Any]:
     """Triton's model configuration of one version."""
-    served = repository.get(name, version)
-    return statistics.model_config(served, repository.entry(name).config.policy)
+    return dataplane.config(name, version)
 
 
-def stats_body(
-    repository: ModelRepository, metrics: ServiceMetrics, name: str | None, version: str | None
-) -> dict[str, Any]:
-    """Statistics of every ready version of ``name`` (or of every model), or of ``version``."""
-    if version is not None:
-        assert name is not None
-        repository.resolve(name, version)  # 404 for an unknown model or version
-        keys = [(name, str(int(version)))]
-    else:
-        entries = [repository.entry(name)] if name is not None else repository.entries()
-        keys = [(e.name, str(v)) for e in entries for v in e.ready_versions()]
-    return statistics.model_statistics(metrics.collect_registry(), keys)
-
-
-@router.get("/v2/models/{name}/stats", responses=error_responses(404))
-async def model_stats(name: str, repository: RepositoryDep, metrics: MetricsDep) -> dict[str, Any]:
+@router.get("/v2/models/{name}/stats", responses=error_responses(404, 503))
+async def model_stats(name: str, dataplane: DataPlaneDep) -> dict[str, Any]:
     """Triton's statistics extension: the model's ready versions, summed over all workers."""
-    return stats_body(repository, metrics, name, None)
+    return dataplane.statistics(name)
 
 
-@router.get("/v2/models/{name}/versions/{version}/stats", responses=error_responses(404))
-async def model_version_stats(
-    name: str, version: str, repository: RepositoryDep, metrics: MetricsDep
-) -> dict[str, Any]:
+@router.get("/v2/models/{name}/versions/{version}/stats", responses=error_responses(404, 503))
+async def model_version_stats(name: str, version: str, dataplane: DataPlaneDep) -> dict[str, Any]:
     """Triton's statistics extension for one version."""
-    return stats_body(repository, metrics, name, version)
+    return dataplane.statistics(name, version)

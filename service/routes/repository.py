@@ -1,44 +1,38 @@
-"""Model repository extension: index, load (rescan, hot swap) and unload, in every worker."""
+"""Model repository extension: index, load (rescan, hot swap) and unload, in every worker:
+REST over the data plane (:mod:`service.dataplane`)."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
+from typing import Annotated
 
-from service.errors import LoadFailed
+from fastapi import APIRouter, Body, Depends
+from pydantic import BaseModel
+
 from service.protocol import LoadResult, RepositoryEntry, error_responses
-from service.repository import NOT_SELECTED, ModelEntry
-from service.routes.deps import RepositoryDep, SyncDep, require_management
+from service.routes.deps import DataPlaneDep, require_management
 
 router = APIRouter(tags=["repository"])
 
 
-def index_entries(entry: ModelEntry) -> list[RepositoryEntry]:
-    if not entry.versions:
-        return [RepositoryEntry(name=entry.name, state="UNAVAILABLE", reason=entry.why_not_ready())]
-    return [
-        RepositoryEntry(name=entry.name, version=str(v), state=s.state, reason=s.reason)
-        for v, s in sorted(entry.versions.items())
-    ]
-
-
 @router.get("/v2/repository/index")
-@router.post("/v2/repository/index", include_in_schema=False)  # Triton clients POST here
-async def repository_index(repository: RepositoryDep, ready: bool = False) -> list[RepositoryEntry]:
+async def repository_index(dataplane: DataPlaneDep, ready: bool = False) -> list[RepositoryEntry]:
     """Every model version, its state (READY or UNAVAILABLE) and why; ready=true: READY only."""
-    entries = [e for entry in repository.entries() for e in index_entries(entry)]
-    return [e for e in entries if e.state == "READY"] if ready else entries
+    return dataplane.index(ready)
 
 
-def _failures(entry: ModelEntry) -> list[str]:
-    """Why versions of ``entry`` cannot serve (or cannot serve the variant its config.json
-    asks for: a READY version with a reason), where that is a failure (not a policy)."""
-    if not entry.versions:
-        return [entry.why_not_ready()]
-    return [
-        f"version {v}: {s.reason}"
-        for v, s in sorted(entry.versions.items())
-        if s.reason and not s.reason.startswith(NOT_SELECTED)
-    ]
+class IndexRequest(BaseModel):
+    """Triton's repository index request body."""
+
+    ready: bool = False
+
+
+@router.post("/v2/repository/index", responses=error_responses(422))
+async def repository_index_post(
+    dataplane: DataPlaneDep, body: Annotated[IndexRequest | None, Body()] = None
+) -> list[RepositoryEntry]:
+    """The same index by POST, as Triton serves it: an optional JSON body ``{"ready": true}``
+    (Triton's clients send it, or no body at all)."""
+    return dataplane.index(body is not None and body.ready)
 
 
 @router.post(
@@ -46,7 +40,7 @@ def _failures(entry: ModelEntry) -> list[str]:
     dependencies=[Depends(require_management)],
     responses=error_responses(400, 401, 403, 404, 503),
 )
-async def load_model(name: str, sync: SyncDep) -> LoadResult:
+async def load_model(name: str, dataplane: DataPlaneDep) -> LoadResult:
     """Rescan the model's directory in every worker: new versions are validated and swapped
     in, failed ones retried.
 
@@ -54,15 +48,7 @@ async def load_model(name: str, sync: SyncDep) -> LoadResult:
     validation or none is ready (the body lists each version's state and reason; versions
     that served keep serving); 503 when a worker did not follow in time.
     """
-    entry, states = await sync.change(name, "load")
-    versions = index_entries(entry)
-    failures = _failures(entry)
-    if failures or entry.default() is None:
-        raise LoadFailed(
-            f"model '{name}' did not load cleanly: " + "; ".join(failures or ["no ready version"]),
-            details={"name": name, "versions": [v.model_dump() for v in versions]},
-        )
-    return LoadResult(name=name, versions=versions, workers=len(states))
+    return await dataplane.load(name)
 
 
 @router.post(
@@ -70,7 +56,6 @@ async def load_model(name: str, sync: SyncDep) -> LoadResult:
     dependencies=[Depends(require_management)],
     responses=error_responses(401, 403, 404, 503),
 )
-async def unload_model(name: str, sync: SyncDep) -> LoadResult:
+async def unload_model(name: str, dataplane: DataPlaneDep) -> LoadResult:
     """Stop serving every version of the model, in every worker, until it is loaded again."""
-    entry, states = await sync.change(name, "unload")
-    return LoadResult(name=name, versions=index_entries(entry), workers=len(states))
+    return await dataplane.unload(name)

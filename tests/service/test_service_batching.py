@@ -177,7 +177,12 @@ def test_a_full_queue_answers_503_with_retry_after(fresh_server: Any) -> None:
         samples = scrape(client)
     labels = {"model": "digits_cnn", "version": "1"}
     assert value(samples, "foldserve_requests_dropped_total", reason="queue_full", **labels) == 1
-    assert value(samples, "foldserve_inference_requests_total", status="503", **labels) == 1
+    assert (
+        value(
+            samples, "foldserve_inference_requests_total", status="503", protocol="rest", **labels
+        )
+        == 1
+    )
     assert value(samples, "foldserve_batch_requests_sum", **labels) == 2  # one call, both
 
 
@@ -230,7 +235,10 @@ def test_a_request_past_its_timeout_answers_504_and_never_runs(fresh_server: Any
         before, "foldserve_batch_requests_count", **labels
     )
     assert value(after, "foldserve_requests_dropped_total", reason="timeout", **labels) == 1
-    assert value(after, "foldserve_inference_requests_total", status="504", **labels) == 1
+    assert (
+        value(after, "foldserve_inference_requests_total", status="504", protocol="rest", **labels)
+        == 1
+    )
 
 
 def test_the_server_default_timeout_applies_to_v1_too(fresh_server: Any) -> None:
@@ -266,7 +274,10 @@ def test_a_client_that_disconnects_leaves_no_work_behind(fresh_server: Any) -> N
     assert value(after, "foldserve_batch_requests_count", **labels) == value(
         before, "foldserve_batch_requests_count", **labels
     )
-    assert value(after, "foldserve_inference_requests_total", status="499", **labels) == 1
+    assert (
+        value(after, "foldserve_inference_requests_total", status="499", protocol="rest", **labels)
+        == 1
+    )
 
 
 def test_queue_wait_and_batch_size_are_measured(fresh_server: Any) -> None:

@@ -40,12 +40,12 @@ def test_counters_and_histograms_move_by_the_requests_made(client: httpx.Client)
         return value(after, name, **labels) - value(before, name, **labels)
 
     requests = "foldserve_inference_requests_total"
-    assert delta(requests, model="digits_cnn", version="1", status="200") == 3
-    assert delta(requests, model="digits_cnn", version="1", status="400") == 2
-    assert delta(requests, model="unknown", version="", status="404") == 1
+    assert delta(requests, model="digits_cnn", version="1", status="200", protocol="rest") == 3
+    assert delta(requests, model="digits_cnn", version="1", status="400", protocol="rest") == 2
+    assert delta(requests, model="unknown", version="", status="404", protocol="rest") == 1
     timed = "foldserve_request_duration_seconds_count"
-    assert delta(timed, model="digits_cnn", version="1", status="200") == 3
-    assert delta(timed, model="digits_cnn", version="1", status="400") == 2
+    assert delta(timed, model="digits_cnn", version="1", status="200", protocol="rest") == 3
+    assert delta(timed, model="digits_cnn", version="1", status="400", protocol="rest") == 2
     assert delta("foldserve_inference_duration_seconds_count", model="digits_cnn", version="1") == 3
     assert delta("foldserve_batch_size_count", model="digits_cnn", version="1") == 3
     assert delta("foldserve_batch_size_sum", model="digits_cnn", version="1") == 9
@@ -59,10 +59,8 @@ def test_v1_predict_is_counted_too(client: httpx.Client) -> None:
     after = scrape(client)
     labels = {"model": "breast_cancer_mlp", "version": "1"}
     name = "foldserve_inference_requests_total"
-    assert (
-        value(after, name, status="200", **labels) - value(before, name, status="200", **labels)
-        == 1
-    )
+    sent = {"status": "200", "protocol": "rest", **labels}
+    assert value(after, name, **sent) - value(before, name, **sent) == 1
     batch = "foldserve_batch_size_sum"
     assert value(after, batch, **labels) - value(before, batch, **labels) == 2
 

@@ -91,7 +91,7 @@ def test_export_load_swap_and_a_corrupt_version_keeps_the_old_one(
         assert (answer.status_code, answer.json()["model_version"]) == (200, "2")
         pinned = client.post(f"/v2/models/{MLP}/versions/3/infer", json=mlp_request())
         assert (
-            pinned.status_code == 503 and "version 3 is not ready: sha256" in pinned.json()["error"]
+            pinned.status_code == 400 and "version 3 is not ready: sha256" in pinned.json()["error"]
         )
         index = client.get("/v2/repository/index").json()
         assert {
@@ -117,9 +117,9 @@ def test_unload_and_load_with_tritonclient(fresh_server: Any) -> None:
         triton_client.unload_model(MLP, headers=KEY)
         assert not triton_client.is_model_ready(MLP)
         ready = client.get(f"/v2/models/{MLP}/ready")
-        assert ready.status_code == 503 and ready.json()["reason"] == "unloaded"
+        assert ready.status_code == 400 and ready.json()["reason"] == "unloaded"
         gone = client.post(f"/v2/models/{MLP}/infer", json=mlp_request())
-        assert gone.status_code == 503 and "has no ready version: unloaded" in gone.json()["error"]
+        assert gone.status_code == 400 and "has no ready version: unloaded" in gone.json()["error"]
         assert client.get("/v2/health/ready").json() == {"ready": True}  # the server still is
         index = {
             (e["name"], e["state"], e["reason"]) for e in triton_client.get_model_repository_index()

@@ -18,7 +18,7 @@ import onnxruntime as ort
 import pytest
 from conftest import serving_options
 
-from service.errors import ModelNotFound, ModelNotReady
+from service.errors import ModelNotFound, ModelNotReady, ModelUnavailable
 from service.model_format import ModelVersionError
 from service.repository import ModelRepository
 from service.sessions import CPU
@@ -73,7 +73,7 @@ def test_failing_version_is_skipped_with_its_reason(
     assert state == "UNAVAILABLE" and reason in why
     assert repo.get("m").version == 1  # the highest *complete* version serves
     assert any(reason in r.getMessage() for r in caplog.records)
-    with pytest.raises(ModelNotReady, match=f"version 2 is not ready: {reason}"):
+    with pytest.raises(ModelUnavailable, match=f"version 2 is not ready: {reason}"):
         repo.get("m", "2")
 
 
@@ -95,7 +95,7 @@ def test_broken_files_never_crash_the_scan(
     assert repo.ready
     [(version, (state, why))] = states(repo, "m").items()
     assert (version, state) == (1, "UNAVAILABLE") and why.startswith(reason)
-    with pytest.raises(ModelNotReady, match="has no ready version: version 1: " + reason):
+    with pytest.raises(ModelUnavailable, match="has no ready version: version 1: " + reason):
         repo.get("m")
 
 
@@ -168,7 +168,7 @@ def test_unload_then_load(build: Any, tmp_path: Path) -> None:
     repo = repository(tmp_path)
     repo.unload("m")
     assert states(repo, "m") == {1: ("UNAVAILABLE", "unloaded")}
-    with pytest.raises(ModelNotReady, match="model 'm' has no ready version: unloaded"):
+    with pytest.raises(ModelUnavailable, match="model 'm' has no ready version: unloaded"):
         repo.get("m")
     repo.refresh()  # polling does not bring back what was explicitly unloaded
     assert repo.entry("m").default() is None

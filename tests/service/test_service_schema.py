@@ -6,7 +6,7 @@ real server on 127.0.0.1 over real trained models, with the API key on every req
 Path parameters are mostly steered to models and versions that exist, so cases reach
 the decoders, the inference and the management code instead of stopping at 404;
 an unload that succeeds is followed by a load, so later cases still find the model
-served (a 503 for an unloaded model is the documented answer, not a bug).
+served (a 400 for an unloaded model is the documented answer, not a bug).
 
 The schema is read from the app when the tests are collected (schemathesis makes one
 test per operation then) and the requests go to the fixture's server; a test checks

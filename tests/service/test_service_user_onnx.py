@@ -159,10 +159,10 @@ def test_bare_model_onnx_serves_folded(user_repo: Path) -> None:
 
         # A file that is not ONNX: that version fails to load, with the reason; no 500.
         ready = client.get("/v2/models/broken/ready")
-        assert ready.status_code == 503
+        assert ready.status_code == 400
         assert "model.onnx is not an ONNX model" in ready.json()["reason"]
         r = client.post("/v2/models/broken/infer", json={"inputs": []})
-        assert r.status_code == 503 and "not an ONNX model" in r.json()["error"]
+        assert r.status_code == 400 and "not an ONNX model" in r.json()["error"]
         custom = client.get("/v2/models/custom/ready").json()["reason"]
         assert custom.startswith("version 1: model.onnx: the folded graph failed its check: ")
         assert "com.example:Frobnicate" in custom

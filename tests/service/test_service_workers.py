@@ -61,7 +61,7 @@ def test_load_and_unload_reach_every_worker(
 
         r = client.post("/v2/repository/models/linear/unload")
         assert r.status_code == 200 and r.json()["workers"] == workers
-        assert infer_versions(client, "linear") == [503] * REQUESTS
+        assert infer_versions(client, "linear") == [400] * REQUESTS
         r = client.post("/v2/repository/models/linear/load")
         assert r.status_code == 200
         assert infer_versions(client, "linear") == ["2"] * REQUESTS
