@@ -17,6 +17,7 @@ class Cell:
     p50_ms: float
     p99_ms: float
     server_cpu_us: float  # server CPU per answered request
+    other_cores: float  # CPUs busy with anything but the server and the load generator
     server_ok: int | None = None  # FoldServe's own count of the requests it served
     max_diff: float | None = None  # largest |answer - ONNX Runtime| of the checking calls
 
@@ -48,7 +49,8 @@ def tables(cells: list[Cell], groups: list[tuple[str, int]], in_flight: list[int
         rows = list(dict.fromkeys(c.row for c in group))
         lines += [f"**{model}, batch {batch}** (req/s, samples/s, p50 / p99 ms)", ""]
         head = [f"{n} in flight" for n in in_flight]
-        head += [f"server CPU us/req @{in_flight[-1]}", "answered / sent", "counted by FoldServe"]
+        head += [f"server CPU us/req @{in_flight[-1]}", "other CPUs busy (max)", "answered / sent"]
+        head += ["counted by FoldServe"]
         lines += ["| server | " + " | ".join(head) + " | max abs diff |"]
         lines += ["|---" * (len(head) + 2) + "|"]
         for row in rows:
@@ -61,6 +63,7 @@ def tables(cells: list[Cell], groups: list[tuple[str, int]], in_flight: list[int
             ]
             last = mine.get(in_flight[-1])
             cols.append(f"{last.server_cpu_us:,.0f}" if last else "-")
+            cols.append(f"{max(c.other_cores for c in mine.values()):.2f}")
             answered, sent = (
                 sum(getattr(c, k) for c in mine.values()) for k in ("answered", "sent")
             )

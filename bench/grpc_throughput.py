@@ -63,6 +63,28 @@ class Server:
         return f"127.0.0.1:{self.grpc_port or running.port}"
 
 
+@dataclass(frozen=True)
+class CpuSnapshot:
+    """CPU seconds so far: the server's, the whole machine's, and this benchmark's own
+    (this process and its finished children, the load generators)."""
+
+    server: float
+    machine: float
+    ours: float
+
+    @classmethod
+    def take(cls, running: servers.RunningServer) -> CpuSnapshot:
+        ours = time.process_time() + load.children_cpu_seconds()
+        return cls(running.cpu_seconds(), load.machine_busy_seconds(), ours)
+
+    def since(self, before: CpuSnapshot, seconds: float) -> tuple[float, float]:
+        """The server's CPU seconds since ``before``, and the CPUs anything else kept busy
+        meanwhile (the other users of a shared machine), on average."""
+        server = self.server - before.server
+        other = self.machine - before.machine - server - (self.ours - before.ours)
+        return server, max(0.0, other) / max(seconds, 1e-9)
+
+
 @dataclass
 class Run:
     args: argparse.Namespace
@@ -174,9 +196,9 @@ def grpc_cells(run: Run, server: Server, running: servers.RunningServer) -> None
         grpc_load.run_h2load(url, frame, *CONNECTIONS[max(args.in_flight)], args.warmup, log)
         for in_flight in args.in_flight:
             before_ok = served_ok(running.url, model) if server.rest else None
-            cpu = running.cpu_seconds()
+            before = CpuSnapshot.take(running)
             h2 = grpc_load.run_h2load(url, frame, *CONNECTIONS[in_flight], args.seconds, log)
-            cpu = running.cpu_seconds() - cpu
+            cpu, other = CpuSnapshot.take(running).since(before, h2.seconds)
             ok = None
             if before_ok is not None:
                 ok = served_ok(running.url, model) - before_ok
@@ -193,6 +215,7 @@ def grpc_cells(run: Run, server: Server, running: servers.RunningServer) -> None
                 h2.percentile_ms(0.5),
                 h2.percentile_ms(0.99),
                 cpu / max(answered, 1) * 1e6,
+                other,
                 ok,
                 None if floor else diff,
             )
@@ -217,9 +240,9 @@ def rest_cells(run: Run, running: servers.RunningServer) -> None:
             url = running.url + path
             load.run_wrk(url, body, payload.headers, max(args.in_flight), args.warmup)
             for in_flight in args.in_flight:
-                cpu = running.cpu_seconds()
+                before = CpuSnapshot.take(running)
                 raw = load.run_wrk(url, body, payload.headers, in_flight, args.seconds)
-                cpu = running.cpu_seconds() - cpu
+                cpu, other = CpuSnapshot.take(running).since(before, raw["duration_us"] / 1e6)
                 failed = sum(
                     int(raw[k])
                     for k in ("connect_errors", "read_errors", "write_errors", "timeouts")
@@ -236,6 +259,7 @@ def rest_cells(run: Run, running: servers.RunningServer) -> None:
                     raw["p50_us"] / 1e3,
                     raw["p99_us"] / 1e3,
                     cpu / max(answered, 1) * 1e6,
+                    other,
                 )
                 run.cells.append(cell)
                 print(cell_line(cell), flush=True)
@@ -266,8 +290,10 @@ def conditions(args: argparse.Namespace, before: tuple[float, float]) -> list[st
         f"- {', '.join(versions)}; {h2load} (gRPC), wrk (REST), 1 thread each",
         f"- each cell: {args.seconds:g} s, closed loop, after a {args.warmup:g} s warm-up per "
         f"server, model, batch and transport; one server running at a time; {args.workers} "
-        "worker processes for FoldServe and the floor, MLServer's parallel_workers the same "
-        "(one frontend process), KServe's gRPC in its one main process",
+        "worker processes for FoldServe and the floor (uvloop, as FoldServe's), MLServer's "
+        "parallel_workers the same (one frontend process), KServe's gRPC in its one main "
+        "process; every server with its defaults otherwise (FoldServe: access log on for "
+        "REST, none for gRPC, batching on; MLServer logs each gRPC call)",
         f"- calls in flight: connections x streams per connection (gRPC) = {streams}; REST: "
         "that many keep-alive connections, one request each",
     ]
