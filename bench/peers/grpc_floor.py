@@ -1,6 +1,6 @@
 """The gRPC floor: a bare ``grpc.aio`` server whose ModelInfer answers one constant response.
 
-    python bench/peers/grpc_floor.py --port 8001 [--workers 2] [--loop asyncio]
+    python bench/peers/grpc_floor.py --port 8001 [--workers 2] [--loop asyncio] [--hop]
 
 It implements Triton's ``inference.GRPCInferenceService`` (the stubs that
 ``tritonclient.grpc`` ships) with ``ModelInfer`` answering one prebuilt
@@ -13,7 +13,9 @@ started with multiprocessing's spawn method and creating its server inside its
 own event loop (grpc.aio servers cannot cross a fork). The loop is uvloop, as in
 FoldServe's workers (uvicorn's), unless ``--loop asyncio``: grpc.aio answered
 1.2x as many calls on uvloop as on asyncio's own loop here (digits_cnn batch 1,
-64 calls in flight, 2 workers).
+64 calls in flight, 2 workers). With ``--hop`` each call first awaits a no-op run
+in a thread, the round trip a call makes when a batcher's thread runs its model:
+what that costs under grpc.aio.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import multiprocessing
 import queue
 import signal
 import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from multiprocessing.queues import Queue
 from types import FrameType
 
@@ -49,9 +53,18 @@ def constant_answer() -> service_pb2.ModelInferResponse:
     )
 
 
+@dataclass(frozen=True)
+class FloorOptions:
+    host: str
+    port: int
+    loop: str  # "uvloop" or "asyncio"
+    hop: bool  # each call awaits a no-op in a thread first, as a call handed to a batcher does
+
+
 class FloorServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
-    def __init__(self) -> None:
+    def __init__(self, hop: bool) -> None:
         self.answer = constant_answer()
+        self.pool = ThreadPoolExecutor(1) if hop else None
 
     async def ServerLive(  # noqa: N802 (the proto's method names)
         self, request: service_pb2.ServerLiveRequest, context: grpc.aio.ServicerContext
@@ -66,10 +79,12 @@ class FloorServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ign
     async def ModelInfer(  # noqa: N802
         self, request: service_pb2.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> service_pb2.ModelInferResponse:
+        if self.pool is not None:
+            await asyncio.get_running_loop().run_in_executor(self.pool, int)
         return self.answer
 
 
-async def serve(host: str, port: int, bound: Queue[int]) -> None:
+async def serve(options: FloorOptions, bound: Queue[int]) -> None:
     """One worker: its own server, created in this process's running loop."""
     server = grpc.aio.server(
         options=[
@@ -78,21 +93,22 @@ async def serve(host: str, port: int, bound: Queue[int]) -> None:
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ]
     )
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(FloorServicer(), server)
-    if server.add_insecure_port(f"{host}:{port}") == 0:
-        raise SystemExit(f"grpc_floor: cannot bind {host}:{port}")
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(FloorServicer(options.hop), server)
+    address = f"{options.host}:{options.port}"
+    if server.add_insecure_port(address) == 0:
+        raise SystemExit(f"grpc_floor: cannot bind {address}")
     await server.start()
-    bound.put(port)
+    bound.put(options.port)
     await server.wait_for_termination()
 
 
-def worker(host: str, port: int, bound: Queue[int], loop: str) -> None:
-    if loop == "uvloop":
+def worker(options: FloorOptions, bound: Queue[int]) -> None:
+    if options.loop == "uvloop":
         import uvloop
 
-        uvloop.run(serve(host, port, bound))
+        uvloop.run(serve(options, bound))
     else:
-        asyncio.run(serve(host, port, bound))
+        asyncio.run(serve(options, bound))
 
 
 def main() -> None:
@@ -101,7 +117,11 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8001)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="uvloop")
+    parser.add_argument(
+        "--hop", action="store_true", help="each call first awaits a no-op in a thread"
+    )
     args = parser.parse_args()
+    options = FloorOptions(args.host, args.port, args.loop, args.hop)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
     def terminate(signum: int, frame: FrameType | None) -> None:
@@ -112,7 +132,7 @@ def main() -> None:
     spawn = multiprocessing.get_context("spawn")
     bound: Queue[int] = spawn.Queue()
     workers = [
-        spawn.Process(target=worker, args=(args.host, args.port, bound, args.loop), daemon=True)
+        spawn.Process(target=worker, args=(options, bound), daemon=True)
         for _ in range(args.workers)
     ]
     try:
