@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -318,6 +319,8 @@ def main() -> None:
         raise SystemExit(
             "this checkout's `python -m service` has no --grpc-port: --servers without fold"
         )
+    # SIGTERM unwinds like an error, so the server running at that moment is stopped too.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(f"stopped by signal {signum}"))
     before = os.getloadavg()[:2]
     with tempfile.TemporaryDirectory(prefix="grpc-throughput-") as tmp:
         run = Run(args, Path(tmp))
