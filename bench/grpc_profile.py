@@ -2,6 +2,7 @@
 
     python bench/grpc_profile.py --repository models --model digits_cnn --batch 1 --in-flight 64
     python bench/grpc_profile.py --server floor      # the bare grpc.aio floor, same cell
+    python bench/grpc_profile.py --server floor-hop  # ... each call awaiting a thread first
 
 It starts the server as bench/grpc_throughput.py does (``--workers`` processes), drives
 it with h2load on the cell's prepared ModelInfer frame, and meanwhile records every
@@ -39,6 +40,7 @@ CATEGORIES = [
     ("protobuf", ("google/protobuf", "message.py")),
     ("data plane", ("dataplane.py",)),
     ("gRPC servicer", ("grpc_server.py",)),
+    ("hand-off to a thread (executor submit)", ("ThreadPoolExecutor.submit",)),
     ("grpc.aio Python layer", ("grpc/aio", "grpc/_")),
     ("garbage collection", ("<GC>", "gc_collect")),
     ("HTTP + framework", ("uvicorn", "starlette", "fastapi")),
@@ -72,8 +74,10 @@ def categorize(raw_profile: Path) -> tuple[collections.Counter[str], int]:
 
 def server_spec(args: argparse.Namespace, grpc_port: int) -> servers.ServerSpec:
     workers = ["--workers", str(args.workers)]
-    if args.server == "floor":
+    if args.server in ("floor", "floor-hop"):
         command = [sys.executable, str(servers.PEERS / "grpc_floor.py"), *workers]
+        if args.server == "floor-hop":
+            return servers.ServerSpec("grpc-floor", "gRPC floor, --hop", [*command, "--hop"])
         return servers.ServerSpec("grpc-floor", "gRPC floor", command)
     command = [sys.executable, "-m", "service", "--repository", str(args.repository.resolve())]
     command += ["--providers", "cpu", *workers, "--grpc-port", str(grpc_port)]
@@ -88,7 +92,7 @@ def worker_pids(pid: int) -> list[int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--repository", type=Path, default=Path("models"))
-    parser.add_argument("--server", choices=["fold", "floor"], default="fold")
+    parser.add_argument("--server", choices=["fold", "floor", "floor-hop"], default="fold")
     parser.add_argument("--model", default="digits_cnn")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--in-flight", type=int, default=64, choices=list(CONNECTIONS))
@@ -107,7 +111,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="grpc-profile-") as tmp:
         server = servers.start(spec, Path(tmp))
         try:
-            target = f"127.0.0.1:{server.port if args.server == 'floor' else grpc_port}"
+            target = f"127.0.0.1:{grpc_port if args.server == 'fold' else server.port}"
             wait_grpc(server, target, payload)
             frame, log = payload.write(Path(tmp)), Path(tmp) / "h2load.log"
             connections = CONNECTIONS[args.in_flight]
@@ -126,7 +130,7 @@ def main() -> None:
             recorder.wait(timeout=60)
         finally:
             servers.stop(server)
-        counts, total = categorize(profile)
+        counts, samples = categorize(profile)
         if args.raw:
             shutil.copyfile(profile, args.raw)
     rate = h2.done / h2.seconds
@@ -136,15 +140,18 @@ def main() -> None:
         f"p50 {h2.percentile_ms(0.5):.1f} ms, p99 {h2.percentile_ms(0.99):.1f} ms"
     )
     print(f"\nCPU per thread over {h2.seconds:.1f} s (1.00 = one CPU busy throughout):")
+    total = 0.0
     for pid in pids:
         used = {k: (v - before[pid].get(k, 0.0)) / h2.seconds for k, v in after[pid].items()}
+        total += sum(used.values())
         for key in sorted(used, key=lambda k: used[k], reverse=True):
             if used[key] >= 0.01:
                 per_call = used[key] / rate * 1e6
                 print(f"  worker {pid} {key:28s} {used[key]:5.2f}  ({per_call:,.0f} us per call)")
-    print(f"\nevent loop threads, {total} py-spy samples:")
+    print(f"  all workers: {total:.2f} CPUs, {total / rate * 1e6:,.0f} us per call")
+    print(f"\nevent loop threads, {samples} py-spy samples:")
     for name, n in counts.most_common():
-        print(f"  {name:48s} {n / max(total, 1):6.1%}")
+        print(f"  {name:48s} {n / max(samples, 1):6.1%}")
 
 
 if __name__ == "__main__":

@@ -49,7 +49,12 @@ def tables(cells: list[Cell], groups: list[tuple[str, int]], in_flight: list[int
         rows = list(dict.fromkeys(c.row for c in group))
         lines += [f"**{model}, batch {batch}** (req/s, samples/s, p50 / p99 ms)", ""]
         head = [f"{n} in flight" for n in in_flight]
-        head += [f"server CPU us/req @{in_flight[-1]}", "other CPUs busy (max)", "answered / sent"]
+        busy = " / ".join(str(n) for n in in_flight)
+        head += [
+            f"server CPU us/req @{in_flight[-1]}",
+            f"other CPUs busy @{busy}",
+            "answered / sent",
+        ]
         head += ["counted by FoldServe"]
         lines += ["| server | " + " | ".join(head) + " | max abs diff |"]
         lines += ["|---" * (len(head) + 2) + "|"]
@@ -63,7 +68,9 @@ def tables(cells: list[Cell], groups: list[tuple[str, int]], in_flight: list[int
             ]
             last = mine.get(in_flight[-1])
             cols.append(f"{last.server_cpu_us:,.0f}" if last else "-")
-            cols.append(f"{max(c.other_cores for c in mine.values()):.2f}")
+            cols.append(
+                " / ".join(f"{c.other_cores:.2f}" if (c := mine.get(n)) else "-" for n in in_flight)
+            )
             answered, sent = (
                 sum(getattr(c, k) for c in mine.values()) for k in ("answered", "sent")
             )

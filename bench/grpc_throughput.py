@@ -182,86 +182,123 @@ def cells_of(args: argparse.Namespace) -> Iterator[tuple[str, int]]:
                 yield model, batch
 
 
-def grpc_cells(run: Run, server: Server, running: servers.RunningServer) -> None:
-    args, target = run.args, server.grpc_target(running)
-    url = f"http://{target}"
-    floor = server.grpc_port is None
-    for model, batch in cells_of(args):
+class GrpcLoad:
+    """One model and batch through gRPC on one server: warm-up, then a cell per call count."""
+
+    def __init__(self, run: Run, server: Server, running: servers.RunningServer) -> None:
+        self.run, self.server, self.running = run, server, running
+        self.target = server.grpc_target(running)
+        self.floor = server.grpc_port is None
+
+    def prepare(self, model: str, batch: int) -> None:
+        args = self.run.args
         name, sample = load.model_input(args.repository, model)
-        payload = grpc_load.make_payload(model, name, sample, batch)
-        frame = payload.write(run.workdir)
-        wait_grpc(running, target, payload)
-        answer = grpc_load.answer_frame_bytes(target, payload)
-        expected = None if floor else reference(args.repository, payload)
-        log = run.workdir / "h2load.log"
-        grpc_load.run_h2load(url, frame, *CONNECTIONS[max(args.in_flight)], args.warmup, log)
-        for in_flight in args.in_flight:
-            before_ok = served_ok(running.url, model) if server.rest else None
-            before = CpuSnapshot.take(running)
-            h2 = grpc_load.run_h2load(url, frame, *CONNECTIONS[in_flight], args.seconds, log)
-            cpu, other = CpuSnapshot.take(running).since(before, h2.seconds)
-            ok = None
-            if before_ok is not None:
-                ok = served_ok(running.url, model) - before_ok
-            diff = grpc_load.check_answers(target, payload, expected)
-            answered = h2.answered(answer)
-            cell = Cell(
-                f"{running.spec.label} gRPC",
-                model,
-                batch,
-                in_flight,
-                h2.done,
-                answered,
-                h2.seconds,
-                h2.percentile_ms(0.5),
-                h2.percentile_ms(0.99),
-                cpu / max(answered, 1) * 1e6,
-                other,
-                ok,
-                None if floor else diff,
+        self.payload = grpc_load.make_payload(model, name, sample, batch)
+        self.frame = self.payload.write(self.run.workdir)
+        self.log = self.run.workdir / "h2load.log"
+        wait_grpc(self.running, self.target, self.payload)
+        self.answer = grpc_load.answer_frame_bytes(self.target, self.payload)
+        self.expected = None if self.floor else reference(args.repository, self.payload)
+        many = CONNECTIONS[max(args.in_flight)]
+        grpc_load.run_h2load(f"http://{self.target}", self.frame, *many, args.warmup, self.log)
+
+    def measure(self, in_flight: int) -> Cell:
+        payload, running = self.payload, self.running
+        counted = self.server.rest  # FoldServe: its own request counter beside
+        before_ok = served_ok(running.url, payload.model) if counted else 0
+        before = CpuSnapshot.take(running)
+        h2 = grpc_load.run_h2load(
+            f"http://{self.target}",
+            self.frame,
+            *CONNECTIONS[in_flight],
+            self.run.args.seconds,
+            self.log,
+        )
+        cpu, other = CpuSnapshot.take(running).since(before, h2.seconds)
+        ok = served_ok(running.url, payload.model) - before_ok if counted else None
+        diff = grpc_load.check_answers(self.target, payload, self.expected)
+        answered = h2.answered(self.answer)
+        cell = Cell(
+            f"{running.spec.label} gRPC",
+            payload.model,
+            payload.batch,
+            in_flight,
+            h2.done,
+            answered,
+            h2.seconds,
+            h2.percentile_ms(0.5),
+            h2.percentile_ms(0.99),
+            cpu / max(answered, 1) * 1e6,
+            other,
+            ok,
+            None if self.floor else diff,
+        )
+        if h2.failed or answered != h2.done:
+            self.run.notes.append(
+                f"- {cell.row}, {cell.model} batch {cell.batch} @{in_flight}: "
+                f"{h2.done - answered} of {h2.done} calls got no answer, {h2.failed} failed "
+                "in h2load"
             )
-            run.cells.append(cell)
-            print(cell_line(cell), flush=True)
-            if h2.failed or answered != h2.done:
-                run.notes.append(
-                    f"- {cell.row}, {model} batch {batch} @{in_flight}: {h2.done - answered} of "
-                    f"{h2.done} calls got no answer, {h2.failed} failed in h2load"
-                )
+        return cell
 
 
-def rest_cells(run: Run, running: servers.RunningServer) -> None:
-    args = run.args
-    for model, batch in cells_of(args):
+class RestLoad:
+    """One model and batch through FoldServe's REST route (JSON or binary tensors, the gRPC
+    cells' inputs), with wrk."""
+
+    def __init__(self, run: Run, running: servers.RunningServer, kind: str) -> None:
+        self.run, self.running, self.kind = run, running, kind
+
+    def prepare(self, model: str, batch: int) -> None:
+        args = self.run.args
         name, sample = load.model_input(args.repository, model)
+        self.model, self.batch = model, batch
+        self.payload = load.make_payload(name, sample, batch, self.kind)
+        self.body = self.payload.write(self.run.workdir, model)
         path = f"/v2/models/{model}/infer"
-        for kind in ("json", "binary"):
-            payload = load.make_payload(name, sample, batch, kind)  # the gRPC cells' inputs
-            body = payload.write(run.workdir, model)
-            servers.wait_ready(running, path, payload.body, payload.headers)
-            url = running.url + path
-            load.run_wrk(url, body, payload.headers, max(args.in_flight), args.warmup)
-            for in_flight in args.in_flight:
-                before = CpuSnapshot.take(running)
-                raw = load.run_wrk(url, body, payload.headers, in_flight, args.seconds)
-                cpu, other = CpuSnapshot.take(running).since(before, raw["duration_us"] / 1e6)
-                failed = sum(
-                    int(raw[k])
-                    for k in ("connect_errors", "read_errors", "write_errors", "timeouts")
-                )
-                answered = int(raw["requests"]) - int(raw["status_errors"])
-                cell = Cell(
-                    f"{running.spec.label} REST {'JSON' if kind == 'json' else 'binary'}",
-                    model,
-                    batch,
-                    in_flight,
-                    int(raw["requests"]) + failed,
-                    answered,
-                    raw["duration_us"] / 1e6,
-                    raw["p50_us"] / 1e3,
-                    raw["p99_us"] / 1e3,
-                    cpu / max(answered, 1) * 1e6,
-                    other,
-                )
+        self.url = self.running.url + path
+        servers.wait_ready(self.running, path, self.payload.body, self.payload.headers)
+        many = max(args.in_flight)
+        load.run_wrk(self.url, self.body, self.payload.headers, many, args.warmup)
+
+    def measure(self, in_flight: int) -> Cell:
+        running = self.running
+        before = CpuSnapshot.take(running)
+        raw = load.run_wrk(
+            self.url, self.body, self.payload.headers, in_flight, self.run.args.seconds
+        )
+        cpu, other = CpuSnapshot.take(running).since(before, raw["duration_us"] / 1e6)
+        failed = sum(
+            int(raw[k]) for k in ("connect_errors", "read_errors", "write_errors", "timeouts")
+        )
+        answered = int(raw["requests"]) - int(raw["status_errors"])
+        return Cell(
+            f"{running.spec.label} REST {'JSON' if self.kind == 'json' else 'binary'}",
+            self.model,
+            self.batch,
+            in_flight,
+            int(raw["requests"]) + failed,
+            answered,
+            raw["duration_us"] / 1e6,
+            raw["p50_us"] / 1e3,
+            raw["p99_us"] / 1e3,
+            cpu / max(answered, 1) * 1e6,
+            other,
+        )
+
+
+def measure_server(run: Run, server: Server, running: servers.RunningServer) -> None:
+    """Every model and batch; for each, every call count through each transport in turn, so
+    that the cells a ratio compares are measured next to each other."""
+    loads: list[GrpcLoad | RestLoad] = [GrpcLoad(run, server, running)]
+    if server.rest:
+        loads += [RestLoad(run, running, "json"), RestLoad(run, running, "binary")]
+    for model, batch in cells_of(run.args):
+        for each in loads:
+            each.prepare(model, batch)
+        for in_flight in run.args.in_flight:
+            for each in loads:
+                cell = each.measure(in_flight)
                 run.cells.append(cell)
                 print(cell_line(cell), flush=True)
 
@@ -290,7 +327,8 @@ def conditions(args: argparse.Namespace, before: tuple[float, float]) -> list[st
         f"{before[0]:.2f} {before[1]:.2f}, after: {one:.2f} {five:.2f}",
         f"- {', '.join(versions)}; {h2load} (gRPC), wrk (REST), 1 thread each",
         f"- each cell: {args.seconds:g} s, closed loop, after a {args.warmup:g} s warm-up per "
-        f"server, model, batch and transport; one server running at a time; {args.workers} "
+        "server, model, batch and transport; a server's transports take turns at each number "
+        f"of calls in flight; one server running at a time; {args.workers} "
         "worker processes for FoldServe and the floor (uvloop, as FoldServe's), MLServer's "
         "parallel_workers the same (one frontend process), KServe's gRPC in its one main "
         "process; every server with its defaults otherwise (FoldServe: access log on for "
@@ -327,9 +365,7 @@ def main() -> None:
         for server in server_list(args, run.workdir / "venv.log"):
             running = servers.start(server.spec, run.workdir)
             try:
-                grpc_cells(run, server, running)
-                if server.rest:
-                    rest_cells(run, running)
+                measure_server(run, server, running)
             except Exception:
                 print(running.log_path.read_text()[-3000:], file=sys.stderr)
                 raise
