@@ -19,6 +19,7 @@ class Cell:
     server_cpu_us: float  # server CPU per answered request
     other_cores: float  # CPUs busy with anything but the server and the load generator
     server_ok: int | None = None  # FoldServe's own count of the requests it served
+    requests_per_call: float | None = None  # FoldServe: requests per ONNX Runtime call
     max_diff: float | None = None  # largest |answer - ONNX Runtime| of the checking calls
 
     @property
@@ -55,7 +56,7 @@ def tables(cells: list[Cell], groups: list[tuple[str, int]], in_flight: list[int
             f"other CPUs busy @{busy}",
             "answered / sent",
         ]
-        head += ["counted by FoldServe"]
+        head += ["counted by FoldServe", f"FoldServe requests per ORT call @{busy}"]
         lines += ["| server | " + " | ".join(head) + " | max abs diff |"]
         lines += ["|---" * (len(head) + 2) + "|"]
         for row in rows:
@@ -77,6 +78,12 @@ def tables(cells: list[Cell], groups: list[tuple[str, int]], in_flight: list[int
             cols.append(f"{answered:,} / {sent:,}")
             counted = [c.server_ok for c in mine.values() if c.server_ok is not None]
             cols.append(f"{sum(counted):,}" if counted else "-")
+            per_call = [mine[n].requests_per_call if n in mine else None for n in in_flight]
+            cols.append(
+                " / ".join(f"{r:.1f}" if r is not None else "-" for r in per_call)
+                if any(r is not None for r in per_call)
+                else "-"
+            )
             diffs = [c.max_diff for c in mine.values() if c.max_diff is not None]
             cols.append(f"{max(diffs):.1e}" if diffs else "-")
             lines.append(f"| {row} | " + " | ".join(cols) + " |")

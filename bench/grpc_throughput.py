@@ -150,20 +150,38 @@ def wait_grpc(running: servers.RunningServer, target: str, payload: grpc_load.Gr
             time.sleep(0.3)
 
 
-def served_ok(url: str, model: str) -> int:
-    """FoldServe's count of ``model``'s served requests (``foldserve_inference_requests``,
-    all workers, any transport) from its ``/metrics``."""
-    with urllib.request.urlopen(url + "/metrics", timeout=30) as response:
-        text = response.read().decode()
-    total = 0.0
-    for line in text.splitlines():
-        if not line.startswith("foldserve_inference_requests_total{"):
-            continue
-        labels, value = line.rsplit(" ", 1)
-        # a gRPC call's status label is the HTTP status of the same outcome
-        if f'model="{model}"' in labels and 'status="200"' in labels:
-            total += float(value)
-    return int(total)
+@dataclass(frozen=True)
+class ServedCounts:
+    """FoldServe's own counters for one model (all workers, any transport), from /metrics."""
+
+    ok: float  # foldserve_inference_requests_total, status 200
+    calls: float  # ONNX Runtime calls of the dynamic batcher
+    batched: float  # requests those calls carried
+
+    @classmethod
+    def read(cls, url: str, model: str) -> ServedCounts:
+        with urllib.request.urlopen(url + "/metrics", timeout=30) as response:
+            text = response.read().decode()
+        totals = {"ok": 0.0, "calls": 0.0, "batched": 0.0}
+        families = {
+            "foldserve_inference_requests_total{": "ok",
+            "foldserve_batch_requests_count{": "calls",
+            "foldserve_batch_requests_sum{": "batched",
+        }
+        for line in text.splitlines():
+            family = next((f for f in families if line.startswith(f)), None)
+            if family is None or f'model="{model}"' not in line:
+                continue
+            # a gRPC call's status label is the HTTP status of the same outcome
+            if families[family] == "ok" and 'status="200"' not in line:
+                continue
+            totals[families[family]] += float(line.rsplit(" ", 1)[1])
+        return cls(**totals)
+
+    def since(self, before: ServedCounts) -> tuple[int, float]:
+        """Requests served since ``before``, and requests per ONNX Runtime call."""
+        calls = self.calls - before.calls
+        return int(self.ok - before.ok), (self.batched - before.batched) / max(calls, 1.0)
 
 
 def reference(repository: Path, payload: grpc_load.GrpcPayload) -> dict[str, np.ndarray]:
@@ -204,8 +222,8 @@ class GrpcLoad:
 
     def measure(self, in_flight: int) -> Cell:
         payload, running = self.payload, self.running
-        counted = self.server.rest  # FoldServe: its own request counter beside
-        before_ok = served_ok(running.url, payload.model) if counted else 0
+        counted = self.server.rest  # FoldServe: its own counters beside
+        before_counts = ServedCounts.read(running.url, payload.model) if counted else None
         before = CpuSnapshot.take(running)
         h2 = grpc_load.run_h2load(
             f"http://{self.target}",
@@ -215,7 +233,9 @@ class GrpcLoad:
             self.log,
         )
         cpu, other = CpuSnapshot.take(running).since(before, h2.seconds)
-        ok = served_ok(running.url, payload.model) - before_ok if counted else None
+        ok, per_call = None, None
+        if before_counts is not None:
+            ok, per_call = ServedCounts.read(running.url, payload.model).since(before_counts)
         diff = grpc_load.check_answers(self.target, payload, self.expected)
         answered = h2.answered(self.answer)
         cell = Cell(
@@ -231,6 +251,7 @@ class GrpcLoad:
             cpu / max(answered, 1) * 1e6,
             other,
             ok,
+            per_call,
             None if self.floor else diff,
         )
         if h2.failed or answered != h2.done:
@@ -263,6 +284,7 @@ class RestLoad:
 
     def measure(self, in_flight: int) -> Cell:
         running = self.running
+        before_counts = ServedCounts.read(running.url, self.model)
         before = CpuSnapshot.take(running)
         raw = load.run_wrk(
             self.url, self.body, self.payload.headers, in_flight, self.run.args.seconds
@@ -272,6 +294,7 @@ class RestLoad:
             int(raw[k]) for k in ("connect_errors", "read_errors", "write_errors", "timeouts")
         )
         answered = int(raw["requests"]) - int(raw["status_errors"])
+        ok, per_call = ServedCounts.read(running.url, self.model).since(before_counts)
         return Cell(
             f"{running.spec.label} REST {'JSON' if self.kind == 'json' else 'binary'}",
             self.model,
@@ -284,6 +307,8 @@ class RestLoad:
             raw["p99_us"] / 1e3,
             cpu / max(answered, 1) * 1e6,
             other,
+            ok,
+            per_call,
         )
 
 
