@@ -47,6 +47,7 @@ from service.settings import Settings, management_policy
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "inference.GRPCInferenceService"
+LAST_CALL_S = 0.5  # at shutdown, after the calls in flight: new calls still get UNAVAILABLE
 
 # gRPC status of each HTTP status the data plane's errors carry (Triton's mapping).
 HTTP_TO_GRPC = {
@@ -122,11 +123,15 @@ class CallGate:
                 self._idle.set()
 
     async def stop(self, server: grpc.aio.Server, grace_s: float) -> None:
-        """Refuse new calls, let those in flight finish (``grace_s`` at most), then stop."""
+        """Refuse new calls, let those in flight finish (``grace_s`` at most), keep refusing
+        for ``LAST_CALL_S`` (a client that just had its answer sends its next call now: it
+        gets UNAVAILABLE from here, not grpcio's CANCELLED for a call that reaches a
+        server in the middle of stopping), then stop."""
         self.stopping = True
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._idle.wait(), grace_s)
-        await server.stop(0)
+        await asyncio.sleep(LAST_CALL_S)
+        await server.stop(LAST_CALL_S)
 
 
 class GrpcExchange:
