@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
@@ -27,26 +26,26 @@ from tritonclient.grpc import model_config_pb2
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
+from service.auth import check_management, presented_key
 from service.codecs import DecodedRequest
 from service.dataplane import DataPlane, Inferred
 from service.errors import (
     BadRequest,
     ClientDisconnected,
-    Forbidden,
     ModelNotFound,
     ModelUnavailable,
     ServiceError,
     ShuttingDown,
-    Unauthorized,
 )
 from service.grpc_codec import decode_grpc_request, encode_grpc_response
 from service.protocol import PLATFORM, SERVER_EXTENSIONS
 from service.runtime import ServedVersion
-from service.settings import Settings, management_policy
+from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "inference.GRPCInferenceService"
+GRPC_HOW = "metadata 'authorization: Bearer KEY'"
 LAST_CALL_S = 0.5  # at shutdown, after the calls in flight: new calls still get UNAVAILABLE
 
 # gRPC status of each HTTP status the data plane's errors carry (Triton's mapping).
@@ -305,7 +304,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         return pb.RepositoryModelUnloadResponse()
 
     async def _manage(self, name: str, context: Any, action: str) -> None:
-        check_management(self.settings, dict(context.invocation_metadata() or ()))
+        metadata = dict(context.invocation_metadata() or ())
+        presented = presented_key(metadata.get("authorization"), metadata.get("x-api-key"))
+        check_management(
+            self.settings, presented, "this RPC", "metadata 'authorization: Bearer KEY'"
+        )
         if not name:
             raise ModelNotFound("model_name is empty: name the model to " + action)
         if action == "load":
@@ -319,25 +322,6 @@ def _stream_error(request: Any, message: str) -> pb.ModelStreamInferResponse:
         model_name=request.model_name, model_version=request.model_version, id=request.id
     )
     return pb.ModelStreamInferResponse(error_message=message, infer_response=reply)
-
-
-def check_management(settings: Settings, metadata: dict[str, Any]) -> None:
-    """REST's guard over gRPC metadata: management off without a key on a non-loopback
-    listener (:class:`Forbidden`); else the key as ``authorization: Bearer KEY`` or
-    ``x-api-key: KEY`` (:class:`Unauthorized`)."""
-    refused = management_policy(settings)
-    if refused is not None:
-        raise Forbidden(refused)
-    if settings.api_key is None:
-        return
-    scheme, _, token = str(metadata.get("authorization", "")).partition(" ")
-    presented = token.strip() if scheme.lower() == "bearer" else metadata.get("x-api-key")
-    if not presented:
-        raise Unauthorized("this RPC needs the API key: send metadata 'authorization: Bearer KEY'")
-    if not secrets.compare_digest(
-        str(presented).encode(), settings.api_key.get_secret_value().encode()
-    ):
-        raise Unauthorized("the API key is wrong")
 
 
 class HealthServicer(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
