@@ -293,7 +293,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
     async def RepositoryModelLoad(
         self, request: Any, context: Any
     ) -> pb.RepositoryModelLoadResponse:
-        await self._manage(request.model_name, context, "load")
+        await self._manage(request.model_name, context, "load", sorted(request.parameters))
         return pb.RepositoryModelLoadResponse()
 
     @rpc
@@ -303,7 +303,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         await self._manage(request.model_name, context, "unload")
         return pb.RepositoryModelUnloadResponse()
 
-    async def _manage(self, name: str, context: Any, action: str) -> None:
+    async def _manage(
+        self, name: str, context: Any, action: str, parameters: list[str] | None = None
+    ) -> None:
         metadata = dict(context.invocation_metadata() or ())
         presented = presented_key(metadata.get("authorization"), metadata.get("x-api-key"))
         check_management(
