@@ -131,7 +131,7 @@ async def get_lab(request: Request) -> FoldLatencyLab:
 @router.get(
     "/v2/models/{name}/fold-latency",
     dependencies=[Depends(require_api_key)],
-    responses=error_responses(401, 404, 409, 422, 429, 503),
+    responses=error_responses(400, 401, 404, 409, 422, 429, 503),
 )
 async def fold_latency(
     name: str,
