@@ -308,9 +308,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
     ) -> None:
         metadata = dict(context.invocation_metadata() or ())
         presented = presented_key(metadata.get("authorization"), metadata.get("x-api-key"))
-        check_management(
-            self.settings, presented, "this RPC", "metadata 'authorization: Bearer KEY'"
-        )
+        check_management(self.settings, presented, "this RPC", GRPC_HOW)
+        if parameters:  # Triton's config override, and files sent with the load
+            raise BadRequest(
+                f"load parameters {parameters} are not supported: a load serves what the "
+                "repository directory holds (export a new version instead)"
+            )
         if not name:
             raise ModelNotFound("model_name is empty: name the model to " + action)
         if action == "load":
