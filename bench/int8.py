@@ -47,7 +47,7 @@ import torch
 from markdown_section import publish
 from onnx_fold_networks import export as export_bn_kept  # a sibling script
 
-from service.model_format import batchnorm_nodes
+from service.model_graph import batchnorm_nodes
 from service.onnx_fold import fold_model
 from service.sessions import SessionFactory, usable_cpus
 from service.stats import paired_speedup

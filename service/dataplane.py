@@ -26,6 +26,7 @@ from service import statistics
 from service.admission import AdmissionGates
 from service.batching import Receive
 from service.codecs import DecodedRequest, OutputTensor
+from service.datatypes import V2_DATATYPES
 from service.drain import Drain
 from service.errors import LoadFailed, QueueFull, RequestTimeout
 from service.inference import (
@@ -37,7 +38,6 @@ from service.inference import (
     select_outputs,
 )
 from service.metrics import RequestRecord, ServiceMetrics
-from service.model_format import V2_DATATYPES
 from service.onnx_fold.version import derived_from
 from service.protocol import (
     PLATFORM,

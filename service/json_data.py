@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 import orjson
 
+from service.datatypes import NUMPY_DTYPES
 from service.errors import BadRequest
-from service.model_format import NUMPY_DTYPES
 
 JSON_KINDS = {"b": "booleans", "i": "integers", "u": "integers", "f": "numbers"}
 JSON_ACCEPTS = {"b": "b", "i": "iu", "u": "iu", "f": "iuf"}  # parsed kinds by tensor kind

@@ -37,7 +37,8 @@ from service.latency_words import (
     verdict,
 )
 from service.machine import machine_facts
-from service.model_format import TensorSpec, batchnorm_nodes
+from service.model_format import TensorSpec
+from service.model_graph import batchnorm_nodes
 from service.runtime import ServedVersion
 from service.stats import LatencySummary, Speedup, paired_speedup, summarize
 from service.worker_sync import write_atomic

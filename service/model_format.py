@@ -26,13 +26,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from service.datatypes import NUMPY_DTYPES as NUMPY_DTYPES
-from service.datatypes import V2_DATATYPES as V2_DATATYPES
-from service.datatypes import Datatype as Datatype
-from service.model_graph import BATCHNORM as BATCHNORM
-from service.model_graph import QDQ_OPS as QDQ_OPS
-from service.model_graph import batchnorm_nodes as batchnorm_nodes
-from service.model_graph import op_counts as op_counts
+from service.datatypes import NUMPY_DTYPES, V2_DATATYPES, Datatype
 
 FORMAT = "foldserve-model/1"
 FOLDED_FILE = "model.onnx"

@@ -1,7 +1,6 @@
 """Counting ops in an ONNX graph: BatchNormalization nodes, QuantizeLinear/DequantizeLinear.
 
-Part of the repository contract (:mod:`service.model_format` re-exports it): the
-exporter records these counts in ``metadata.json`` and the service counts again.
+The exporter records these counts in ``metadata.json`` and the service counts again.
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from service.datatypes import ORT_DATATYPES
 from service.model_format import ModelVersionError
-from service.protocol import ORT_DATATYPES
 from service.runtime import ServedVersion
 
 

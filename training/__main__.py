@@ -232,15 +232,16 @@ def export_cmd(
 ) -> None:
     """Export folded and unfolded ONNX with metadata as the next version of --name;
     with --int8 also model.int8.onnx (calibrated on the run's training split)."""
-    from training.export import ExportError, ParityCheck, export_run
+    from training.export import EXPORT_DTYPES, ExportError, ParityCheck, export_run
     from training.fold.report import DIRECTIONS
 
-    dtypes = {"float32": torch.float32, "float16": torch.float16}
-    if dtype not in dtypes:
-        fail(f"unknown dtype {dtype!r}; choose {', '.join(dtypes)}")
+    if dtype not in EXPORT_DTYPES:
+        fail(f"unknown dtype {dtype!r}; choose {', '.join(EXPORT_DTYPES)}")
     quantize = q.int8_options(int8, int8_tolerance, calibration_samples, calibration_method)
     try:
-        result = export_run(_load(run), repository, name or run.name, dtypes[dtype], quantize)
+        result = export_run(
+            _load(run), repository, name or run.name, EXPORT_DTYPES[dtype], quantize
+        )
     except ExportError as err:
         fail(str(err))
         return

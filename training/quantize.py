@@ -31,7 +31,8 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from service.model_format import QDQ_OPS, Calibration, Int8Record, TensorData, op_counts
+from service.model_format import Calibration, Int8Record, TensorData
+from service.model_graph import QDQ_OPS, op_counts
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import onnx
 
-from service.model_format import batchnorm_nodes
+from service.model_graph import batchnorm_nodes
 from service.onnx_fold.check import RELATIVE_TOLERANCE, CheckError, compare, weight_type
 from service.onnx_fold.report import FoldCheckFailed, FoldOutcome, OnnxFoldReport
 from service.onnx_fold.rewrite import fold_graphs
