@@ -26,16 +26,14 @@ complete directory, so no reader ever sees half of one.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import shutil
-import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from service.files import file_lock, staged_dir, write_synced
 from service.model_format import (
     FOLDED_FILE,
     METADATA_FILE,
@@ -123,7 +121,8 @@ class DerivedVersions:
         failures = []
         for place in places:
             try:
-                with _locked(place, key):
+                place.mkdir(parents=True, exist_ok=True)
+                with file_lock(place / f"{key}.lock"):  # one deriving process at a time
                     found = _read_entry(place / key, key)  # another worker derived it meanwhile
                     if found is None:
                         found = _derive_into(place, key, source, name)
@@ -165,36 +164,16 @@ def _read_entry(entry: Path, key: str) -> OpenedVersion | None:
     return OpenedVersion(metadata, entry, folded, "cache")
 
 
-@contextlib.contextmanager
-def _locked(place: Path, key: str) -> Iterator[None]:
-    """Hold ``place/<key>.lock`` (one deriving process at a time); OSError if not writable."""
-    place.mkdir(parents=True, exist_ok=True)
-    with (place / f"{key}.lock").open("a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
 def _derive_into(place: Path, key: str, source: bytes, name: str) -> OpenedVersion:
     """Derive, write the entry under a temporary name and rename it into place."""
     derived = derive_version(source, name, files=DERIVED_FILES)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key[:12]}-", dir=place))
-    try:
-        tmp.chmod(0o755)
+    entry = place / key
+    with staged_dir(place, prefix=f".tmp-{key[:12]}-") as tmp:
         (tmp / DERIVED_FILE).write_bytes(derived.folded)
-        with (tmp / METADATA_FILE).open("wb") as fh:
-            fh.write(derived.metadata.to_json())
-            fh.flush()
-            os.fsync(fh.fileno())
-        entry = place / key
+        write_synced(tmp / METADATA_FILE, derived.metadata.to_json())
         if entry.exists():  # an unusable entry (checked under the lock): replace it
             shutil.rmtree(entry)
         os.rename(tmp, entry)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if place.name == CACHE_DIR:  # beside the file: entries of replaced files go
         for stale in place.iterdir():
             if key[:12] not in stale.name:

@@ -29,6 +29,7 @@ import onnxruntime as ort
 
 from service.bn_graph import batchnorm_after_ort, batchnorm_inputs, batchnorm_share
 from service.errors import NotMeasurable
+from service.files import write_atomic
 from service.latency_words import (
     RUNTIME_ONLY,
     bound_words,
@@ -41,7 +42,6 @@ from service.model_format import TensorSpec
 from service.model_graph import batchnorm_nodes
 from service.runtime import ServedVersion
 from service.stats import LatencySummary, Speedup, paired_speedup, summarize
-from service.worker_sync import write_atomic
 
 log = logging.getLogger(__name__)
 

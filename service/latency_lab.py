@@ -8,7 +8,7 @@ worker to read (:mod:`service.latency` measures).
 
 from __future__ import annotations
 
-import fcntl
+import contextlib
 import json
 import math
 from dataclasses import replace
@@ -18,10 +18,10 @@ from typing import Any
 import anyio
 
 from service.errors import MeasurementBusy, NoReportYet, NotMeasurable
+from service.files import file_lock, write_atomic
 from service.latency import FoldLatencyReport, LatencyParams, Progress, measure_model
 from service.model_format import ModelVersionError
 from service.runtime import ServedVersion
-from service.worker_sync import write_atomic
 
 
 class FoldLatencyLab:
@@ -53,9 +53,9 @@ class FoldLatencyLab:
     async def measure(self, model: ServedVersion, params: LatencyParams) -> FoldLatencyReport:
         """Measure ``model`` off the event loop; :class:`MeasurementBusy` (429) while another
         measurement runs in any worker, with a Retry-After guessed from its pace."""
-        with self._lock_path.open("a") as lock:
+        with contextlib.ExitStack() as held:
             try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                held.enter_context(file_lock(self._lock_path, wait=False))
             except BlockingIOError:
                 progress = Progress.read(self._progress_path)
                 wait = progress.seconds_left(self.max_seconds) if progress else 1.0
@@ -73,8 +73,6 @@ class FoldLatencyLab:
                 raise NotMeasurable(
                     f"model '{model.name}' version {model.version} cannot be measured: {err}"
                 ) from err
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
         body = json.dumps(report.to_dict(samples=True)).encode()
         write_atomic(self._reports / f"{model.name}.json", body)
         return report

@@ -17,8 +17,6 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -27,6 +25,7 @@ import numpy as np
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from service.datatypes import NUMPY_DTYPES, V2_DATATYPES, Datatype
+from service.files import staged_dir, write_synced
 
 FORMAT = "foldserve-model/1"
 FOLDED_FILE = "model.onnx"
@@ -359,16 +358,11 @@ def commit_version(
             "(not starting with '.')"
         )
     model_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=model_dir))
-    try:
-        tmp.chmod(0o755)  # mkdtemp makes it owner-only; servers may run as another user
+    with staged_dir(model_dir) as tmp:
         for name, data in files.items():
             (tmp / name).write_bytes(data)
         for number in _candidates(model_dir, version):
-            with (tmp / METADATA_FILE).open("wb") as fh:
-                fh.write(metadata_json(number))
-                fh.flush()
-                os.fsync(fh.fileno())
+            write_synced(tmp / METADATA_FILE, metadata_json(number))
             try:
                 os.rename(tmp, model_dir / str(number))  # atomic; fails if it exists
                 return number
@@ -376,9 +370,6 @@ def commit_version(
                 if version is not None:
                     raise ModelVersionError(f"version {version} of {model_dir} exists") from None
         raise ModelVersionError(f"could not claim a version number in {model_dir}")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _candidates(model_dir: Path, version: int | None) -> Iterator[int]:

@@ -19,18 +19,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import json
 import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from service.errors import ModelNotReady, ServiceError, WorkersOutOfStep
+from service.files import file_lock, write_atomic
 from service.repository import ModelEntry, ModelRepository
 
 log = logging.getLogger(__name__)
@@ -50,13 +49,6 @@ class WorkerState:
     pid: int
     generation: int  # -1: registered, still starting
     models: dict[str, Served]
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` so that a reader sees the old or the new file, whole."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def pid_alive(pid: int) -> bool:
@@ -148,7 +140,7 @@ class WorkerSync:
     def _decide(self, name: str, action: Action) -> tuple[ModelEntry, int]:
         if not self.repository.ready:
             raise ModelNotReady("the model repository is still loading; retry")
-        with self._apply_lock, self._locked():
+        with self._apply_lock, file_lock(self.runtime / LOCK_FILE):
             record = self._read_control()
             self._apply(record)  # decisions of others first, in order
             entry = self.repository.load(name) if action == "load" else self.repository.unload(name)
@@ -205,15 +197,6 @@ class WorkerSync:
         return sorted(states, key=lambda s: s.pid)
 
     # -- files ------------------------------------------------------------------------
-
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        with (self.runtime / LOCK_FILE).open("a") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
 
     def _read_control(self) -> dict[str, Any]:
         try:
