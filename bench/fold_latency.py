@@ -46,7 +46,7 @@ from service.latency import LatencyParams, measure_model, random_feeds, time_int
 from service.machine import machine_facts
 from service.metrics import ServiceMetrics
 from service.repository import ModelRepository
-from service.runtime import ServedVersion, ServingOptions
+from service.served_version import ServedVersion, ServingOptions
 from service.sessions import CUDA, SessionFactory, usable_cpus
 from service.settings import ProviderChoice, Settings
 from service.stats import paired_speedup

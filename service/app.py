@@ -38,7 +38,7 @@ from service.middleware import RequestContextMiddleware
 from service.repository import ModelRepository
 from service.routes import docs, health, infer, latency, models, repository, ui
 from service.routes.models import server_version
-from service.runtime import ServingOptions
+from service.served_version import ServingOptions
 from service.settings import Settings, get_settings
 from service.worker_sync import WorkerSync
 

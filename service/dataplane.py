@@ -49,7 +49,7 @@ from service.protocol import (
     TensorMetadata,
 )
 from service.repository import NOT_SELECTED, ModelEntry, ModelRepository
-from service.runtime import ServedVersion
+from service.served_version import ServedVersion
 from service.worker_sync import WorkerSync
 
 Answer = TypeVar("Answer", covariant=True)

@@ -40,7 +40,7 @@ from service.latency_words import (
 from service.machine import machine_facts
 from service.model_format import TensorSpec
 from service.model_graph import batchnorm_nodes
-from service.runtime import ServedVersion
+from service.served_version import ServedVersion
 from service.stats import LatencySummary, Speedup, paired_speedup, summarize
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ from service.errors import MeasurementBusy, NoReportYet, NotMeasurable
 from service.files import file_lock, write_atomic
 from service.latency import FoldLatencyReport, LatencyParams, Progress, measure_model
 from service.model_format import ModelVersionError
-from service.runtime import ServedVersion
+from service.served_version import ServedVersion
 
 
 class FoldLatencyLab:

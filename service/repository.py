@@ -34,7 +34,7 @@ from service.model_format import (
     valid_model_name,
 )
 from service.protocol import ModelState
-from service.runtime import ServedVersion, ServingOptions, variant_bytes
+from service.served_version import ServedVersion, ServingOptions, variant_bytes
 from service.version_checks import check_io, check_reference
 
 log = logging.getLogger(__name__)

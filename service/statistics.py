@@ -15,7 +15,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from service.model_config import VersionPolicy
-from service.runtime import ServedVersion
+from service.served_version import ServedVersion
 from service.sessions import CUDA
 
 Key = tuple[str, str]  # (model, version)

@@ -8,7 +8,7 @@ import numpy as np
 
 from service.datatypes import ORT_DATATYPES
 from service.model_format import ModelVersionError
-from service.runtime import ServedVersion
+from service.served_version import ServedVersion
 
 
 def check_io(model: ServedVersion) -> None:

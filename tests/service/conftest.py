@@ -39,7 +39,7 @@ from service.model_format import (
     sha256_hex,
 )
 from service.model_format import write_version as write_version_files
-from service.runtime import ServingOptions
+from service.served_version import ServingOptions
 from service.settings import Settings
 
 API_KEY = "test-key"
