@@ -35,9 +35,9 @@ from typing import Literal
 
 from service.files import file_lock, staged_dir, write_synced
 from service.model_format import (
-    FOLDED_FILE,
     METADATA_FILE,
     UNFOLDED_FILE,
+    USER_FILE,
     ModelVersionError,
     VersionFiles,
     VersionMetadata,
@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 CACHE_DIR = ".foldserve"  # in the version directory
 RUNTIME_CACHE_DIR = "derived"  # in the runtime directory
 DERIVED_FILE = "model.folded.onnx"
-DERIVED_FILES = VersionFiles(folded=DERIVED_FILE, unfolded=FOLDED_FILE)
+DERIVED_FILES = VersionFiles(folded=DERIVED_FILE, unfolded=USER_FILE)
 
 Source = Literal["export", "cache", "derived"]
 
@@ -74,7 +74,7 @@ def is_bare(version_dir: Path) -> bool:
     return (
         not (version_dir / METADATA_FILE).exists()
         and not (version_dir / UNFOLDED_FILE).exists()
-        and (version_dir / FOLDED_FILE).is_file()
+        and (version_dir / USER_FILE).is_file()
     )
 
 
@@ -106,9 +106,9 @@ class DerivedVersions:
         Raises :class:`ModelVersionError` with the reason the file cannot be served.
         """
         try:
-            source = (version_dir / FOLDED_FILE).read_bytes()
+            source = (version_dir / USER_FILE).read_bytes()
         except OSError as err:
-            raise ModelVersionError(f"{FOLDED_FILE} is unreadable: {err}") from err
+            raise ModelVersionError(f"{USER_FILE} is unreadable: {err}") from err
         key = sha256_hex(source)
         name, number = version_dir.parent.name, int(version_dir.name)
         places = [version_dir / CACHE_DIR]
@@ -135,7 +135,7 @@ class DerivedVersions:
         if self.runtime_cache is None:
             failures.append("the server has no runtime directory")
         raise ModelVersionError(
-            f"{FOLDED_FILE} has no {METADATA_FILE}, and its folded variant cannot be cached: "
+            f"{USER_FILE} has no {METADATA_FILE}, and its folded variant cannot be cached: "
             + "; ".join(failures)
         )
 

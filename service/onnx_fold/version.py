@@ -33,7 +33,7 @@ from pydantic import BaseModel
 
 from service.datatypes import ONNX_DATATYPES, REFERENCE_ATOL
 from service.model_format import (
-    FOLDED_FILE,
+    USER_FILE,
     ModelVersionError,
     Parity,
     ReferenceBatch,
@@ -209,7 +209,7 @@ def _framework(model: onnx.ModelProto) -> dict[str, Any]:
 # -- the derivation ------------------------------------------------------------------
 
 
-def parse_onnx(source: bytes, label: str = FOLDED_FILE) -> onnx.ModelProto:
+def parse_onnx(source: bytes, label: str = USER_FILE) -> onnx.ModelProto:
     """``source`` as an ONNX model that passes ``onnx.checker``; else :class:`ModelVersionError`."""
     try:
         model = onnx.load_model_from_string(source)
@@ -229,7 +229,7 @@ def derive_version(
     source: bytes,
     name: str,
     *,
-    source_file: str = FOLDED_FILE,
+    source_file: str = USER_FILE,
     files: VersionFiles | None = None,
     tolerance: float | None = None,
     seed: int = 0,
