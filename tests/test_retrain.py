@@ -24,7 +24,7 @@ from service.model_format import FOLDED_FILE, UNFOLDED_FILE, VersionMetadata, wr
 from training.__main__ import app
 from training.data import load_dataset
 from training.export import export_run
-from training.server import LoadError, load_version
+from training.server_client import LoadError, load_version
 from training.train import DatasetSpec, TrainConfig, save_run, train
 from training.zoo import ModelConfig
 

@@ -285,7 +285,7 @@ def retrain_cmd(
     version; with --load, have a running server serve it on every worker."""
     from training.export import ExportError, export_run
     from training.retrain import RetrainError, plan_retrain, train_plan
-    from training.server import LoadError, check_live, load_version
+    from training.server_client import LoadError, check_live, load_version
 
     try:
         plan = plan_retrain(repository, name, epochs=epochs, seed=seed, data=data)
