@@ -13,7 +13,7 @@ import typer
 
 from training import int8_cli as q
 from training import train_options as opts
-from training.console import ExperimentCommand, configure_logging, new_run_dir, zoo_table
+from training.cli_support import ExperimentCommand, configure_logging, new_run_dir, zoo_table
 from training.data import DatasetError, load_dataset, parse_shape
 from training.distributed import DistributedError, init_distributed, shutdown_distributed
 from training.import_onnx import import_onnx_cmd

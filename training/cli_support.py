@@ -1,4 +1,5 @@
-"""What the training CLI shows, and where a run goes when no ``--out`` is given.
+"""The training CLI's pieces that are not commands: what it shows (logging, help, the zoo
+table) and where a run goes when no ``--out`` is given.
 
 Kept out of ``training/__main__.py`` so the commands stay a list of options and calls.
 """
