@@ -23,7 +23,7 @@ from service.derived import DerivedVersions, open_version
 from service.errors import ModelNotFound, ModelNotReady, ModelUnavailable
 from service.model_config import (
     BatchingOverrides,
-    ModelConfig,
+    ModelSettings,
     ServedVariant,
     VersionPolicy,
     read_model_config,
@@ -61,7 +61,7 @@ class ModelEntry:
     versions: dict[int, VersionStatus] = field(default_factory=dict)
     reason: str = ""  # why the model as a whole cannot serve, when it cannot
     unloaded: bool = False
-    config: ModelConfig = ModelConfig()  # from config.json as of this scan
+    config: ModelSettings = ModelSettings()  # from config.json as of this scan
     _default: VersionStatus | None = field(init=False, repr=False, compare=False, default=None)
 
     def __post_init__(self) -> None:
@@ -249,7 +249,7 @@ class ModelRepository:
         except ModelVersionError as err:
             log.warning("model %s: %s; keeping what was served", name, err)
             kept = previous.versions if previous is not None else {}
-            old = previous.config if previous is not None else ModelConfig()
+            old = previous.config if previous is not None else ModelSettings()
             return ModelEntry(
                 name, kept, reason=f"config.json: {err}" if not kept else "", config=old
             )
@@ -291,7 +291,7 @@ class ModelRepository:
         version_dir: Path,
         previous: ModelEntry | None,
         retry_failed: bool,
-        config: ModelConfig,
+        config: ModelSettings,
     ) -> VersionStatus:
         """The version's status for ``config``: the previous one when its files and the
         variant asked for are unchanged, else a (re)load. A served version whose variant
