@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from training.bench_torch import bench_folding
-from training.zoo import ModelConfig, build_model
+from training.zoo import NetworkConfig, build_model
 
 
 def test_bench_folding_times_both_variants_in_pairs() -> None:
     torch.manual_seed(0)
-    model = build_model(ModelConfig("cnn", (1, 8, 8), 10, width=8)).eval()
+    model = build_model(NetworkConfig("cnn", (1, 8, 8), 10, width=8)).eval()
     for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
         bn.running_mean.uniform_(-1, 1)
         bn.running_var.uniform_(0.5, 2)

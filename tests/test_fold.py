@@ -20,7 +20,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 from training.batchnorm import randomize_batchnorm
 from training.fold import FoldedBN, FoldError, FoldReport, KeptBN, fold_batchnorm
 from training.fold.weights import round_to_dtype
-from training.zoo import ModelConfig, build_model, count_batchnorms
+from training.zoo import NetworkConfig, build_model, count_batchnorms
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -74,7 +74,7 @@ def test_fold_sites_in_float16(case: Case) -> None:
 
 
 def test_caller_model_is_untouched() -> None:
-    model = build_model(ModelConfig("resnet", (3, 8, 8), 3, width=4))
+    model = build_model(NetworkConfig("resnet", (3, 8, 8), 3, width=4))
     randomize_batchnorm(model, torch.Generator().manual_seed(1))
     model.eval()
     model[1][1].train()  # one BN in training mode, the rest eval
@@ -102,7 +102,7 @@ def test_fp16_folds_in_float64_and_rounds_once() -> None:
     errors = {v: torch.zeros(2, dtype=torch.float64) for v in ("once", "naive")}
     for seed in range(8):
         torch.manual_seed(seed)
-        model = build_model(ModelConfig("resnet", (3, 8, 8), 3, width=4)).eval()
+        model = build_model(NetworkConfig("resnet", (3, 8, 8), 3, width=4)).eval()
         randomize_batchnorm(model, torch.Generator().manual_seed(2))
 
         once, _ = fold_batchnorm(model, x, dtype=torch.float16)

@@ -21,7 +21,7 @@ from training.onnx_cli import fold_onnx_cmd
 from training.terminal import console, fail
 from training.train import DatasetSpec, Run, RunError, TrainConfig, load_run, save_run, train
 from training.zoo import (
-    ModelConfig,
+    NetworkConfig,
     ZooError,
     build_model,
 )
@@ -113,7 +113,7 @@ def train_cmd(
             num_classes=num_classes,
             n_samples=n_samples,
         )
-        mcfg = ModelConfig(
+        mcfg = NetworkConfig(
             model,
             ds.input_shape,
             ds.num_classes,

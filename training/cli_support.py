@@ -15,7 +15,7 @@ from typer.core import TyperCommand
 
 from training.zoo import (
     MODEL_DESCRIPTIONS,
-    ModelConfig,
+    NetworkConfig,
     build_model,
     count_batchnorms,
     count_parameters,
@@ -70,8 +70,8 @@ def zoo_table(shape: tuple[int, ...], num_classes: int) -> Table:
         if name != "mlp" and len(shape) != 3:
             table.add_row(name, desc, "-", "-", "needs CxHxW input")
             continue
-        bn = build_model(ModelConfig(name, shape, num_classes))
-        plain = build_model(ModelConfig(name, shape, num_classes, norm=False))
+        bn = build_model(NetworkConfig(name, shape, num_classes))
+        plain = build_model(NetworkConfig(name, shape, num_classes, norm=False))
         table.add_row(
             name,
             desc,

@@ -26,7 +26,7 @@ from training.export import EXPORT_DTYPES
 from training.int8_cli import options_of
 from training.quantize import Int8Options
 from training.train import DatasetSpec, TrainConfig, TrainResult, save_run, train
-from training.zoo import ModelConfig
+from training.zoo import NetworkConfig
 
 
 class RetrainError(ValueError):
@@ -40,7 +40,7 @@ class RetrainPlan:
 
     name: str
     base_version: int
-    model: ModelConfig
+    model: NetworkConfig
     dataset: DatasetSpec
     train: TrainConfig
     dtype: torch.dtype
@@ -117,7 +117,7 @@ def plan_retrain(
         raise RetrainError(f"{where} takes {datatype} inputs; export writes FP32 or FP16 only")
     assert md.network is not None  # checked with the rest of what is missing
     try:
-        model = ModelConfig.from_dict(md.network)
+        model = NetworkConfig.from_dict(md.network)
     except (KeyError, TypeError) as err:
         raise RetrainError(f"{where}: model_config is not a zoo config ({err})") from err
     return RetrainPlan(
