@@ -32,6 +32,7 @@ from service.model_format import (
     VERSION_DIR,
     ModelVersionError,
     valid_model_name,
+    version_numbers,
 )
 from service.protocol import ModelState
 from service.served_version import ServedVersion, ServingOptions, variant_bytes
@@ -255,14 +256,7 @@ class ModelRepository:
             )
         policy = config.policy
         try:
-            numbers = sorted(
-                (
-                    int(p.name)
-                    for p in model_dir.iterdir()
-                    if VERSION_DIR.fullmatch(p.name) and p.is_dir()
-                ),
-                reverse=True,
-            )
+            numbers = version_numbers(model_dir)[::-1]  # newest first
         except OSError as err:
             return ModelEntry(name, {}, reason=f"unreadable: {err}")
         statuses: dict[int, VersionStatus] = {}
