@@ -45,11 +45,11 @@ from service.model_format import (
     verified_bytes,
 )
 from service.onnx_fold.version import DERIVATION, derive_version, derived_from
+from service.runtime_dir import RuntimeDir
 
 log = logging.getLogger(__name__)
 
 CACHE_DIR = ".foldserve"  # in the version directory
-RUNTIME_CACHE_DIR = "derived"  # in the runtime directory
 DERIVED_FILE = "model.folded.onnx"
 DERIVED_FILES = VersionFiles(folded=DERIVED_FILE, unfolded=USER_FILE)
 
@@ -93,12 +93,13 @@ def open_version(version_dir: Path, derived: DerivedVersions) -> OpenedVersion:
 class DerivedVersions:
     """Derives and caches the folded twin of bare versions (see the module docstring).
 
-    ``runtime`` is the server's writable runtime directory: the cache when the
-    repository cannot take one (None: no fallback, such a version fails to load).
+    ``runtime`` is the server's writable runtime directory: its ``derived`` directory is
+    the cache when the repository cannot take one (None: no fallback, such a version
+    fails to load).
     """
 
-    def __init__(self, runtime: Path | None = None) -> None:
-        self.runtime_cache = runtime / RUNTIME_CACHE_DIR if runtime is not None else None
+    def __init__(self, runtime: RuntimeDir | None = None) -> None:
+        self.runtime_cache = runtime.derived if runtime is not None else None
 
     def load(self, version_dir: Path) -> OpenedVersion:
         """The derived version of ``version_dir/model.onnx``, from a cache or derived now.

@@ -12,7 +12,6 @@ import contextlib
 import json
 import math
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -21,6 +20,7 @@ from service.errors import MeasurementBusy, NoReportYet, NotMeasurable
 from service.files import file_lock, write_atomic
 from service.latency import FoldLatencyReport, LatencyParams, Progress, measure_model
 from service.model_format import ModelVersionError
+from service.runtime_dir import RuntimeDir
 from service.served_version import ServedVersion
 
 
@@ -29,12 +29,11 @@ class FoldLatencyLab:
     in the runtime directory, shared by the worker processes), in a worker thread of its
     own; the last report of each model is kept there too, for every worker to return."""
 
-    def __init__(self, runtime: Path, max_seconds: float = 60.0) -> None:
+    def __init__(self, runtime: RuntimeDir, max_seconds: float = 60.0) -> None:
         self.max_seconds = max_seconds
-        self._lock_path = runtime / "fold-latency.lock"
-        self._progress_path = runtime / "fold-latency.progress.json"
-        self._reports = runtime / "fold-latency"
-        self._reports.mkdir(parents=True, exist_ok=True)
+        self._runtime = runtime
+        self._lock_path = runtime.latency_lock
+        self._progress_path = runtime.latency_progress
         # A limiter of its own: a measurement never takes a thread token from inference.
         self._limiter = anyio.CapacityLimiter(1)
 
@@ -42,7 +41,7 @@ class FoldLatencyLab:
         """The last report of model ``name`` (JSON-ready, with samples), measured by any
         worker; :class:`NoReportYet` when there is none."""
         try:
-            found: dict[str, Any] = json.loads((self._reports / f"{name}.json").read_bytes())
+            found: dict[str, Any] = json.loads(self._runtime.latency_report(name).read_bytes())
         except FileNotFoundError:
             raise NoReportYet(
                 f"no fold-latency report for model '{name}' yet: "
@@ -74,5 +73,5 @@ class FoldLatencyLab:
                     f"model '{model.name}' version {model.version} cannot be measured: {err}"
                 ) from err
         body = json.dumps(report.to_dict(samples=True)).encode()
-        write_atomic(self._reports / f"{model.name}.json", body)
+        write_atomic(self._runtime.latency_report(model.name), body)
         return report

@@ -35,6 +35,7 @@ from service.model_format import (
     version_numbers,
 )
 from service.protocol import ModelState
+from service.runtime_dir import RuntimeDir
 from service.served_version import ServedVersion, ServingOptions, variant_bytes
 from service.version_checks import check_io, check_reference
 
@@ -103,7 +104,9 @@ class ModelRepository:
     read-only repository, under ``runtime`` (:mod:`service.derived`).
     """
 
-    def __init__(self, root: Path, options: ServingOptions, runtime: Path | None = None) -> None:
+    def __init__(
+        self, root: Path, options: ServingOptions, runtime: RuntimeDir | None = None
+    ) -> None:
         self.root = root
         self.options = options
         self._derived = DerivedVersions(runtime)
