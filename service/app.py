@@ -81,12 +81,12 @@ GRPC_GRACE_S = 5.0
 def freeze_startup_objects() -> None:
     """Move every object alive once the models are loaded out of the collector's sight.
 
-    Python's full (generation 2) collection walks every tracked object: ~75,000
-    after start-up (FastAPI, pydantic, numpy, ONNX Runtime, the models), ~20 ms
-    on an idle core and 40-50 ms under load. Requests in flight survive the
-    young collections and so keep triggering full ones (every ~0.5 s at full
-    load), and each stalls the event loop: that was the p99 of small requests
-    (docs/throughput.md). Frozen objects are never scanned (nor collected: a
+    Python's full (generation 2) collection walks every tracked object, and after
+    start-up (FastAPI, pydantic, numpy, ONNX Runtime, the models) there are tens of
+    thousands: tens of milliseconds a walk. Requests in flight survive the young
+    collections and so keep triggering full ones under load, and each stalls the
+    event loop: that was the p99 of small requests (docs/throughput.md has the
+    measurements). Frozen objects are never scanned (nor collected: a
     version unloaded later frees what reference counting frees, as before).
     """
     gc.collect()
