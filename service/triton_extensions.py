@@ -32,7 +32,7 @@ SUMMED = frozenset(
 )
 
 
-def model_config(served: ServedVersion, policy: VersionPolicy) -> dict[str, Any]:
+def triton_model_config(served: ServedVersion, policy: VersionPolicy) -> dict[str, Any]:
     """Triton's ``GET /v2/models/{name}/config`` body for a served version."""
     batching = served.batcher.config
     batchable = served.batcher.batchable
