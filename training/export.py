@@ -29,7 +29,6 @@ from service.model_format import (
     FOLDED_FILE,
     INT8_FILE,
     UNFOLDED_FILE,
-    FoldRecord,
     ModelVersionError,
     Parity,
     ReferenceBatch,
@@ -226,7 +225,7 @@ def build_version(
         features=run.features,
         network=run.model_cfg.to_dict(),
         training=training,
-        fold_report=FoldRecord.model_validate(report.to_dict()),
+        fold_report=report.record(),
         bn_nodes={"folded": bn_folded, "unfolded": bn_unfolded},
         parity=Parity(
             max_abs_diff=diff_fu,
