@@ -29,7 +29,7 @@ PEERS = BENCH / "peers"
 KSERVE_VENV = BENCH / ".venv-kserve"
 KSERVE_PACKAGES = ["kserve", "onnxruntime-gpu", "numpy"]
 MLSERVER_VENV = BENCH / ".venv-mlserver"
-# MLServer 1.7 does not start with uvloop 0.22 (issue 15).
+# MLServer 1.7 does not start with uvloop 0.22.
 MLSERVER_PACKAGES = ["mlserver", "onnxruntime", "numpy", "uvloop<0.22"]
 
 

@@ -39,7 +39,7 @@ from service.errors import (
 )
 from service.grpc_codec import decode_grpc_request, encode_grpc_response
 from service.protocol import PLATFORM, SERVER_EXTENSIONS
-from service.runtime import ServedVersion
+from service.served_version import ServedVersion
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
