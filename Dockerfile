@@ -51,8 +51,8 @@ RUN python3.12 -m venv /opt/venv \
  && useradd --uid 10001 --create-home --shell /usr/sbin/nologin foldserve
 USER 10001:10001
 WORKDIR /home/foldserve
-ENV FOLDSERVE_REPOSITORY=/models FOLDSERVE_HOST=0.0.0.0 FOLDSERVE_PORT=8000 FOLDSERVE_PROVIDERS=cuda
-EXPOSE 8000
+ENV FOLDSERVE_REPOSITORY=/models FOLDSERVE_HOST=0.0.0.0 FOLDSERVE_PORT=8000 FOLDSERVE_GRPC_PORT=8001 FOLDSERVE_PROVIDERS=cuda
+EXPOSE 8000 8001
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
   CMD ["python", "-c", "import os, urllib.request as r; r.urlopen('http://127.0.0.1:' + os.environ['FOLDSERVE_PORT'] + '/v2/health/live', timeout=4)"]
@@ -71,8 +71,8 @@ RUN python3 -m venv /opt/venv \
  && useradd --uid 10001 --create-home --shell /usr/sbin/nologin foldserve
 USER 10001:10001
 WORKDIR /home/foldserve
-ENV FOLDSERVE_REPOSITORY=/models FOLDSERVE_HOST=0.0.0.0 FOLDSERVE_PORT=8000 FOLDSERVE_PROVIDERS=cpu
-EXPOSE 8000
+ENV FOLDSERVE_REPOSITORY=/models FOLDSERVE_HOST=0.0.0.0 FOLDSERVE_PORT=8000 FOLDSERVE_GRPC_PORT=8001 FOLDSERVE_PROVIDERS=cpu
+EXPOSE 8000 8001
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
   CMD ["python", "-c", "import os, urllib.request as r; r.urlopen('http://127.0.0.1:' + os.environ['FOLDSERVE_PORT'] + '/v2/health/live', timeout=4)"]

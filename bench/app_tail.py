@@ -40,6 +40,13 @@ def measure(args: argparse.Namespace) -> dict[str, float]:
     from service.settings import Settings
     from service.worker_sync import WorkerSync
 
+    try:
+        from service.runtime_dir import open_runtime_dir
+
+        runtime: Any = open_runtime_dir(None)
+    except ImportError:  # a checkout from before service/runtime_dir.py
+        runtime = Path(tempfile.mkdtemp())
+
     # Log lines go to a file, as a server's stderr would (a checkout whose configure_logging
     # takes no stream writes to sys.stderr).
     sys.stderr = tempfile.TemporaryFile("w")  # noqa: SIM115
@@ -82,7 +89,7 @@ def measure(args: argparse.Namespace) -> dict[str, float]:
         # As in a worker: the repository loads after start-up (and this checkout may then
         # freeze what start-up left), then the load runs.
         repository = app.state.repository
-        await load_and_poll(repository, WorkerSync(Path(tempfile.mkdtemp()), repository), 0.0)
+        await load_and_poll(repository, WorkerSync(runtime, repository), 0.0)
         warm: list[float] = []
         await asyncio.gather(
             *(client(warm, time.perf_counter() + 1.0) for _ in range(args.clients))

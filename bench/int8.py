@@ -47,10 +47,10 @@ import torch
 from markdown_section import publish
 from onnx_fold_networks import export as export_bn_kept  # a sibling script
 
-from service.model_format import batchnorm_nodes
+from service.latency_stats import paired_speedup
+from service.model_graph import batchnorm_nodes
 from service.onnx_fold import fold_model
 from service.sessions import SessionFactory, usable_cpus
-from service.stats import paired_speedup
 from training.batchnorm import randomize_batchnorm
 from training.export import build_version, run_dataset
 from training.quantize import (

@@ -58,7 +58,7 @@ from service.sessions import CPU
 from training.data import load_dataset
 from training.export import export_run
 from training.train import DatasetSpec, Run, TrainConfig, load_run, save_run, train
-from training.zoo import ModelConfig
+from training.zoo import NetworkConfig
 
 MODEL = "breast_cancer_mlp"
 API_KEY = "reliability-key"
@@ -74,7 +74,7 @@ RSS_GOAL = 0.10
 def train_base(runs: Path) -> Path:
     """The one training run every version derives from (seconds on a CPU); its directory."""
     ds = load_dataset("breast_cancer", seed=0)
-    model_cfg = ModelConfig("mlp", ds.input_shape, ds.num_classes, width=16)
+    model_cfg = NetworkConfig("mlp", ds.input_shape, ds.num_classes, width=16)
     cfg = TrainConfig(epochs=1, seed=0)
     result = train(model_cfg, ds, cfg, progress=False)
     save_run(runs / MODEL, result, model_cfg, DatasetSpec("breast_cancer"), cfg, ds.labels)

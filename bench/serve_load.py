@@ -27,7 +27,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-DATATYPES = {"FP32": np.float32, "FP16": np.float16, "FP64": np.float64, "INT64": np.int64}
+from service.datatypes import NUMPY_DTYPES
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ def build_payload(meta: dict[str, Any], batch: int, mode: str, seed: int = 0) ->
         raise SystemExit("serve_load.py drives single-input models")
     spec = meta["inputs"][0]
     shape = [batch, *spec["shape"][1:]]
-    dtype = DATATYPES[spec["datatype"]]
+    dtype = NUMPY_DTYPES[spec["datatype"]]
     x = np.random.default_rng(seed).normal(size=shape).astype(dtype)
     path = f"/v2/models/{meta['name']}/infer"
     tensor: dict[str, Any] = {"name": spec["name"], "shape": shape, "datatype": spec["datatype"]}

@@ -29,7 +29,7 @@ PEERS = BENCH / "peers"
 KSERVE_VENV = BENCH / ".venv-kserve"
 KSERVE_PACKAGES = ["kserve", "onnxruntime-gpu", "numpy"]
 MLSERVER_VENV = BENCH / ".venv-mlserver"
-# MLServer 1.7 does not start with uvloop 0.22 (issue 15).
+# MLServer 1.7 does not start with uvloop 0.22.
 MLSERVER_PACKAGES = ["mlserver", "onnxruntime", "numpy", "uvloop<0.22"]
 
 
@@ -176,11 +176,19 @@ def post(url: str, body: bytes, headers: dict[str, str], timeout: float = 30.0) 
         return data
 
 
+# New connections spread over the workers by a hash: 16 answers in a row all from one ready
+# worker while another still loads happens once in 2**15 starts with two workers.
+READY_IN_A_ROW = 16
+
+
 def wait_ready(
     server: RunningServer, path: str, body: bytes, headers: dict[str, str], limit: float = 120.0
 ) -> None:
-    """Until ``path`` answers 200 to a real request (the models are loaded)."""
+    """Until ``path`` answers 200 to ``READY_IN_A_ROW`` real requests in a row, each on a
+    new connection (every worker has loaded the models: each worker listens on its own
+    socket, and one that is still loading answers 503)."""
     deadline = time.monotonic() + limit
+    answered = 0
     while True:
         if server.process.poll() is not None:
             raise RuntimeError(
@@ -189,8 +197,12 @@ def wait_ready(
             )
         try:
             post(server.url + path, body, headers, timeout=10.0)
-            return
+            answered += 1
+            if answered == READY_IN_A_ROW:
+                return
+            continue
         except (urllib.error.URLError, ConnectionError, TimeoutError):
+            answered = 0
             if time.monotonic() > deadline:
                 raise RuntimeError(
                     f"{server.spec.label} not ready; log: {server.log_path}"

@@ -16,7 +16,7 @@ import torch
 
 from training.data import load_dataset
 from training.train import TrainConfig, train
-from training.zoo import ModelConfig
+from training.zoo import NetworkConfig
 
 CASES = [
     ("cnn", "digits", TrainConfig(epochs=10), 0.98),
@@ -41,7 +41,7 @@ def main() -> None:
             ds = load_dataset(dataset, seed=seed)
             tcfg = TrainConfig(**{**cfg.__dict__, "seed": seed})
             m = train(
-                ModelConfig(model, ds.input_shape, ds.num_classes), ds, tcfg, progress=False
+                NetworkConfig(model, ds.input_shape, ds.num_classes), ds, tcfg, progress=False
             ).metrics
             accs.append(m["test_accuracy"])
             secs.append(m["seconds"])

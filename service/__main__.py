@@ -16,10 +16,8 @@ import contextlib
 import importlib.util
 import logging
 import os
-import tempfile
 import textwrap
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -32,6 +30,7 @@ from service.connections import GuardedHttpProtocol
 from service.listeners import WorkerListeners, reserve_port, reuse_port_supported
 from service.logs import configure_logging
 from service.metrics import start_multiprocess
+from service.runtime_dir import open_runtime_dir
 from service.sessions import usable_cpus
 from service.settings import Settings, describe_management, get_settings
 
@@ -200,10 +199,9 @@ def serve_workers(
     """Several worker processes under uvicorn's supervisor, each with its own listener."""
     # Each worker reads its settings from the environment: hand the flags over there, with
     # the runtime directory the workers keep in step through and the metrics they sum.
-    runtime = settings.runtime_dir or Path(tempfile.mkdtemp(prefix="foldserve-runtime-"))
-    runtime.mkdir(parents=True, exist_ok=True)
-    flags["runtime_dir"] = runtime
-    start_multiprocess(runtime / "metrics")
+    runtime = open_runtime_dir(settings.runtime_dir)
+    flags["runtime_dir"] = runtime.root
+    start_multiprocess(runtime.metrics)
     os.environ.update({f"FOLDSERVE_{k.upper()}": str(v) for k, v in flags.items()})
     if settings.threads == 0:
         os.environ["FOLDSERVE_THREADS"] = str(max(1, usable_cpus() // workers))

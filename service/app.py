@@ -12,9 +12,7 @@ import asyncio
 import contextlib
 import gc
 import logging
-import tempfile
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
@@ -38,7 +36,8 @@ from service.middleware import RequestContextMiddleware
 from service.repository import ModelRepository
 from service.routes import docs, health, infer, latency, models, repository, ui
 from service.routes.models import server_version
-from service.runtime import ServingOptions
+from service.runtime_dir import RuntimeDir, open_runtime_dir
+from service.served_version import ServingOptions
 from service.settings import Settings, get_settings
 from service.worker_sync import WorkerSync
 
@@ -46,7 +45,7 @@ log = logging.getLogger(__name__)
 
 
 def build_repository(
-    settings: Settings, metrics: ServiceMetrics, runtime: Path | None = None
+    settings: Settings, metrics: ServiceMetrics, runtime: RuntimeDir | None = None
 ) -> ModelRepository:
     options = ServingOptions.from_settings(settings, metrics)
     return ModelRepository(settings.repository, options, runtime)
@@ -82,26 +81,18 @@ GRPC_GRACE_S = 5.0
 def freeze_startup_objects() -> None:
     """Move every object alive once the models are loaded out of the collector's sight.
 
-    Python's full (generation 2) collection walks every tracked object: ~75,000
-    after start-up (FastAPI, pydantic, numpy, ONNX Runtime, the models), ~20 ms
-    on an idle core and 40-50 ms under load. Requests in flight survive the
-    young collections and so keep triggering full ones (every ~0.5 s at full
-    load), and each stalls the event loop: that was the p99 of small requests
-    (docs/throughput.md). Frozen objects are never scanned (nor collected: a
+    Python's full (generation 2) collection walks every tracked object, and after
+    start-up (FastAPI, pydantic, numpy, ONNX Runtime, the models) there are tens of
+    thousands: tens of milliseconds a walk. Requests in flight survive the young
+    collections and so keep triggering full ones under load, and each stalls the
+    event loop: that was the p99 of small requests (docs/throughput.md has the
+    measurements). Frozen objects are never scanned (nor collected: a
     version unloaded later frees what reference counting frees, as before).
     """
     gc.collect()
     gc.freeze()
     gc.set_threshold(YOUNG_COLLECTION_THRESHOLD)
     log.info("froze %d start-up objects out of the collector's scans", gc.get_freeze_count())
-
-
-def runtime_directory(settings: Settings) -> Path:
-    """``settings.runtime_dir`` (shared by the workers of one server), else a fresh one."""
-    if settings.runtime_dir is not None:
-        settings.runtime_dir.mkdir(parents=True, exist_ok=True)
-        return settings.runtime_dir
-    return Path(tempfile.mkdtemp(prefix="foldserve-runtime-"))
 
 
 def connection_guard(settings: Settings, metrics: ServiceMetrics) -> ConnectionGuard:
@@ -121,7 +112,7 @@ def create_app(settings: Settings | None = None, repo: ModelRepository | None = 
     """The service for ``settings`` (default: the environment); ``repo`` replaces the default."""
     settings = settings or get_settings()
     service_metrics = repo.options.metrics if repo is not None else ServiceMetrics()
-    runtime = runtime_directory(settings)
+    runtime = open_runtime_dir(settings.runtime_dir)
     repo = repo or build_repository(settings, service_metrics, runtime)
     sync = WorkerSync(runtime, repo)
     drain = Drain(settings.drain_seconds)

@@ -22,10 +22,10 @@ import time
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
-from service import statistics
 from service.admission import AdmissionGates
 from service.batching import Receive
 from service.codecs import DecodedRequest, OutputTensor
+from service.datatypes import V2_DATATYPES
 from service.drain import Drain
 from service.errors import LoadFailed, QueueFull, RequestTimeout
 from service.inference import (
@@ -37,7 +37,6 @@ from service.inference import (
     select_outputs,
 )
 from service.metrics import RequestRecord, ServiceMetrics
-from service.model_format import V2_DATATYPES
 from service.onnx_fold.version import derived_from
 from service.protocol import (
     PLATFORM,
@@ -49,7 +48,8 @@ from service.protocol import (
     TensorMetadata,
 )
 from service.repository import NOT_SELECTED, ModelEntry, ModelRepository
-from service.runtime import ServedVersion
+from service.served_version import ServedVersion
+from service.triton_extensions import model_statistics, triton_model_config
 from service.worker_sync import WorkerSync
 
 Answer = TypeVar("Answer", covariant=True)
@@ -156,7 +156,7 @@ class DataPlane:
     def config(self, name: str, version: str | None = None) -> dict[str, Any]:
         """Triton's model configuration (JSON form) of the version a request would get."""
         served = self.repository.get(name, version)
-        return statistics.model_config(served, self.repository.entry(name).config.policy)
+        return triton_model_config(served, self.repository.entry(name).config.policy)
 
     def statistics(self, name: str | None = None, version: str | None = None) -> dict[str, Any]:
         """Triton's statistics of every ready version of ``name`` (or of every model), or of
@@ -170,7 +170,7 @@ class DataPlane:
                 [self.repository.entry(name)] if name is not None else self.repository.entries()
             )
             keys = [(e.name, str(v)) for e in entries for v in e.ready_versions()]
-        return statistics.model_statistics(self.metrics.collect_registry(), keys)
+        return model_statistics(self.metrics.collect_registry(), keys)
 
     # -- repository -------------------------------------------------------------------
 

@@ -26,20 +26,18 @@ complete directory, so no reader ever sees half of one.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import shutil
-import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from service.files import file_lock, staged_dir, write_synced
 from service.model_format import (
-    FOLDED_FILE,
     METADATA_FILE,
     UNFOLDED_FILE,
+    USER_FILE,
     ModelVersionError,
     VersionFiles,
     VersionMetadata,
@@ -47,13 +45,13 @@ from service.model_format import (
     verified_bytes,
 )
 from service.onnx_fold.version import DERIVATION, derive_version, derived_from
+from service.runtime_dir import RuntimeDir
 
 log = logging.getLogger(__name__)
 
 CACHE_DIR = ".foldserve"  # in the version directory
-RUNTIME_CACHE_DIR = "derived"  # in the runtime directory
 DERIVED_FILE = "model.folded.onnx"
-DERIVED_FILES = VersionFiles(folded=DERIVED_FILE, unfolded=FOLDED_FILE)
+DERIVED_FILES = VersionFiles(folded=DERIVED_FILE, unfolded=USER_FILE)
 
 Source = Literal["export", "cache", "derived"]
 
@@ -76,7 +74,7 @@ def is_bare(version_dir: Path) -> bool:
     return (
         not (version_dir / METADATA_FILE).exists()
         and not (version_dir / UNFOLDED_FILE).exists()
-        and (version_dir / FOLDED_FILE).is_file()
+        and (version_dir / USER_FILE).is_file()
     )
 
 
@@ -95,12 +93,13 @@ def open_version(version_dir: Path, derived: DerivedVersions) -> OpenedVersion:
 class DerivedVersions:
     """Derives and caches the folded twin of bare versions (see the module docstring).
 
-    ``runtime`` is the server's writable runtime directory: the cache when the
-    repository cannot take one (None: no fallback, such a version fails to load).
+    ``runtime`` is the server's writable runtime directory: its ``derived`` directory is
+    the cache when the repository cannot take one (None: no fallback, such a version
+    fails to load).
     """
 
-    def __init__(self, runtime: Path | None = None) -> None:
-        self.runtime_cache = runtime / RUNTIME_CACHE_DIR if runtime is not None else None
+    def __init__(self, runtime: RuntimeDir | None = None) -> None:
+        self.runtime_cache = runtime.derived if runtime is not None else None
 
     def load(self, version_dir: Path) -> OpenedVersion:
         """The derived version of ``version_dir/model.onnx``, from a cache or derived now.
@@ -108,9 +107,9 @@ class DerivedVersions:
         Raises :class:`ModelVersionError` with the reason the file cannot be served.
         """
         try:
-            source = (version_dir / FOLDED_FILE).read_bytes()
+            source = (version_dir / USER_FILE).read_bytes()
         except OSError as err:
-            raise ModelVersionError(f"{FOLDED_FILE} is unreadable: {err}") from err
+            raise ModelVersionError(f"{USER_FILE} is unreadable: {err}") from err
         key = sha256_hex(source)
         name, number = version_dir.parent.name, int(version_dir.name)
         places = [version_dir / CACHE_DIR]
@@ -123,7 +122,8 @@ class DerivedVersions:
         failures = []
         for place in places:
             try:
-                with _locked(place, key):
+                place.mkdir(parents=True, exist_ok=True)
+                with file_lock(place / f"{key}.lock"):  # one deriving process at a time
                     found = _read_entry(place / key, key)  # another worker derived it meanwhile
                     if found is None:
                         found = _derive_into(place, key, source, name)
@@ -136,7 +136,7 @@ class DerivedVersions:
         if self.runtime_cache is None:
             failures.append("the server has no runtime directory")
         raise ModelVersionError(
-            f"{FOLDED_FILE} has no {METADATA_FILE}, and its folded variant cannot be cached: "
+            f"{USER_FILE} has no {METADATA_FILE}, and its folded variant cannot be cached: "
             + "; ".join(failures)
         )
 
@@ -165,36 +165,16 @@ def _read_entry(entry: Path, key: str) -> OpenedVersion | None:
     return OpenedVersion(metadata, entry, folded, "cache")
 
 
-@contextlib.contextmanager
-def _locked(place: Path, key: str) -> Iterator[None]:
-    """Hold ``place/<key>.lock`` (one deriving process at a time); OSError if not writable."""
-    place.mkdir(parents=True, exist_ok=True)
-    with (place / f"{key}.lock").open("a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
 def _derive_into(place: Path, key: str, source: bytes, name: str) -> OpenedVersion:
     """Derive, write the entry under a temporary name and rename it into place."""
     derived = derive_version(source, name, files=DERIVED_FILES)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key[:12]}-", dir=place))
-    try:
-        tmp.chmod(0o755)
+    entry = place / key
+    with staged_dir(place, prefix=f".tmp-{key[:12]}-") as tmp:
         (tmp / DERIVED_FILE).write_bytes(derived.folded)
-        with (tmp / METADATA_FILE).open("wb") as fh:
-            fh.write(derived.metadata.to_json())
-            fh.flush()
-            os.fsync(fh.fileno())
-        entry = place / key
+        write_synced(tmp / METADATA_FILE, derived.metadata.to_json())
         if entry.exists():  # an unusable entry (checked under the lock): replace it
             shutil.rmtree(entry)
         os.rename(tmp, entry)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if place.name == CACHE_DIR:  # beside the file: entries of replaced files go
         for stale in place.iterdir():
             if key[:12] not in stale.name:

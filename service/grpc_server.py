@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
@@ -27,26 +26,27 @@ from tritonclient.grpc import model_config_pb2
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
+from service.auth import check_management, presented_key
 from service.codecs import DecodedRequest
 from service.dataplane import DataPlane, Inferred
 from service.errors import (
     BadRequest,
     ClientDisconnected,
-    Forbidden,
     ModelNotFound,
     ModelUnavailable,
     ServiceError,
     ShuttingDown,
-    Unauthorized,
 )
 from service.grpc_codec import decode_grpc_request, encode_grpc_response
 from service.protocol import PLATFORM, SERVER_EXTENSIONS
-from service.runtime import ServedVersion
-from service.settings import Settings, management_policy
+from service.served_version import ServedVersion
+from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "inference.GRPCInferenceService"
+GRPC_HOW = "metadata 'authorization: Bearer KEY'"
+LAST_CALL_S = 0.5  # at shutdown, after the calls in flight: new calls still get UNAVAILABLE
 
 # gRPC status of each HTTP status the data plane's errors carry (Triton's mapping).
 HTTP_TO_GRPC = {
@@ -122,11 +122,15 @@ class CallGate:
                 self._idle.set()
 
     async def stop(self, server: grpc.aio.Server, grace_s: float) -> None:
-        """Refuse new calls, let those in flight finish (``grace_s`` at most), then stop."""
+        """Refuse new calls, let those in flight finish (``grace_s`` at most), keep refusing
+        for ``LAST_CALL_S`` (a client that just had its answer sends its next call now: it
+        gets UNAVAILABLE from here, not grpcio's CANCELLED for a call that reaches a
+        server in the middle of stopping), then stop."""
         self.stopping = True
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._idle.wait(), grace_s)
-        await server.stop(0)
+        await asyncio.sleep(LAST_CALL_S)
+        await server.stop(LAST_CALL_S)
 
 
 class GrpcExchange:
@@ -289,7 +293,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
     async def RepositoryModelLoad(
         self, request: Any, context: Any
     ) -> pb.RepositoryModelLoadResponse:
-        await self._manage(request.model_name, context, "load")
+        await self._manage(request.model_name, context, "load", sorted(request.parameters))
         return pb.RepositoryModelLoadResponse()
 
     @rpc
@@ -299,8 +303,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         await self._manage(request.model_name, context, "unload")
         return pb.RepositoryModelUnloadResponse()
 
-    async def _manage(self, name: str, context: Any, action: str) -> None:
-        check_management(self.settings, dict(context.invocation_metadata() or ()))
+    async def _manage(
+        self, name: str, context: Any, action: str, parameters: list[str] | None = None
+    ) -> None:
+        metadata = dict(context.invocation_metadata() or ())
+        presented = presented_key(metadata.get("authorization"), metadata.get("x-api-key"))
+        check_management(self.settings, presented, "this RPC", GRPC_HOW)
+        if parameters:  # Triton's config override, and files sent with the load
+            raise BadRequest(
+                f"load parameters {parameters} are not supported: a load serves what the "
+                "repository directory holds (export a new version instead)"
+            )
         if not name:
             raise ModelNotFound("model_name is empty: name the model to " + action)
         if action == "load":
@@ -314,25 +327,6 @@ def _stream_error(request: Any, message: str) -> pb.ModelStreamInferResponse:
         model_name=request.model_name, model_version=request.model_version, id=request.id
     )
     return pb.ModelStreamInferResponse(error_message=message, infer_response=reply)
-
-
-def check_management(settings: Settings, metadata: dict[str, Any]) -> None:
-    """REST's guard over gRPC metadata: management off without a key on a non-loopback
-    listener (:class:`Forbidden`); else the key as ``authorization: Bearer KEY`` or
-    ``x-api-key: KEY`` (:class:`Unauthorized`)."""
-    refused = management_policy(settings)
-    if refused is not None:
-        raise Forbidden(refused)
-    if settings.api_key is None:
-        return
-    scheme, _, token = str(metadata.get("authorization", "")).partition(" ")
-    presented = token.strip() if scheme.lower() == "bearer" else metadata.get("x-api-key")
-    if not presented:
-        raise Unauthorized("this RPC needs the API key: send metadata 'authorization: Bearer KEY'")
-    if not secrets.compare_digest(
-        str(presented).encode(), settings.api_key.get_secret_value().encode()
-    ):
-        raise Unauthorized("the API key is wrong")
 
 
 class HealthServicer(health_pb2_grpc.HealthServicer):  # type: ignore[misc]

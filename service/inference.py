@@ -2,7 +2,7 @@
 
 A request is decoded (:mod:`service.codecs`, or :func:`v1_request`), checked
 here against the served version's specs, run by that version
-(:meth:`service.runtime.ServedVersion.infer`) and encoded. Decoding and
+(:meth:`service.served_version.ServedVersion.infer`) and encoded. Decoding and
 encoding run on the event loop for small bodies (cheaper than a thread hop) and
 in a worker thread for large ones (``INLINE_*`` below), so a big JSON body
 never stalls the loop for long.

@@ -1,17 +1,17 @@
 """JSON tensor ``data`` (already parsed by orjson) to numpy, exactly and fast.
 
 A flat list of numbers for a floating-point tensor, the common case and the
-expensive one (a 32x32 RGB image is 3,072 numbers), goes through
-``array.array("d", data)``: one C loop that accepts only real numbers, ~25%
-cheaper than ``np.asarray``'s type discovery. Whatever it cannot settle
+expensive one (an image is thousands of numbers), goes through
+``array.array("d", data)``: one C loop that accepts only real numbers, cheaper
+than ``np.asarray``'s type discovery. Whatever it cannot settle
 exactly as ``np.asarray`` would (nested lists, a non-number, an all-boolean
 list, an integer beyond 2**53) takes the general path, which gives the
 answer or the error it always gave. Errors name the tensor and, for a value
 of the wrong kind, the first such value and where it is.
 
 Parsing the text straight into a numpy buffer was measured and lost: numpy's
-own text parsers take 470-740 us for those 3,072 numbers, orjson ~65 us
-(``docs/throughput.md``).
+own text parsers are several times slower than orjson on such a list
+(``docs/throughput.md`` has the numbers).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 import orjson
 
+from service.datatypes import NUMPY_DTYPES
 from service.errors import BadRequest
-from service.model_format import NUMPY_DTYPES
 
 JSON_KINDS = {"b": "booleans", "i": "integers", "u": "integers", "f": "numbers"}
 JSON_ACCEPTS = {"b": "b", "i": "iu", "u": "iu", "f": "iuf"}  # parsed kinds by tensor kind

@@ -5,7 +5,7 @@ from the model's own :class:`SessionFactory`), on the same random inputs drawn
 from the model's input spec, interleaved after warm-up: run ``i`` of the folded
 and of the unfolded session are back to back, their order alternating each
 round, so that machine noise hits both variants alike and the pair can be
-resampled together (see :mod:`service.stats`).
+resampled together (see :mod:`service.latency_stats`).
 
 :class:`service.latency_lab.FoldLatencyLab` adds what the HTTP route needs
 around one measurement: one at a time in the whole server, off the event loop,
@@ -29,6 +29,8 @@ import onnxruntime as ort
 
 from service.bn_graph import batchnorm_after_ort, batchnorm_inputs, batchnorm_share
 from service.errors import NotMeasurable
+from service.files import write_atomic
+from service.latency_stats import LatencySummary, Speedup, paired_speedup, summarize
 from service.latency_words import (
     RUNTIME_ONLY,
     bound_words,
@@ -37,10 +39,9 @@ from service.latency_words import (
     verdict,
 )
 from service.machine import machine_facts
-from service.model_format import TensorSpec, batchnorm_nodes
-from service.runtime import ServedVersion
-from service.stats import LatencySummary, Speedup, paired_speedup, summarize
-from service.worker_sync import write_atomic
+from service.model_format import TensorSpec
+from service.model_graph import batchnorm_nodes
+from service.served_version import ServedVersion
 
 log = logging.getLogger(__name__)
 

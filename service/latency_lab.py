@@ -8,20 +8,20 @@ worker to read (:mod:`service.latency` measures).
 
 from __future__ import annotations
 
-import fcntl
+import contextlib
 import json
 import math
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import anyio
 
 from service.errors import MeasurementBusy, NoReportYet, NotMeasurable
+from service.files import file_lock, write_atomic
 from service.latency import FoldLatencyReport, LatencyParams, Progress, measure_model
 from service.model_format import ModelVersionError
-from service.runtime import ServedVersion
-from service.worker_sync import write_atomic
+from service.runtime_dir import RuntimeDir
+from service.served_version import ServedVersion
 
 
 class FoldLatencyLab:
@@ -29,12 +29,11 @@ class FoldLatencyLab:
     in the runtime directory, shared by the worker processes), in a worker thread of its
     own; the last report of each model is kept there too, for every worker to return."""
 
-    def __init__(self, runtime: Path, max_seconds: float = 60.0) -> None:
+    def __init__(self, runtime: RuntimeDir, max_seconds: float = 60.0) -> None:
         self.max_seconds = max_seconds
-        self._lock_path = runtime / "fold-latency.lock"
-        self._progress_path = runtime / "fold-latency.progress.json"
-        self._reports = runtime / "fold-latency"
-        self._reports.mkdir(parents=True, exist_ok=True)
+        self._runtime = runtime
+        self._lock_path = runtime.latency_lock
+        self._progress_path = runtime.latency_progress
         # A limiter of its own: a measurement never takes a thread token from inference.
         self._limiter = anyio.CapacityLimiter(1)
 
@@ -42,7 +41,7 @@ class FoldLatencyLab:
         """The last report of model ``name`` (JSON-ready, with samples), measured by any
         worker; :class:`NoReportYet` when there is none."""
         try:
-            found: dict[str, Any] = json.loads((self._reports / f"{name}.json").read_bytes())
+            found: dict[str, Any] = json.loads(self._runtime.latency_report(name).read_bytes())
         except FileNotFoundError:
             raise NoReportYet(
                 f"no fold-latency report for model '{name}' yet: "
@@ -53,9 +52,9 @@ class FoldLatencyLab:
     async def measure(self, model: ServedVersion, params: LatencyParams) -> FoldLatencyReport:
         """Measure ``model`` off the event loop; :class:`MeasurementBusy` (429) while another
         measurement runs in any worker, with a Retry-After guessed from its pace."""
-        with self._lock_path.open("a") as lock:
+        with contextlib.ExitStack() as held:
             try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                held.enter_context(file_lock(self._lock_path, wait=False))
             except BlockingIOError:
                 progress = Progress.read(self._progress_path)
                 wait = progress.seconds_left(self.max_seconds) if progress else 1.0
@@ -73,8 +72,6 @@ class FoldLatencyLab:
                 raise NotMeasurable(
                     f"model '{model.name}' version {model.version} cannot be measured: {err}"
                 ) from err
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
         body = json.dumps(report.to_dict(samples=True)).encode()
-        write_atomic(self._reports / f"{model.name}.json", body)
+        write_atomic(self._runtime.latency_report(model.name), body)
         return report

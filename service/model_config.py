@@ -91,7 +91,7 @@ SERVED_VARIANTS: tuple[ServedVariant, ...] = ("folded", "int8")
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelSettings:
     """What a model directory's optional ``config.json`` says; ``variant``: which file of
     each version serves, ``model.onnx`` ("folded") or ``model.int8.onnx`` ("int8")."""
 
@@ -162,17 +162,17 @@ def _variant(value: Any) -> ServedVariant:
     raise ModelVersionError(f"variant must be one of {list(SERVED_VARIANTS)}, got {value!r}")
 
 
-def read_model_config(model_dir: Path) -> ModelConfig:
+def read_model_config(model_dir: Path) -> ModelSettings:
     """``model_dir/config.json``: version policy, batching and the variant served (defaults
     when absent)."""
     path = model_dir / CONFIG_FILE
     if not path.is_file():
-        return ModelConfig()
+        return ModelSettings()
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise ModelVersionError(f"{CONFIG_FILE} is unreadable: {err}") from err
     _require(isinstance(config, dict), f"{CONFIG_FILE} is not a JSON object")
-    return ModelConfig(
+    return ModelSettings(
         _policy(config.get("version_policy")), _batching(config), _variant(config.get("variant"))
     )

@@ -17,8 +17,6 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -26,16 +24,15 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from service.datatypes import NUMPY_DTYPES as NUMPY_DTYPES
-from service.datatypes import V2_DATATYPES as V2_DATATYPES
-from service.datatypes import Datatype as Datatype
-from service.model_graph import BATCHNORM as BATCHNORM
-from service.model_graph import QDQ_OPS as QDQ_OPS
-from service.model_graph import batchnorm_nodes as batchnorm_nodes
-from service.model_graph import op_counts as op_counts
+from service.datatypes import NUMPY_DTYPES, V2_DATATYPES, Datatype
+from service.files import staged_dir, write_synced
 
 FORMAT = "foldserve-model/1"
 FOLDED_FILE = "model.onnx"
+# A bare version's one file (no metadata.json): the user's own ONNX model, unfolded. It has
+# the name an export gives its folded file (Triton's model file name); the service derives
+# the folded twin (service.derived).
+USER_FILE = "model.onnx"
 UNFOLDED_FILE = "model.unfolded.onnx"
 INT8_FILE = "model.int8.onnx"  # optional: static INT8 (QDQ) of the folded model
 METADATA_FILE = "metadata.json"
@@ -365,16 +362,11 @@ def commit_version(
             "(not starting with '.')"
         )
     model_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=model_dir))
-    try:
-        tmp.chmod(0o755)  # mkdtemp makes it owner-only; servers may run as another user
+    with staged_dir(model_dir) as tmp:
         for name, data in files.items():
             (tmp / name).write_bytes(data)
         for number in _candidates(model_dir, version):
-            with (tmp / METADATA_FILE).open("wb") as fh:
-                fh.write(metadata_json(number))
-                fh.flush()
-                os.fsync(fh.fileno())
+            write_synced(tmp / METADATA_FILE, metadata_json(number))
             try:
                 os.rename(tmp, model_dir / str(number))  # atomic; fails if it exists
                 return number
@@ -382,9 +374,6 @@ def commit_version(
                 if version is not None:
                     raise ModelVersionError(f"version {version} of {model_dir} exists") from None
         raise ModelVersionError(f"could not claim a version number in {model_dir}")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _candidates(model_dir: Path, version: int | None) -> Iterator[int]:

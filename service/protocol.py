@@ -14,22 +14,6 @@ from pydantic import BaseModel, Field
 from service.model_format import KeptBatchNorm
 from service.onnx_fold.version import DerivedFrom
 
-# ONNX Runtime's type strings for the same tensors.
-ORT_DATATYPES: dict[str, str] = {
-    "tensor(bool)": "BOOL",
-    "tensor(uint8)": "UINT8",
-    "tensor(uint16)": "UINT16",
-    "tensor(uint32)": "UINT32",
-    "tensor(uint64)": "UINT64",
-    "tensor(int8)": "INT8",
-    "tensor(int16)": "INT16",
-    "tensor(int32)": "INT32",
-    "tensor(int64)": "INT64",
-    "tensor(float16)": "FP16",
-    "tensor(float)": "FP32",
-    "tensor(double)": "FP64",
-}
-
 PLATFORM = "onnxruntime_onnx"
 SERVER_EXTENSIONS = ["binary_tensor_data", "classification", "model_repository"]
 

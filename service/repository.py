@@ -23,7 +23,7 @@ from service.derived import DerivedVersions, open_version
 from service.errors import ModelNotFound, ModelNotReady, ModelUnavailable
 from service.model_config import (
     BatchingOverrides,
-    ModelConfig,
+    ModelSettings,
     ServedVariant,
     VersionPolicy,
     read_model_config,
@@ -32,9 +32,11 @@ from service.model_format import (
     VERSION_DIR,
     ModelVersionError,
     valid_model_name,
+    version_numbers,
 )
 from service.protocol import ModelState
-from service.runtime import ServedVersion, ServingOptions, variant_bytes
+from service.runtime_dir import RuntimeDir
+from service.served_version import ServedVersion, ServingOptions, variant_bytes
 from service.version_checks import check_io, check_reference
 
 log = logging.getLogger(__name__)
@@ -61,7 +63,7 @@ class ModelEntry:
     versions: dict[int, VersionStatus] = field(default_factory=dict)
     reason: str = ""  # why the model as a whole cannot serve, when it cannot
     unloaded: bool = False
-    config: ModelConfig = ModelConfig()  # from config.json as of this scan
+    config: ModelSettings = ModelSettings()  # from config.json as of this scan
     _default: VersionStatus | None = field(init=False, repr=False, compare=False, default=None)
 
     def __post_init__(self) -> None:
@@ -102,7 +104,9 @@ class ModelRepository:
     read-only repository, under ``runtime`` (:mod:`service.derived`).
     """
 
-    def __init__(self, root: Path, options: ServingOptions, runtime: Path | None = None) -> None:
+    def __init__(
+        self, root: Path, options: ServingOptions, runtime: RuntimeDir | None = None
+    ) -> None:
         self.root = root
         self.options = options
         self._derived = DerivedVersions(runtime)
@@ -249,20 +253,13 @@ class ModelRepository:
         except ModelVersionError as err:
             log.warning("model %s: %s; keeping what was served", name, err)
             kept = previous.versions if previous is not None else {}
-            old = previous.config if previous is not None else ModelConfig()
+            old = previous.config if previous is not None else ModelSettings()
             return ModelEntry(
                 name, kept, reason=f"config.json: {err}" if not kept else "", config=old
             )
         policy = config.policy
         try:
-            numbers = sorted(
-                (
-                    int(p.name)
-                    for p in model_dir.iterdir()
-                    if VERSION_DIR.fullmatch(p.name) and p.is_dir()
-                ),
-                reverse=True,
-            )
+            numbers = version_numbers(model_dir)[::-1]  # newest first
         except OSError as err:
             return ModelEntry(name, {}, reason=f"unreadable: {err}")
         statuses: dict[int, VersionStatus] = {}
@@ -291,7 +288,7 @@ class ModelRepository:
         version_dir: Path,
         previous: ModelEntry | None,
         retry_failed: bool,
-        config: ModelConfig,
+        config: ModelSettings,
     ) -> VersionStatus:
         """The version's status for ``config``: the previous one when its files and the
         variant asked for are unchanged, else a (re)load. A served version whose variant

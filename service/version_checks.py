@@ -6,14 +6,15 @@ from __future__ import annotations
 
 import numpy as np
 
+from service.datatypes import ORT_DATATYPES
 from service.model_format import ModelVersionError
-from service.protocol import ORT_DATATYPES
-from service.runtime import ServedVersion
+from service.served_version import ServedVersion
 
 
 def check_io(model: ServedVersion) -> None:
     session = model.session(model.variant)
-    served = "model.int8.onnx" if model.variant == "int8" else "model.onnx"
+    files = model.metadata.files
+    served = files.int8 if model.variant == "int8" else files.folded
     for kind, specs, actual in (
         ("input", model.inputs, session.get_inputs()),
         ("output", model.outputs, session.get_outputs()),

@@ -19,25 +19,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import json
 import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 from service.errors import ModelNotReady, ServiceError, WorkersOutOfStep
+from service.files import file_lock, write_atomic
 from service.repository import ModelEntry, ModelRepository
+from service.runtime_dir import RuntimeDir
 
 log = logging.getLogger(__name__)
 
-CONTROL_FILE = "control.json"
-LOCK_FILE = "control.lock"
-WORKERS_DIR = "workers"
 Action = Literal["load", "unload"]
 # (version, state, variant served: "" when none) of one model, as a worker has it
 Served = list[tuple[int, str, str]]
@@ -50,13 +46,6 @@ class WorkerState:
     pid: int
     generation: int  # -1: registered, still starting
     models: dict[str, Served]
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` so that a reader sees the old or the new file, whole."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def pid_alive(pid: int) -> bool:
@@ -83,7 +72,7 @@ class WorkerSync:
 
     def __init__(
         self,
-        runtime: Path,
+        runtime: RuntimeDir,
         repository: ModelRepository,
         *,
         timeout_s: float = 30.0,
@@ -97,8 +86,7 @@ class WorkerSync:
         self.applied = -1  # the generation this worker has applied
         self._control_stamp: tuple[int, int] | None = None
         self._apply_lock = threading.Lock()
-        (runtime / WORKERS_DIR).mkdir(parents=True, exist_ok=True)
-        self._ack_path = runtime / WORKERS_DIR / f"{self.pid}.json"
+        self._ack_path = runtime.worker(self.pid)
 
     # -- this worker ----------------------------------------------------------------
 
@@ -120,7 +108,7 @@ class WorkerSync:
 
     async def watch(self) -> None:
         """Apply decisions made by other workers as they are recorded (runs until cancelled)."""
-        path = self.runtime / CONTROL_FILE
+        path = self.runtime.control
         while True:
             await asyncio.sleep(self.poll_s)
             try:
@@ -148,14 +136,14 @@ class WorkerSync:
     def _decide(self, name: str, action: Action) -> tuple[ModelEntry, int]:
         if not self.repository.ready:
             raise ModelNotReady("the model repository is still loading; retry")
-        with self._apply_lock, self._locked():
+        with self._apply_lock, file_lock(self.runtime.control_lock):
             record = self._read_control()
             self._apply(record)  # decisions of others first, in order
             entry = self.repository.load(name) if action == "load" else self.repository.unload(name)
             generation = int(record.get("generation", 0)) + 1
             record["generation"] = generation
             record.setdefault("models", {})[name] = {"action": action, "generation": generation}
-            write_atomic(self.runtime / CONTROL_FILE, json.dumps(record).encode())
+            write_atomic(self.runtime.control, json.dumps(record).encode())
             self.applied = generation
             self._write_ack(generation)
             return entry, generation
@@ -187,7 +175,7 @@ class WorkerSync:
     def workers(self) -> list[WorkerState]:
         """Every live worker's last acknowledgement (files of exited workers are removed)."""
         states = []
-        for path in (self.runtime / WORKERS_DIR).glob("*.json"):
+        for path in self.runtime.workers.glob("*.json"):
             try:
                 pid = int(path.stem)
                 body = json.loads(path.read_bytes())
@@ -206,18 +194,9 @@ class WorkerSync:
 
     # -- files ------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        with (self.runtime / LOCK_FILE).open("a") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
-
     def _read_control(self) -> dict[str, Any]:
         try:
-            record = json.loads((self.runtime / CONTROL_FILE).read_bytes())
+            record = json.loads((self.runtime.control).read_bytes())
         except FileNotFoundError:
             return {"generation": 0, "models": {}}
         return record if isinstance(record, dict) else {"generation": 0, "models": {}}

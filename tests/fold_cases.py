@@ -35,7 +35,7 @@ from fold_modules import (
 )
 from torch import nn
 
-from training.zoo import ModelConfig, build_model
+from training.zoo import NetworkConfig, build_model
 
 # --- the cases ---------------------------------------------------------------------------------
 
@@ -54,7 +54,7 @@ def seq(*layers: nn.Module) -> Callable[[], nn.Module]:
 
 
 def zoo(name: str, shape: tuple[int, ...], **kw: object) -> Callable[[], nn.Module]:
-    return lambda: build_model(ModelConfig(name, shape, 3, width=4, **kw))  # type: ignore[arg-type]
+    return lambda: build_model(NetworkConfig(name, shape, 3, width=4, **kw))  # type: ignore[arg-type]
 
 
 def back(*units: str) -> dict[str, tuple[str, str]]:

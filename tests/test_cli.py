@@ -14,7 +14,7 @@ import typer
 from typer.testing import CliRunner
 
 from training.__main__ import app
-from training.console import configure_logging
+from training.cli_support import configure_logging
 from training.train import load_run
 
 runner = CliRunner()

@@ -31,6 +31,10 @@ KSERVE_SCHEMA = K8S / "schemas" / "inferenceservice-serving.kserve.io-v1beta1.js
 # KServe's own variables in a custom predictor container: its protocol and model location.
 KSERVE_ENV = {"PROTOCOL", "STORAGE_URI"}
 KSERVE_MODEL_DIR = "/mnt/models"  # where KServe mounts a STORAGE_URI (DefaultModelLocalMountPath)
+# Container port names: ours, and KServe's (http1 for HTTP/1.1, h2c for gRPC; one per container).
+HTTP_PORT_NAMES = {"http", "http1"}
+GRPC_PORT = Settings.model_fields["grpc_port"].default  # the service's own default, Triton's
+GRPC_PORT_NAMES = {"grpc", "h2c"}
 
 
 def _manifests() -> list[tuple[str, dict[str, Any]]]:
@@ -101,11 +105,24 @@ def test_core_manifests_match_the_kubernetes_schemas(file: str, doc: dict[str, A
     kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
 
 
-def test_inference_service_matches_kserves_crd_schema(kserve_validator: jsonschema.Draft7Validator):
-    isvc = _one("InferenceService")
+def test_there_is_an_inference_service_for_http_and_one_for_grpc():
+    assert [f for f, d in MANIFESTS if d["kind"] == "InferenceService"] == [
+        "kserve/inferenceservice-grpc.yaml",
+        "kserve/inferenceservice.yaml",
+    ]
+
+
+@pytest.mark.parametrize("file", [f for f, d in MANIFESTS if d["kind"] == "InferenceService"])
+def test_inference_service_matches_kserves_crd_schema(
+    file: str, kserve_validator: jsonschema.Draft7Validator
+):
+    isvc = _one("InferenceService", file)
     assert isvc["apiVersion"] == "serving.kserve.io/v1beta1"
     errors = [e.message for e in kserve_validator.iter_errors(isvc)]
     assert errors == []
+    # KServe routes one port of a custom container: HTTP (http1) or gRPC (h2c).
+    (port,) = isvc["spec"]["predictor"]["containers"][0]["ports"]
+    assert port["name"] in {"http1", "h2c"}
 
 
 def test_validation_rejects_misspelt_fields(kserve_validator: jsonschema.Draft7Validator):
@@ -115,7 +132,7 @@ def test_validation_rejects_misspelt_fields(kserve_validator: jsonschema.Draft7V
     with pytest.raises(kubernetes_validate.ValidationError, match="periodSecond"):
         kubernetes_validate.validate(deployment, KUBERNETES_VERSION, strict=True)
     # A custom predictor has no protocolVersion field (KServe reads PROTOCOL instead).
-    isvc = copy.deepcopy(_one("InferenceService"))
+    isvc = copy.deepcopy(_one("InferenceService", "kserve/inferenceservice.yaml"))
     isvc["spec"]["predictor"]["protocolVersion"] = "v2"
     assert any("protocolVersion" in e.message for e in kserve_validator.iter_errors(isvc))
 
@@ -128,9 +145,14 @@ def test_probes_hit_real_routes_on_the_served_port(
     file: str, spec: dict[str, Any], container: dict[str, Any], routes: set[str]
 ):
     env = _env(container)
-    (port,) = container["ports"]
-    assert str(port["containerPort"]) == env["FOLDSERVE_PORT"]
+    settings = Settings(port=env["FOLDSERVE_PORT"], grpc_port=env.get("FOLDSERVE_GRPC_PORT", 8001))
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert set(ports) <= HTTP_PORT_NAMES | GRPC_PORT_NAMES and ports
+    for name, number in ports.items():
+        assert number == (settings.port if name in HTTP_PORT_NAMES else settings.grpc_port)
     assert env["FOLDSERVE_HOST"] == "0.0.0.0"
+    # The probes go over HTTP, declared or not (KServe's gRPC predictor declares only h2c).
+    http_names = set(ports) & HTTP_PORT_NAMES
     expected = {
         "readinessProbe": "/v2/health/ready",
         "livenessProbe": "/v2/health/live",
@@ -139,7 +161,7 @@ def test_probes_hit_real_routes_on_the_served_port(
     for probe, path in expected.items():
         get = container[probe]["httpGet"]
         assert get["path"] == path and path in routes
-        assert get["port"] in (port["containerPort"], port.get("name"))
+        assert get["port"] in ({settings.port} | http_names)
 
 
 @pytest.mark.parametrize(("file", "spec", "container"), _serving_containers())
@@ -186,10 +208,18 @@ def test_service_autoscaler_and_gpu_variant_target_the_deployment():
     service, hpa = _one("Service"), _one("HorizontalPodAutoscaler")
     labels = cpu["spec"]["template"]["metadata"]["labels"]
     assert service["spec"]["selector"] == labels == gpu["spec"]["template"]["metadata"]["labels"]
-    (port,) = service["spec"]["ports"]
-    assert (
-        port["targetPort"] == cpu["spec"]["template"]["spec"]["containers"][0]["ports"][0]["name"]
-    )
+    for deployment in (cpu, gpu):
+        container = deployment["spec"]["template"]["spec"]["containers"][0]
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        env = _env(container)
+        # The gRPC port is set explicitly, to the service's own default.
+        assert ports["grpc"] == int(env["FOLDSERVE_GRPC_PORT"]) == GRPC_PORT
+        assert ports["http"] == int(env["FOLDSERVE_PORT"])
+    targets = {p["name"]: p["targetPort"] for p in service["spec"]["ports"]}
+    assert targets == {"http": "http", "grpc": "grpc"}
+    (grpc,) = [p for p in service["spec"]["ports"] if p["name"] == "grpc"]
+    # h2c: gRPC without TLS, so that ingresses and meshes speak HTTP/2 to it.
+    assert grpc["appProtocol"] == "kubernetes.io/h2c" and grpc["port"] == GRPC_PORT
     assert (
         hpa["spec"]["scaleTargetRef"]["name"] == cpu["metadata"]["name"] == gpu["metadata"]["name"]
     )

@@ -30,7 +30,7 @@ from torch.utils.data import DistributedSampler, TensorDataset
 
 from training.data import load_dataset
 from training.train import TrainConfig, seed_everything
-from training.zoo import ModelConfig, build_model
+from training.zoo import NetworkConfig, build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 PROCESSES = 2
@@ -77,7 +77,7 @@ def _one_process_on_global_batches(model: str, dataset: str) -> dict[str, torch.
     seed_everything(CONFIG.seed)
     mean, std = data.standardization()
     dtype = getattr(torch, CONFIG.dtype)
-    net = build_model(ModelConfig(model, data.input_shape, data.num_classes), mean, std).to(dtype)
+    net = build_model(NetworkConfig(model, data.input_shape, data.num_classes), mean, std).to(dtype)
     opt = torch.optim.SGD(
         net.parameters(), lr=CONFIG.lr, momentum=CONFIG.momentum, weight_decay=CONFIG.weight_decay
     )

@@ -28,7 +28,7 @@ from training.experiments.runs import RunRecord
 from training.experiments.speed import epochs_to_target, late_gain
 from training.experiments.stats import ALPHA, POWER, Comparison, apply_holm, claim_verdict, holm
 from training.experiments.tasks import hard_digits, small_training_split
-from training.zoo import ModelConfig, build_model
+from training.zoo import NetworkConfig, build_model
 
 # --- statistics -----------------------------------------------------------------------------
 
@@ -203,7 +203,7 @@ def test_input_drift_in_units_of_the_earlier_std() -> None:
 
 def test_noisy_shift_resamples_in_training_and_is_identity_in_eval() -> None:
     data = hard_digits(0, size=8, copies=1)
-    model = build_model(ModelConfig("mlp", data.input_shape, 10, depth=2, width=8))
+    model = build_model(NetworkConfig("mlp", data.input_shape, 10, depth=2, width=8))
     add_noise(model, seed=0)
     assert sum(isinstance(m, NoisyShift) for m in model.modules()) == 2
     x = torch.from_numpy(data.X_train[:16])
@@ -253,11 +253,11 @@ def test_hard_task_and_small_subset_shapes() -> None:
 
 
 def test_glorot_init_and_conv_bias_in_after_mode() -> None:
-    cfg = ModelConfig("mlp", (64,), 10, width=50, activation="sigmoid", init="glorot")
+    cfg = NetworkConfig("mlp", (64,), 10, width=50, activation="sigmoid", init="glorot")
     lin = next(m for m in build_model(cfg).modules() if isinstance(m, nn.Linear))
     assert float(lin.weight.detach().abs().max()) <= math.sqrt(6 / (64 + 50)) + 1e-6
     assert float(lin.bias.detach().abs().max()) == 0.0
-    after = build_model(ModelConfig("cnn", (1, 8, 8), 10, bn_position="after"))
+    after = build_model(NetworkConfig("cnn", (1, 8, 8), 10, bn_position="after"))
     convs = [m for m in after.modules() if isinstance(m, nn.Conv2d)]
     assert all(c.bias is not None for c in convs)
 

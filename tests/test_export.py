@@ -16,7 +16,7 @@ from training import export as export_mod
 from training.data import load_dataset
 from training.export import ExportError, export_run
 from training.train import DatasetSpec, TrainConfig, load_run, save_run, train
-from training.zoo import ModelConfig
+from training.zoo import NetworkConfig
 
 
 def sha256_file(path: Path) -> str:
@@ -35,7 +35,7 @@ def _run(tmp: Path, name: str, model: str, dataset: str, **options) -> Path:
         else DatasetSpec(dataset)
     )
     ds = load_dataset(dataset, shape=(3, 12, 12), num_classes=3, n_samples=120)
-    cfg = ModelConfig(model, ds.input_shape, ds.num_classes, **options)
+    cfg = NetworkConfig(model, ds.input_shape, ds.num_classes, **options)
     tcfg = TrainConfig(epochs=1, batch_size=32)
     save_run(tmp / name, train(cfg, ds, tcfg, progress=False), cfg, spec, tcfg, ds.labels)
     return tmp / name

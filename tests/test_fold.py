@@ -17,10 +17,11 @@ from torch.fx.experimental.optimization import fuse as fx_fuse
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
+from service.model_format import FoldedBatchNorm, KeptBatchNorm
 from training.batchnorm import randomize_batchnorm
-from training.fold import FoldedBN, FoldError, FoldReport, KeptBN, fold_batchnorm
+from training.fold import FoldError, FoldReport, fold_batchnorm
 from training.fold.weights import round_to_dtype
-from training.zoo import ModelConfig, build_model, count_batchnorms
+from training.zoo import NetworkConfig, build_model, count_batchnorms
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -74,7 +75,7 @@ def test_fold_sites_in_float16(case: Case) -> None:
 
 
 def test_caller_model_is_untouched() -> None:
-    model = build_model(ModelConfig("resnet", (3, 8, 8), 3, width=4))
+    model = build_model(NetworkConfig("resnet", (3, 8, 8), 3, width=4))
     randomize_batchnorm(model, torch.Generator().manual_seed(1))
     model.eval()
     model[1][1].train()  # one BN in training mode, the rest eval
@@ -85,7 +86,10 @@ def test_caller_model_is_untouched() -> None:
     folded, report = fold_batchnorm(model, torch.randn(4, 3, 8, 8))
 
     reason = "BN is in training mode (uses batch statistics); call model.eval() first"
-    assert report.kept == [KeptBN("1.1", reason, "BatchNorm2d", [4])] and len(report.folded) == 8
+    assert (
+        report.kept == [KeptBatchNorm(bn="1.1", reason=reason, bn_type="BatchNorm2d", bn_shape=[4])]
+        and len(report.folded) == 8
+    )
     after = model.state_dict()
     assert all(torch.equal(state[k], after[k]) for k in state)
     assert modes == {n: m.training for n, m in model.named_modules()}
@@ -102,7 +106,7 @@ def test_fp16_folds_in_float64_and_rounds_once() -> None:
     errors = {v: torch.zeros(2, dtype=torch.float64) for v in ("once", "naive")}
     for seed in range(8):
         torch.manual_seed(seed)
-        model = build_model(ModelConfig("resnet", (3, 8, 8), 3, width=4)).eval()
+        model = build_model(NetworkConfig("resnet", (3, 8, 8), 3, width=4)).eval()
         randomize_batchnorm(model, torch.Generator().manual_seed(2))
 
         once, _ = fold_batchnorm(model, x, dtype=torch.float16)
@@ -174,7 +178,15 @@ def test_grouped_convtranspose_fold_is_exact_where_torch_fusion_fails() -> None:
     folded, report = fold_batchnorm(nn.Sequential(conv, bn), x)
 
     assert report.folded == [
-        FoldedBN("1", "0", "backward", "BatchNorm2d", [6], "ConvTranspose2d", [4, 3, 3, 3])
+        FoldedBatchNorm(
+            bn="1",
+            into="0",
+            direction="backward",
+            bn_type="BatchNorm2d",
+            bn_shape=[6],
+            into_type="ConvTranspose2d",
+            into_shape=[4, 3, 3, 3],
+        )
     ]
     assert torch.allclose(_run(folded, (x,)), expected, atol=1e-5)
     torch_out = _torch_util_result(lambda: fuse_conv_bn_eval(conv, bn, transpose=True), x)
@@ -202,8 +214,8 @@ def test_failing_example_inputs_raise_fold_error_naming_the_module() -> None:
 
 def test_report_renders_as_dict_text_and_rich_table() -> None:
     report = FoldReport(
-        folded=[FoldedBN("1.1", "1.0", "backward")],
-        kept=[KeptBN("3", "preceding conv '2' output has other consumers (add)")],
+        folded=[FoldedBatchNorm(bn="1.1", into="1.0", direction="backward")],
+        kept=[KeptBatchNorm(bn="3", reason="preceding conv '2' output has other consumers (add)")],
     )
     assert report.to_dict() == {
         "folded": [

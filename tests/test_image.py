@@ -23,6 +23,7 @@ from service.app import create_app
 from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
+GRPC_PORT = Settings.model_fields["grpc_port"].default  # the service's own default, Triton's
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +76,10 @@ def test_serving_stages_install_no_torch_and_run_the_same_way(routes: set[str]):
         (health,) = [i for i in stages[stage] if i.startswith("HEALTHCHECK")]
         path = re.search(r"'(/v2/health/\w+)'", health)
         assert path and path[1] == "/v2/health/live" in routes
-        assert f"EXPOSE {pairs['FOLDSERVE_PORT']}" in stages[stage]
+        # HTTP and gRPC, both set explicitly; gRPC on the service's own default port.
+        assert pairs["FOLDSERVE_GRPC_PORT"] == str(GRPC_PORT)
+        expose = f"EXPOSE {pairs['FOLDSERVE_PORT']} {pairs['FOLDSERVE_GRPC_PORT']}"
+        assert expose in stages[stage]
     assert "torch" in "\n".join(stages["train"])
 
 
@@ -120,5 +124,6 @@ def test_compose_serves_the_repository_read_only(routes: set[str]):
     assert "./models:/models" in compose["train"]["volumes"]
     fields = {f"FOLDSERVE_{name.upper()}" for name in Settings.model_fields}
     assert set(serve["environment"]) <= fields
-    (port,) = serve["ports"]
-    assert port.endswith(":8000") and port.startswith("127.0.0.1:")
+    http, grpc = serve["ports"]
+    assert http == "127.0.0.1:8000:8000"
+    assert grpc == f"127.0.0.1:{GRPC_PORT}:{GRPC_PORT}"

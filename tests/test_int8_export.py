@@ -20,7 +20,7 @@ from training.__main__ import app
 from training.data import load_dataset
 from training.retrain import plan_retrain
 from training.train import DatasetSpec, TrainConfig, save_run, train
-from training.zoo import ModelConfig
+from training.zoo import NetworkConfig
 
 runner = CliRunner()
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -36,7 +36,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     to its decision boundaries that INT8 flips several points of its test accuracy)."""
     tmp = tmp_path_factory.mktemp("int8")
     ds = load_dataset("digits", seed=0)
-    cfg = ModelConfig("cnn", ds.input_shape, ds.num_classes, width=8)
+    cfg = NetworkConfig("cnn", ds.input_shape, ds.num_classes, width=8)
     tcfg = TrainConfig(epochs=4, seed=0)
     result = train(cfg, ds, tcfg, progress=False)
     save_run(tmp / "run", result, cfg, DatasetSpec("digits"), tcfg, ds.labels)

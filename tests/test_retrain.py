@@ -24,9 +24,9 @@ from service.model_format import FOLDED_FILE, UNFOLDED_FILE, VersionMetadata, wr
 from training.__main__ import app
 from training.data import load_dataset
 from training.export import export_run
-from training.server import LoadError, load_version
+from training.server_client import LoadError, load_version
 from training.train import DatasetSpec, TrainConfig, save_run, train
-from training.zoo import ModelConfig
+from training.zoo import NetworkConfig
 
 NAME = "bc"
 # Not TrainConfig's defaults, so a retrain that used the defaults would differ.
@@ -47,7 +47,7 @@ def base_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("base")
     spec = DatasetSpec("breast_cancer", seed=RECORDED.seed)
     ds = spec.load()
-    cfg = ModelConfig("mlp", ds.input_shape, ds.num_classes, width=8, depth=1)
+    cfg = NetworkConfig("mlp", ds.input_shape, ds.num_classes, width=8, depth=1)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # module scope: the one_torch_thread fixture is per test
     try:

@@ -29,7 +29,7 @@ from training.train import (
     seed_everything,
     train,
 )
-from training.zoo import ModelConfig, build_model, count_batchnorms
+from training.zoo import NetworkConfig, build_model, count_batchnorms
 
 CPU = torch.device("cpu")
 
@@ -39,13 +39,13 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def train_on(
     dataset: str, cfg: TrainConfig, model: str = "mlp", **model_kw: Any
-) -> tuple[Dataset, ModelConfig, TrainResult]:
+) -> tuple[Dataset, NetworkConfig, TrainResult]:
     ds = load_dataset(dataset, seed=0)
-    mcfg = ModelConfig(model, ds.input_shape, ds.num_classes, **model_kw)
+    mcfg = NetworkConfig(model, ds.input_shape, ds.num_classes, **model_kw)
     return ds, mcfg, train(mcfg, ds, cfg, progress=False)
 
 
-def initial_model(mcfg: ModelConfig, ds: Dataset, seed: int) -> torch.nn.Sequential:
+def initial_model(mcfg: NetworkConfig, ds: Dataset, seed: int) -> torch.nn.Sequential:
     """The network ``train`` starts from: same seed, same standardization."""
     seed_everything(seed)
     return build_model(mcfg, *ds.standardization())
@@ -105,7 +105,7 @@ def test_divergence_stops_the_run_and_keeps_the_initial_weights():
 
 def test_same_seed_same_run_other_seed_other_run():
     ds = load_dataset("wine", seed=0)
-    mcfg = ModelConfig("mlp", ds.input_shape, ds.num_classes, width=16)
+    mcfg = NetworkConfig("mlp", ds.input_shape, ds.num_classes, width=16)
     runs = [
         train(mcfg, ds, TrainConfig(epochs=3, batch_size=16, seed=s), progress=False)
         for s in (7, 7, 8)
@@ -122,7 +122,7 @@ def test_same_seed_same_run_other_seed_other_run():
 
 def test_run_roundtrip_gives_identical_outputs(tmp_path: Path):
     ds = load_dataset("wine", seed=0)
-    mcfg = ModelConfig("mlp", ds.input_shape, ds.num_classes, width=16)
+    mcfg = NetworkConfig("mlp", ds.input_shape, ds.num_classes, width=16)
     cfg = TrainConfig(epochs=3, batch_size=16, seed=7)
     result = train(mcfg, ds, cfg, progress=False)
     spec = DatasetSpec("wine")
@@ -144,7 +144,7 @@ def test_run_roundtrip_gives_identical_outputs(tmp_path: Path):
 
 def test_a_float64_run_trains_in_float64_and_loads_as_the_float32_network(tmp_path: Path):
     ds = load_dataset("wine", seed=0)
-    mcfg = ModelConfig("mlp", ds.input_shape, ds.num_classes, width=16)
+    mcfg = NetworkConfig("mlp", ds.input_shape, ds.num_classes, width=16)
     cfg = TrainConfig(epochs=2, batch_size=16, dtype="float64")
     result = train(mcfg, ds, cfg, progress=False)
     floats = [v for v in result.model.state_dict().values() if v.is_floating_point()]
@@ -191,7 +191,7 @@ def test_a_last_batch_of_one_sample_is_dropped(n_train: int, steps: int):
     per_epoch: Counter[int] = Counter()
     cfg = TrainConfig(epochs=2, batch_size=16)
     train(
-        ModelConfig("mlp", (5,), 2),
+        NetworkConfig("mlp", (5,), 2),
         ds,
         cfg,
         progress=False,
@@ -202,7 +202,7 @@ def test_a_last_batch_of_one_sample_is_dropped(n_train: int, steps: int):
 
 def test_on_backward_sees_every_step_before_its_update():
     ds = load_dataset("wine", seed=0)  # 115 training rows: 8 batches of 16
-    mcfg = ModelConfig("mlp", ds.input_shape, ds.num_classes, width=16)
+    mcfg = NetworkConfig("mlp", ds.input_shape, ds.num_classes, width=16)
     seen: list[tuple[int, torch.Tensor, torch.Tensor]] = []
 
     def record(model: torch.nn.Module, epoch: int) -> None:
@@ -237,8 +237,8 @@ def weighted_layers(model: torch.nn.Module) -> list[tuple[str, tuple[int, ...]]]
 @pytest.mark.parametrize("position", ["before", "after"])
 def test_zoo_twins(name, position):
     shape = (30,) if name == "mlp" else (3, 16, 16)
-    bn = build_model(ModelConfig(name, shape, 4, bn_position=position))
-    plain = build_model(ModelConfig(name, shape, 4, norm=False, bn_position=position))
+    bn = build_model(NetworkConfig(name, shape, 4, bn_position=position))
+    plain = build_model(NetworkConfig(name, shape, 4, norm=False, bn_position=position))
     # the twin is the same network without its BNs: one BN per layer but the classifier
     assert weighted_layers(bn) == weighted_layers(plain)
     assert count_batchnorms(bn) == len(weighted_layers(bn)) - 1
@@ -254,7 +254,7 @@ def test_zoo_twins(name, position):
 
 
 def test_mobilenet_uses_depthwise_convs():
-    model = build_model(ModelConfig("mobilenet", (3, 16, 16), 4))
+    model = build_model(NetworkConfig("mobilenet", (3, 16, 16), 4))
     depthwise = [
         m
         for m in model.modules()

@@ -13,7 +13,7 @@ import typer
 
 from training import int8_cli as q
 from training import train_options as opts
-from training.console import ExperimentCommand, configure_logging, new_run_dir, zoo_table
+from training.cli_support import ExperimentCommand, configure_logging, new_run_dir, zoo_table
 from training.data import DatasetError, load_dataset, parse_shape
 from training.distributed import DistributedError, init_distributed, shutdown_distributed
 from training.import_onnx import import_onnx_cmd
@@ -21,7 +21,7 @@ from training.onnx_cli import fold_onnx_cmd
 from training.terminal import console, fail
 from training.train import DatasetSpec, Run, RunError, TrainConfig, load_run, save_run, train
 from training.zoo import (
-    ModelConfig,
+    NetworkConfig,
     ZooError,
     build_model,
 )
@@ -113,7 +113,7 @@ def train_cmd(
             num_classes=num_classes,
             n_samples=n_samples,
         )
-        mcfg = ModelConfig(
+        mcfg = NetworkConfig(
             model,
             ds.input_shape,
             ds.num_classes,
@@ -232,15 +232,16 @@ def export_cmd(
 ) -> None:
     """Export folded and unfolded ONNX with metadata as the next version of --name;
     with --int8 also model.int8.onnx (calibrated on the run's training split)."""
-    from training.export import ExportError, ParityCheck, export_run
+    from training.export import EXPORT_DTYPES, ExportError, ParityCheck, export_run
     from training.fold.report import DIRECTIONS
 
-    dtypes = {"float32": torch.float32, "float16": torch.float16}
-    if dtype not in dtypes:
-        fail(f"unknown dtype {dtype!r}; choose {', '.join(dtypes)}")
+    if dtype not in EXPORT_DTYPES:
+        fail(f"unknown dtype {dtype!r}; choose {', '.join(EXPORT_DTYPES)}")
     quantize = q.int8_options(int8, int8_tolerance, calibration_samples, calibration_method)
     try:
-        result = export_run(_load(run), repository, name or run.name, dtypes[dtype], quantize)
+        result = export_run(
+            _load(run), repository, name or run.name, EXPORT_DTYPES[dtype], quantize
+        )
     except ExportError as err:
         fail(str(err))
         return
@@ -284,7 +285,7 @@ def retrain_cmd(
     version; with --load, have a running server serve it on every worker."""
     from training.export import ExportError, export_run
     from training.retrain import RetrainError, plan_retrain, train_plan
-    from training.server import LoadError, check_live, load_version
+    from training.server_client import LoadError, check_live, load_version
 
     try:
         plan = plan_retrain(repository, name, epochs=epochs, seed=seed, data=data)

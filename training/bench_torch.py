@@ -1,10 +1,8 @@
 """Eager PyTorch folded-vs-unfolded latency, interleaved so noise hits both alike.
 
-The speedup's interval is scipy's paired percentile bootstrap of the ratio of
-medians: the definition the service's fold-latency report uses
-(``service/stats.py``, numpy only because the serving image has no scipy),
-computed here by the library rather than imported across the
-training/service boundary.
+The speedup and its interval are the service's fold-latency statistic
+(:func:`service.latency_stats.paired_speedup`: a paired percentile bootstrap of
+the ratio of medians), so eager PyTorch and ONNX Runtime numbers compare.
 """
 
 from __future__ import annotations
@@ -12,44 +10,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 from rich.table import Table
-from scipy import stats
 from torch import nn
 
+from service.latency_stats import Speedup, paired_speedup
 from training.fold import fold_batchnorm
-
-
-@dataclass(frozen=True)
-class Speedup:
-    """``unfolded p50 / folded p50`` with a 95% interval over the paired runs."""
-
-    ratio: float
-    ci_low: float
-    ci_high: float
-
-
-def _ratio_of_medians(a: np.ndarray, b: np.ndarray, axis: int = -1) -> Any:
-    return np.median(a, axis=axis) / np.median(b, axis=axis)
-
-
-def paired_speedup(baseline: np.ndarray, candidate: np.ndarray, seed: int = 0) -> Speedup:
-    """Median-ratio speedup of ``candidate`` over ``baseline`` (>1: candidate faster), with
-    a percentile bootstrap that resamples the interleaved pairs together."""
-    ci = stats.bootstrap(
-        (baseline, candidate),
-        _ratio_of_medians,
-        paired=True,
-        vectorized=True,
-        n_resamples=2000,
-        method="percentile",
-        rng=np.random.default_rng(seed),
-    ).confidence_interval
-    ratio = float(_ratio_of_medians(baseline, candidate))
-    return Speedup(ratio, float(ci.low), float(ci.high))
 
 
 @dataclass(frozen=True)
@@ -71,7 +39,7 @@ class TorchBench:
         return float(np.median(self.unfolded_s)) * 1e3, float(np.median(self.folded_s)) * 1e3
 
     def speedup(self, seed: int = 0) -> Speedup:
-        return paired_speedup(self.unfolded_s, self.folded_s, seed)
+        return paired_speedup(self.unfolded_s, self.folded_s, seed=seed)
 
 
 def _timer(fn: Callable[[], torch.Tensor], device: torch.device) -> Callable[[], float]:

@@ -9,7 +9,7 @@ from pathlib import Path
 from service.model_format import version_numbers
 from training.export import ExportResult, export_run
 from training.train import DatasetSpec, TrainConfig, load_run, save_run, train
-from training.zoo import ModelConfig
+from training.zoo import NetworkConfig
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def train_default(spec: DefaultModel, runs: Path, progress: bool = True) -> Path
         load_run(out)  # fails loudly if the run is stale or broken
         return out
     ds = spec.dataset.load()
-    cfg = ModelConfig(spec.model, ds.input_shape, ds.num_classes, **spec.options)  # type: ignore[arg-type]
+    cfg = NetworkConfig(spec.model, ds.input_shape, ds.num_classes, **spec.options)  # type: ignore[arg-type]
     result = train(cfg, ds, spec.train, progress=progress)
     save_run(out, result, cfg, spec.dataset, spec.train, ds.labels, ds.features)
     log.info(

@@ -24,22 +24,21 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from service.datatypes import REFERENCE_ATOL, V2_DATATYPES
 from service.model_format import (
     FOLDED_FILE,
     INT8_FILE,
     UNFOLDED_FILE,
-    V2_DATATYPES,
-    FoldRecord,
     ModelVersionError,
     Parity,
     ReferenceBatch,
     TensorData,
     TensorSpec,
     VersionMetadata,
-    batchnorm_nodes,
     valid_model_name,
     write_version,
 )
+from service.model_graph import batchnorm_nodes
 from training.data import Dataset, load_dataset
 from training.fold import FoldReport, fold_batchnorm
 from training.onnx_graph import export_onnx
@@ -50,7 +49,8 @@ from training.zoo import count_batchnorms
 log = logging.getLogger(__name__)
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
-ATOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.float64: 1e-8}
+# What `export --dtype` writes: the numpy name of the dtype -> the torch dtype.
+EXPORT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 PARITY_SAMPLES = 64  # inputs of the folded-vs-unfolded checks of `fold` and `export`
 
 
@@ -131,7 +131,7 @@ def torch_parity(run: Run, folded: nn.Module, samples: int = PARITY_SAMPLES) -> 
     with torch.no_grad():
         xt = torch.from_numpy(x)
         diff = float((folded(xt) - run.model.eval()(xt)).abs().max())
-    return ParityCheck("PyTorch", diff, ATOL[torch.float32], len(x), inputs)
+    return ParityCheck("PyTorch", diff, REFERENCE_ATOL["FP32"], len(x), inputs)
 
 
 def ort_outputs(model_bytes: bytes, x: np.ndarray) -> np.ndarray:
@@ -194,7 +194,7 @@ def build_version(
     )
     y_folded = ort_outputs(folded_bytes, x)
     y_unfolded = ort_outputs(unfolded_bytes, x)
-    atol = ATOL[dtype]
+    atol = REFERENCE_ATOL[V2_DATATYPES[np_dtype]]
     diff_fu = float(np.abs(y_folded.astype(np.float64) - y_unfolded).max())
     diff_ft = float(np.abs(y_folded.astype(np.float64) - expected).max())
     diff_ut = float(np.abs(y_unfolded.astype(np.float64) - expected).max())
@@ -225,7 +225,7 @@ def build_version(
         features=run.features,
         network=run.model_cfg.to_dict(),
         training=training,
-        fold_report=FoldRecord.model_validate(report.to_dict()),
+        fold_report=report.record(),
         bn_nodes={"folded": bn_folded, "unfolded": bn_unfolded},
         parity=Parity(
             max_abs_diff=diff_fu,

@@ -31,7 +31,8 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from service.model_format import QDQ_OPS, Calibration, Int8Record, TensorData, op_counts
+from service.model_format import Calibration, Int8Record, TensorData
+from service.model_graph import QDQ_OPS, op_counts
 
 log = logging.getLogger(__name__)
 
@@ -113,13 +114,11 @@ def quantize_qdq(
     a 7-bit range, UINT8 activations calibrated with ``method`` on ``calibration``.
 
     UINT8 activations with 7-bit weights (``reduce_range``), chosen by measurement on
-    this project's AVX2 machine without VNNI (``bench/int8_kernels.py``: resnet_bench,
-    batch 8, one thread, against FP32 folded): U8S8 with 8-bit weights loses 2.5
-    points of test accuracy (ORT's AVX2 U8S8 kernels saturate their 16-bit pair
-    sums), with 7-bit weights none, at the same speed (1.11x-1.37x over FP32 in two
-    runs); S8S8 keeps the accuracy but is slower than FP32 (0.68x-0.78x), U8U8 too.
-    7-bit weights cost a VNNI machine a little precision and no speed, so the file
-    is the same for both (docs/folding.md).
+    an AVX2 machine without VNNI (``bench/int8_kernels.py``): U8S8 with 8-bit weights
+    loses test accuracy (ORT's AVX2 U8S8 kernels saturate their 16-bit pair sums),
+    with 7-bit weights it does not and runs as fast; S8S8 and U8U8 keep the accuracy
+    but are slower than FP32. 7-bit weights cost a VNNI machine a little precision
+    and no speed, so the file is the same for both (docs/folding.md has the numbers).
     """
     if method not in METHODS:
         raise Int8Error(f"unknown calibration method {method!r}; choose {', '.join(METHODS)}")

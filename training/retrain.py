@@ -20,14 +20,13 @@ from typing import Any
 
 import torch
 
+from service.datatypes import NUMPY_DTYPES
 from service.model_format import ModelVersionError, VersionMetadata, version_numbers
+from training.export import EXPORT_DTYPES
 from training.int8_cli import options_of
 from training.quantize import Int8Options
 from training.train import DatasetSpec, TrainConfig, TrainResult, save_run, train
-from training.zoo import ModelConfig
-
-# The exported input datatype -> the dtype export_run writes it with.
-EXPORT_DTYPES = {"FP32": torch.float32, "FP16": torch.float16}
+from training.zoo import NetworkConfig
 
 
 class RetrainError(ValueError):
@@ -41,7 +40,7 @@ class RetrainPlan:
 
     name: str
     base_version: int
-    model: ModelConfig
+    model: NetworkConfig
     dataset: DatasetSpec
     train: TrainConfig
     dtype: torch.dtype
@@ -113,11 +112,12 @@ def plan_retrain(
             "train with `python -m training train` and `export` once, then retrain)"
         )
     datatype = md.inputs[0].datatype
-    if datatype not in EXPORT_DTYPES:
+    export_dtype = EXPORT_DTYPES.get(NUMPY_DTYPES[datatype].name)
+    if export_dtype is None:
         raise RetrainError(f"{where} takes {datatype} inputs; export writes FP32 or FP16 only")
     assert md.network is not None  # checked with the rest of what is missing
     try:
-        model = ModelConfig.from_dict(md.network)
+        model = NetworkConfig.from_dict(md.network)
     except (KeyError, TypeError) as err:
         raise RetrainError(f"{where}: model_config is not a zoo config ({err})") from err
     return RetrainPlan(
@@ -126,7 +126,7 @@ def plan_retrain(
         model,
         DatasetSpec(**dataset),
         TrainConfig(**config),
-        EXPORT_DTYPES[datatype],
+        export_dtype,
         None if md.int8 is None else options_of(md.int8),
     )
 

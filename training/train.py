@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from training.data import Dataset, load_dataset
 from training.distributed import DistributedContext, all_reduce_sum, data_parallel
-from training.zoo import ModelConfig, build_model
+from training.zoo import NetworkConfig, build_model
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 
 def train(
-    model_cfg: ModelConfig,
+    model_cfg: NetworkConfig,
     data: Dataset,
     cfg: TrainConfig,
     *,
@@ -286,7 +286,7 @@ def train(
 def save_run(
     out: Path,
     result: TrainResult,
-    model_cfg: ModelConfig,
+    model_cfg: NetworkConfig,
     data_spec: DatasetSpec,
     cfg: TrainConfig,
     labels: list[str],
@@ -316,7 +316,7 @@ class Run:
 
     path: Path
     model: nn.Sequential
-    model_cfg: ModelConfig
+    model_cfg: NetworkConfig
     config: dict[str, Any]
     metrics: dict[str, Any]
 
@@ -343,7 +343,7 @@ def load_run(path: str | Path) -> Run:
                 "create one with `python -m training train --out DIR`"
             )
     config = json.loads((p / "config.json").read_text())
-    model_cfg = ModelConfig.from_dict(config["model"])
+    model_cfg = NetworkConfig.from_dict(config["model"])
     model = build_model(model_cfg)
     state = torch.load(p / "model.pt", map_location="cpu", weights_only=True)
     model.load_state_dict(state)

@@ -45,7 +45,7 @@ class Standardize(nn.Module):
 
 
 @dataclass
-class ModelConfig:
+class NetworkConfig:
     """Everything needed to rebuild a zoo model (stored in a run's ``config.json``)."""
 
     name: str
@@ -69,7 +69,7 @@ class ModelConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+    def from_dict(cls, d: dict[str, Any]) -> NetworkConfig:
         d = dict(d)
         d["input_shape"] = tuple(d["input_shape"])
         return cls(**d)
@@ -89,7 +89,7 @@ def _unit(layer: nn.Module, bn: nn.Module, act: nn.Module | None, pos: BNPositio
     return nn.Sequential(*parts)
 
 
-def _conv_bias(cfg: ModelConfig) -> bool:
+def _conv_bias(cfg: NetworkConfig) -> bool:
     """A conv needs its bias unless BN directly follows it (BN's beta takes the bias's role)."""
     return not cfg.norm or cfg.bn_position == "after"
 
@@ -100,7 +100,7 @@ def _bn(kind: Literal[1, 2], channels: int, norm: bool) -> nn.Module:
     return nn.BatchNorm1d(channels) if kind == 1 else nn.BatchNorm2d(channels)
 
 
-def build_mlp(cfg: ModelConfig) -> list[nn.Module]:
+def build_mlp(cfg: NetworkConfig) -> list[nn.Module]:
     depth, width = cfg.depth or 2, cfg.width or 64
     features = int(np.prod(cfg.input_shape))
     layers: list[nn.Module] = [nn.Flatten()]
@@ -120,7 +120,7 @@ def build_mlp(cfg: ModelConfig) -> list[nn.Module]:
     return layers
 
 
-def _need_image(cfg: ModelConfig) -> tuple[int, int, int]:
+def _need_image(cfg: NetworkConfig) -> tuple[int, int, int]:
     if len(cfg.input_shape) != 3:
         raise ZooError(
             f"model {cfg.name!r} needs image inputs (C, H, W), got input shape {cfg.input_shape}; "
@@ -130,14 +130,14 @@ def _need_image(cfg: ModelConfig) -> tuple[int, int, int]:
     return c, h, w
 
 
-def _head(channels: int, cfg: ModelConfig) -> list[nn.Module]:
+def _head(channels: int, cfg: NetworkConfig) -> list[nn.Module]:
     head: list[nn.Module] = [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
     if cfg.dropout > 0:
         head.append(nn.Dropout(cfg.dropout))
     return [*head, nn.Linear(channels, cfg.num_classes)]
 
 
-def build_cnn(cfg: ModelConfig) -> list[nn.Module]:
+def build_cnn(cfg: NetworkConfig) -> list[nn.Module]:
     """VGG-style stages of two (Conv3x3 -> BN -> act), then 2x2 max-pool while size allows."""
     c, h, w = _need_image(cfg)
     depth, width = cfg.depth or 2, cfg.width or 32
@@ -163,7 +163,7 @@ def build_cnn(cfg: ModelConfig) -> list[nn.Module]:
 class BasicBlock(nn.Module):
     """ResNet basic block: two bias-free 3x3 convs with BN; conv1x1+BN shortcut on reshape."""
 
-    def __init__(self, cin: int, cout: int, stride: int, cfg: ModelConfig) -> None:
+    def __init__(self, cin: int, cout: int, stride: int, cfg: NetworkConfig) -> None:
         super().__init__()
         self.body = nn.Sequential(
             _unit(
@@ -191,7 +191,7 @@ class BasicBlock(nn.Module):
         return out
 
 
-def build_resnet(cfg: ModelConfig) -> list[nn.Module]:
+def build_resnet(cfg: NetworkConfig) -> list[nn.Module]:
     """A small CIFAR-style ResNet: stem, ``depth`` stages of one basic block each."""
     c, h, w = _need_image(cfg)
     depth, width = cfg.depth or 3, cfg.width or 16
@@ -213,7 +213,7 @@ def build_resnet(cfg: ModelConfig) -> list[nn.Module]:
     return layers + _head(c, cfg)
 
 
-def build_mobilenet(cfg: ModelConfig) -> list[nn.Module]:
+def build_mobilenet(cfg: NetworkConfig) -> list[nn.Module]:
     """MobileNet-v1 style: depthwise 3x3 (groups = channels) + BN, pointwise 1x1 + BN."""
     c, h, w = _need_image(cfg)
     depth, width = cfg.depth or 3, cfg.width or 16
@@ -239,7 +239,7 @@ def build_mobilenet(cfg: ModelConfig) -> list[nn.Module]:
     return layers + _head(c, cfg)
 
 
-MODELS: dict[str, Callable[[ModelConfig], list[nn.Module]]] = {
+MODELS: dict[str, Callable[[NetworkConfig], list[nn.Module]]] = {
     "mlp": build_mlp,
     "cnn": build_cnn,
     "resnet": build_resnet,
@@ -271,7 +271,7 @@ def init_weights(model: nn.Module, scheme: str, gain: float) -> None:
 
 
 def build_model(
-    cfg: ModelConfig,
+    cfg: NetworkConfig,
     mean: np.ndarray | None = None,
     std: np.ndarray | None = None,
 ) -> nn.Sequential:

@@ -10,13 +10,12 @@ graph as the rules see it), ``sites`` (BN and Mul/Add runs as affine maps), ``we
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import onnx
 
-from service.model_format import batchnorm_nodes
+from service.files import write_atomic
+from service.model_graph import batchnorm_nodes
 from service.onnx_fold.check import RELATIVE_TOLERANCE, CheckError, compare, weight_type
 from service.onnx_fold.report import FoldCheckFailed, FoldOutcome, OnnxFoldReport
 from service.onnx_fold.rewrite import fold_graphs
@@ -90,22 +89,12 @@ def fold_file(
     FoldCheckFailed as :func:`fold_model`."""
     model = onnx.load(str(src))
     outcome = fold_model(model, tolerance=tolerance)
-    _write_atomic(dst, outcome.model.SerializeToString())
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(dst, outcome.model.SerializeToString())
     if report is not None:
-        _write_atomic(report, outcome.report.model_dump_json(indent=2).encode())
+        report.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(report, outcome.report.model_dump_json(indent=2).encode())
     return outcome.report
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 from service.onnx_fold.version import derive_version as derive_version  # noqa: E402

@@ -5,12 +5,13 @@ node, add an initializer). Pure ``onnx`` + numpy; every edit is on the caller's 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
+
+from service.model_graph import all_graphs, subgraphs
 
 FLOAT_TYPES = {
     onnx.TensorProto.FLOAT,
@@ -18,23 +19,6 @@ FLOAT_TYPES = {
     onnx.TensorProto.BFLOAT16,
     onnx.TensorProto.DOUBLE,
 }
-
-
-def subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
-    """The bodies of an If/Loop/Scan node (any graph-valued attribute)."""
-    for attr in node.attribute:
-        if attr.type == onnx.AttributeProto.GRAPH:
-            yield attr.g
-        elif attr.type == onnx.AttributeProto.GRAPHS:
-            yield from attr.graphs
-
-
-def all_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
-    """``graph`` and every graph nested in it, outermost first."""
-    yield graph
-    for node in graph.node:
-        for sub in subgraphs(node):
-            yield from all_graphs(sub)
 
 
 def model_uses(model: onnx.ModelProto) -> Counter[str]:

@@ -31,9 +31,9 @@ from google.protobuf.message import DecodeError
 from onnx import TensorProto
 from pydantic import BaseModel
 
+from service.datatypes import ONNX_DATATYPES, REFERENCE_ATOL
 from service.model_format import (
-    FOLDED_FILE,
-    Datatype,
+    USER_FILE,
     ModelVersionError,
     Parity,
     ReferenceBatch,
@@ -41,9 +41,9 @@ from service.model_format import (
     TensorSpec,
     VersionFiles,
     VersionMetadata,
-    batchnorm_nodes,
     sha256_hex,
 )
+from service.model_graph import batchnorm_nodes
 from service.onnx_fold import FoldCheckFailed, OnnxFoldReport, fold_model
 from service.onnx_fold.check import OTHER_DIMS  # the self-check's sizes for symbolic axes
 
@@ -53,22 +53,6 @@ DERIVATION = "onnx-fold/1"  # bump when a change to the folder must re-derive ca
 METADATA_KEY = "derived_from"  # the metadata.json key that marks a version made from a user file
 REFERENCE_BATCH = 4  # samples of the reference batch (a symbolic axis 0), at most
 REFERENCE_VALUES = 1 << 16  # fewer samples when one has more input values (metadata.json)
-ATOL_FLOOR = {"FP16": 2e-2, "FP32": 1e-4, "FP64": 1e-8}  # reference atol at least this
-
-ONNX_DATATYPES: dict[int, Datatype] = {
-    TensorProto.BOOL: "BOOL",
-    TensorProto.UINT8: "UINT8",
-    TensorProto.UINT16: "UINT16",
-    TensorProto.UINT32: "UINT32",
-    TensorProto.UINT64: "UINT64",
-    TensorProto.INT8: "INT8",
-    TensorProto.INT16: "INT16",
-    TensorProto.INT32: "INT32",
-    TensorProto.INT64: "INT64",
-    TensorProto.FLOAT16: "FP16",
-    TensorProto.FLOAT: "FP32",
-    TensorProto.DOUBLE: "FP64",
-}
 
 
 class DerivedFrom(BaseModel):
@@ -225,7 +209,7 @@ def _framework(model: onnx.ModelProto) -> dict[str, Any]:
 # -- the derivation ------------------------------------------------------------------
 
 
-def parse_onnx(source: bytes, label: str = FOLDED_FILE) -> onnx.ModelProto:
+def parse_onnx(source: bytes, label: str = USER_FILE) -> onnx.ModelProto:
     """``source`` as an ONNX model that passes ``onnx.checker``; else :class:`ModelVersionError`."""
     try:
         model = onnx.load_model_from_string(source)
@@ -245,7 +229,7 @@ def derive_version(
     source: bytes,
     name: str,
     *,
-    source_file: str = FOLDED_FILE,
+    source_file: str = USER_FILE,
     files: VersionFiles | None = None,
     tolerance: float | None = None,
     seed: int = 0,
@@ -277,7 +261,7 @@ def derive_version(
     got = _run(_session(folded, "folded"), feeds, "folded")
     outputs = _output_specs(declared_outputs, expected)
     diff = _max_diff(expected, got)
-    floor = max((ATOL_FLOOR.get(s.datatype, 0.0) for s in outputs), default=0.0)
+    floor = max((REFERENCE_ATOL.get(s.datatype, 0.0) for s in outputs), default=0.0)
     atol = max(report.tolerance, 4 * diff, floor)
     if not diff <= max(report.tolerance, floor):
         raise ModelVersionError(

@@ -6,16 +6,15 @@ thread, a thread hop per dependency per request.
 
 from __future__ import annotations
 
-import secrets
 from typing import Annotated
 
 from fastapi import Depends, Request
 
+from service.auth import check_api_key, check_management, presented_key
 from service.dataplane import DataPlane
-from service.errors import Forbidden, Unauthorized
 from service.metrics import ServiceMetrics
 from service.repository import ModelRepository
-from service.settings import Settings, management_policy
+from service.settings import Settings
 
 
 async def get_repository(request: Request) -> ModelRepository:
@@ -45,31 +44,20 @@ SettingsDep = Annotated[Settings, Depends(app_settings)]
 DataPlaneDep = Annotated[DataPlane, Depends(get_dataplane)]
 
 
-def _presented_key(request: Request) -> str | None:
-    auth = request.headers.get("authorization", "")
-    scheme, _, token = auth.partition(" ")
-    if scheme.lower() == "bearer" and token.strip():
-        return token.strip()
-    return request.headers.get("x-api-key")
+HOW = "'Authorization: Bearer KEY' or 'X-API-Key: KEY'"
+
+
+def _presented(request: Request) -> str | None:
+    headers = request.headers
+    return presented_key(headers.get("authorization"), headers.get("x-api-key"))
 
 
 async def require_management(request: Request, settings: SettingsDep) -> None:
     """Repository management: 403 when it is off (no key on a non-loopback listener),
-    else the API key check."""
-    refused = management_policy(settings)
-    if refused is not None:
-        raise Forbidden(refused)
-    await require_api_key(request, settings)
+    else 401 unless the API key came."""
+    check_management(settings, _presented(request), "this route", HOW)
 
 
 async def require_api_key(request: Request, settings: SettingsDep) -> None:
     """401 unless the configured API key (if any) came as a Bearer token or X-API-Key."""
-    if settings.api_key is None:
-        return
-    presented = _presented_key(request)
-    if presented is None:
-        raise Unauthorized(
-            "this route needs the API key: send 'Authorization: Bearer KEY' or 'X-API-Key: KEY'"
-        )
-    if not secrets.compare_digest(presented.encode(), settings.api_key.get_secret_value().encode()):
-        raise Unauthorized("the API key is wrong")
+    check_api_key(settings, _presented(request), "this route", HOW)

@@ -32,7 +32,7 @@ from service.protocol import (
     error_responses,
     request_body_openapi,
 )
-from service.runtime import ServedVersion
+from service.served_version import ServedVersion
 
 
 class PlainRoute(APIRoute):

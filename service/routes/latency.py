@@ -9,12 +9,12 @@ from pydantic import BaseModel, Field
 
 from service.latency import LatencyParams
 from service.latency_lab import FoldLatencyLab
+from service.latency_stats import histogram_quantile
 from service.latency_words import scale
 from service.metrics import ServiceMetrics
 from service.protocol import error_responses
 from service.repository import ModelRepository
 from service.routes.deps import MetricsDep, RepositoryDep, require_api_key
-from service.stats import histogram_quantile
 
 # Bounds of the query parameters (422 outside). A measurement also stops timing after
 # the lab's max_seconds, so a large batch on a slow model cannot hold it for long.
@@ -131,7 +131,7 @@ async def get_lab(request: Request) -> FoldLatencyLab:
 @router.get(
     "/v2/models/{name}/fold-latency",
     dependencies=[Depends(require_api_key)],
-    responses=error_responses(401, 404, 409, 422, 429, 503),
+    responses=error_responses(400, 401, 404, 409, 422, 429, 503),
 )
 async def fold_latency(
     name: str,

@@ -26,7 +26,7 @@ class IndexRequest(BaseModel):
     ready: bool = False
 
 
-@router.post("/v2/repository/index", responses=error_responses(422))
+@router.post("/v2/repository/index", responses=error_responses(400, 413, 422))
 async def repository_index_post(
     dataplane: DataPlaneDep, body: Annotated[IndexRequest | None, Body()] = None
 ) -> list[RepositoryEntry]:
@@ -38,7 +38,7 @@ async def repository_index_post(
 @router.post(
     "/v2/repository/models/{name}/load",
     dependencies=[Depends(require_management)],
-    responses=error_responses(400, 401, 403, 404, 503),
+    responses=error_responses(400, 401, 403, 404, 413, 503),
 )
 async def load_model(name: str, dataplane: DataPlaneDep) -> LoadResult:
     """Rescan the model's directory in every worker: new versions are validated and swapped
@@ -54,7 +54,7 @@ async def load_model(name: str, dataplane: DataPlaneDep) -> LoadResult:
 @router.post(
     "/v2/repository/models/{name}/unload",
     dependencies=[Depends(require_management)],
-    responses=error_responses(401, 403, 404, 503),
+    responses=error_responses(401, 403, 404, 413, 503),
 )
 async def unload_model(name: str, dataplane: DataPlaneDep) -> LoadResult:
     """Stop serving every version of the model, in every worker, until it is loaded again."""

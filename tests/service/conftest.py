@@ -39,7 +39,7 @@ from service.model_format import (
     sha256_hex,
 )
 from service.model_format import write_version as write_version_files
-from service.runtime import ServingOptions
+from service.served_version import ServingOptions
 from service.settings import Settings
 
 API_KEY = "test-key"
@@ -157,7 +157,7 @@ def model_store(tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
     from training.export import export_run
     from training.quantize import Int8Options
     from training.train import DatasetSpec, TrainConfig, save_run, train
-    from training.zoo import ModelConfig
+    from training.zoo import NetworkConfig
 
     base = tmp_path_factory.mktemp("store")
     root, runs = base / "models", {}
@@ -166,7 +166,7 @@ def model_store(tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
         ("breast_cancer_mlp", "mlp", "breast_cancer", 16),
     ):
         ds = load_dataset(dataset, seed=0)
-        mcfg = ModelConfig(model, ds.input_shape, ds.num_classes, width=width)
+        mcfg = NetworkConfig(model, ds.input_shape, ds.num_classes, width=width)
         tcfg = TrainConfig(epochs=1, seed=0)
         run_dir = base / "runs" / name
         save_run(

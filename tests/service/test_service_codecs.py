@@ -15,10 +15,10 @@ from service.codecs import (
     encode_infer_response,
     serialize_bytes_tensor,
 )
+from service.datatypes import NUMPY_DTYPES
 from service.errors import BadRequest
 from service.inference import classify
 from service.json_data import cast_exact, decode_json_data
-from service.model_format import NUMPY_DTYPES
 
 
 def binary_body(header: dict, *tensors: np.ndarray) -> tuple[bytes, str]:

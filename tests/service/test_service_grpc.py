@@ -242,6 +242,9 @@ def test_load_and_unload_reach_every_worker_with_the_key(server: Any, client: An
     assert ready_through_new_channels(server, "linear") == {True}
     status, message = code_of(lambda: client.load_model("nope", headers=AUTH))
     assert status == "StatusCode.NOT_FOUND" and "no model directory 'nope'" in message
+    override = '{"max_batch_size": 4}'
+    status, message = code_of(lambda: client.load_model("linear", headers=AUTH, config=override))
+    assert status == "StatusCode.INVALID_ARGUMENT" and "load parameters ['config']" in message
 
 
 def test_statistics_and_metrics_count_grpc_requests_of_every_worker(

@@ -30,10 +30,11 @@ from user_onnx import (
     write_bare,
 )
 
-from service.derived import CACHE_DIR, DERIVED_FILE, RUNTIME_CACHE_DIR
+from service.derived import CACHE_DIR, DERIVED_FILE
 from service.model_format import VersionMetadata, sha256_hex
 from service.onnx_fold import derive_version
 from service.repository import ModelRepository
+from service.runtime_dir import RuntimeDir
 
 KEY = {"Authorization": f"Bearer {API_KEY}"}
 ATOL = 1e-4
@@ -185,7 +186,9 @@ def test_bare_model_onnx_serves_folded(user_repo: Path) -> None:
 def test_float16_file_serves_with_float16_specs(tmp_path: Path) -> None:
     data = to_float16(cnn_with_bn()).SerializeToString()
     write_bare(tmp_path / "models", "half", 1, data)
-    repository = ModelRepository(tmp_path / "models", serving_options(), tmp_path / "runtime")
+    repository = ModelRepository(
+        tmp_path / "models", serving_options(), RuntimeDir(tmp_path / "runtime")
+    )
     repository.load_all()
     model = repository.get("half")
     meta = model.metadata
@@ -215,13 +218,13 @@ def test_symbolic_height_and_width_take_a_size_the_file_runs_with() -> None:
 def test_cache_is_reused_and_a_replaced_file_is_derived_again(tmp_path: Path) -> None:
     repo = tmp_path / "models"
     version_dir = write_bare(repo, "user_cnn", 1, cnn_with_bn(0).SerializeToString())
-    first = ModelRepository(repo, serving_options(), tmp_path / "runtime")
+    first = ModelRepository(repo, serving_options(), RuntimeDir(tmp_path / "runtime"))
     first.load_all()
     (entry,) = [p for p in (version_dir / CACHE_DIR).iterdir() if p.is_dir()]
     stamp = (entry / DERIVED_FILE).stat().st_mtime_ns, (entry / "metadata.json").stat().st_ino
 
     # A second server (or a rescan) reads the cache: nothing is derived or written again.
-    second = ModelRepository(repo, serving_options(), tmp_path / "runtime")
+    second = ModelRepository(repo, serving_options(), RuntimeDir(tmp_path / "runtime"))
     second.load_all()
     again = (entry / DERIVED_FILE).stat().st_mtime_ns, (entry / "metadata.json").stat().st_ino
     assert again == stamp
@@ -251,11 +254,11 @@ def test_read_only_repository_caches_in_the_runtime_directory(tmp_path: Path) ->
     version_dir = write_bare(repo, "user_cnn", 1, data)
     runtime = tmp_path / "runtime"
     with read_only(repo):
-        repository = ModelRepository(repo, serving_options(), runtime)
+        repository = ModelRepository(repo, serving_options(), RuntimeDir(runtime))
         repository.load_all()
         model = repository.get("user_cnn")
         assert not (version_dir / CACHE_DIR).exists()
-        entry = runtime / RUNTIME_CACHE_DIR / sha256_hex(data)
+        entry = runtime / "derived" / sha256_hex(data)  # the documented layout
         assert model.folded_dir == entry
         assert batchnorm_count(entry / DERIVED_FILE) == 0
         x = batch(3)

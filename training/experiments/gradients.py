@@ -19,7 +19,7 @@ from torch import nn
 
 from training.data import Dataset
 from training.train import TrainConfig, train
-from training.zoo import ModelConfig, build_model
+from training.zoo import NetworkConfig, build_model
 
 
 @dataclass
@@ -93,7 +93,7 @@ class _GradientRecorder:
 
 
 def train_with_gradient_norms(
-    model_cfg: ModelConfig,
+    model_cfg: NetworkConfig,
     data: Dataset,
     *,
     lr: float,

@@ -27,7 +27,7 @@ from torch import nn
 
 from training.data import Dataset
 from training.train import evaluate, seed_everything
-from training.zoo import ModelConfig, build_model
+from training.zoo import NetworkConfig, build_model
 
 ETAS = (0.25, 0.5, 1.0, 2.0, 4.0)  # step sizes along -grad, in units of the learning rate
 
@@ -195,7 +195,7 @@ class LandscapeRun:
 
 
 def landscape_run(
-    cfg: ModelConfig, data: Dataset, *, lr: float, steps: int, every: int, seed: int, noise: float
+    cfg: NetworkConfig, data: Dataset, *, lr: float, steps: int, every: int, seed: int, noise: float
 ) -> LandscapeRun:
     """Train with plain SGD (batch 64) for ``steps`` steps, measuring every ``every`` steps.
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from training.data import Dataset
-from training.zoo import ModelConfig
+from training.zoo import NetworkConfig
 
 IMAGE_LRS = (0.01, 0.03, 0.1)  # the image models' grid: costlier, so three points
 # image models: warm-up for both arms, and a longer budget for the slower no-BN arm
@@ -35,9 +35,9 @@ class Setting:
         """Epochs of the BN arm (``norm``) or of the no-BN arm."""
         return self.epochs if norm or self.plain_epochs is None else self.plain_epochs
 
-    def model_config(self, data: Dataset, **overrides: Any) -> ModelConfig:
+    def model_config(self, data: Dataset, **overrides: Any) -> NetworkConfig:
         kw: dict[str, Any] = {"width": self.width, "depth": self.depth, **overrides}
-        return ModelConfig(self.model, data.input_shape, data.num_classes, **kw)
+        return NetworkConfig(self.model, data.input_shape, data.num_classes, **kw)
 
 
 @dataclass(frozen=True)

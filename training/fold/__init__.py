@@ -29,13 +29,14 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from service.model_format import KeptBatchNorm
 from training.fold.graph import fold_graph, trace_for_folding
 from training.fold.probe import FoldError, probe_model
-from training.fold.report import FoldedBN, FoldReport, KeptBN
+from training.fold.report import FoldReport
 from training.fold.rules import BatchNormFolder
 from training.fold.untraced import fold_untraced
 
-__all__ = ["FoldError", "FoldReport", "FoldedBN", "KeptBN", "fold_batchnorm"]
+__all__ = ["FoldError", "FoldReport", "fold_batchnorm"]
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,9 @@ def fold_batchnorm(
     work.eval()
     folder = BatchNormFolder(probe_model(work, inputs), training_bns)
     if isinstance(work, _BatchNorm):  # tracing would turn it into a functional call
-        folder.report.kept.append(KeptBN("<model>", "the model is a single BN: nothing to fold"))
+        folder.report.kept.append(
+            KeptBatchNorm(bn="<model>", reason="the model is a single BN: nothing to fold")
+        )
     result = work if isinstance(work, _BatchNorm) else _fold_module(folder, work, "")
     folder.write_weights(dtype)
     result.eval()

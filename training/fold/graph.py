@@ -18,8 +18,8 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
+from service.model_format import KeptBatchNorm
 from training.fold.layer_forward import base_layer
-from training.fold.report import KeptBN
 from training.fold.rules import BatchNormFolder, Concat, Neighbour, layer_kind, qualified_name
 
 _CONCATS = (torch.cat, torch.concat, torch.concatenate)
@@ -160,7 +160,9 @@ def fold_graph(
             continue
         name, source = qualified_name(prefix, str(node.target)), node.args[0] if node.args else None
         if not isinstance(source, fx.Node) or len(node.args) > 1 or node.kwargs:
-            folder.report.kept.append(KeptBN(name, "BN is called with unusual arguments"))
+            folder.report.kept.append(
+                KeptBatchNorm(bn=name, reason="BN is called with unusual arguments")
+            )
             continue
         before = preceding(source, node)
         users = list(node.users)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -10,32 +10,11 @@ from rich.markup import escape
 from rich.table import Table
 from torch import nn
 
+from service.model_format import FoldedBatchNorm, FoldRecord, KeptBatchNorm
+
 Direction = Literal["backward", "forward"]
 
 DIRECTIONS = "backward: into the layer before the BN; forward: into the layer after it"
-
-
-@dataclass(frozen=True)
-class FoldedBN:
-    """BN ``bn`` was folded into layer ``into`` (backward: layer -> BN; forward: BN -> layer)."""
-
-    bn: str
-    into: str
-    direction: Direction
-    bn_type: str = ""  # e.g. "BatchNorm1d"
-    bn_shape: list[int] = field(default_factory=list)  # per-channel parameters: [C]
-    into_type: str = ""  # e.g. "Linear"; "Conv2d, Conv2d" for the producers of a concat
-    into_shape: list[int] = field(default_factory=list)  # the weight's ([] for several)
-
-
-@dataclass(frozen=True)
-class KeptBN:
-    """BN ``bn`` is still in the folded model, for ``reason``."""
-
-    bn: str
-    reason: str
-    bn_type: str = ""
-    bn_shape: list[int] = field(default_factory=list)
 
 
 RANGE_COLUMN = "folded |W'| per output channel: min - max (max/min)"
@@ -81,15 +60,23 @@ def channel_ranges(folded: nn.Module, report: FoldReport) -> dict[str, ChannelRa
 
 @dataclass
 class FoldReport:
-    """What :func:`fold_batchnorm` did with every BatchNorm module, in ``named_modules`` order."""
+    """What :func:`fold_batchnorm` did with every BatchNorm module, in ``named_modules`` order.
 
-    folded: list[FoldedBN] = field(default_factory=list)
-    kept: list[KeptBN] = field(default_factory=list)
+    Its entries are the repository contract's own (``metadata.json``'s ``fold_report``):
+    a folded BN's ``into_type`` may list several layers ("Conv2d, Conv2d" for the
+    producers of a concat), with ``into_shape`` then empty."""
+
+    folded: list[FoldedBatchNorm] = field(default_factory=list)
+    kept: list[KeptBatchNorm] = field(default_factory=list)
+
+    def record(self) -> FoldRecord:
+        """The report as ``metadata.json`` stores it."""
+        return FoldRecord(folded=self.folded, kept=self.kept)
 
     def to_dict(self) -> dict[str, list[dict[str, Any]]]:
         """JSON-ready: ``{"folded": [{bn, bn_type, bn_shape, into, into_type, into_shape,
         direction}], "kept": [{bn, bn_type, bn_shape, reason}]}``."""
-        return {"folded": [asdict(f) for f in self.folded], "kept": [asdict(k) for k in self.kept]}
+        return self.record().model_dump()
 
     def described(self, model: nn.Module) -> FoldReport:
         """This report with the types and shapes of the layers it names, read from
@@ -110,15 +97,19 @@ class FoldReport:
             into = [kind(n) for n in f.into.split(", ")]
             bn_type, bn_shape = kind(f.bn)
             folded.append(
-                replace(
-                    f,
-                    bn_type=bn_type,
-                    bn_shape=bn_shape,
-                    into_type=", ".join(t for t, _ in into),
-                    into_shape=into[0][1] if len(into) == 1 else [],
+                f.model_copy(
+                    update={
+                        "bn_type": bn_type,
+                        "bn_shape": bn_shape,
+                        "into_type": ", ".join(t for t, _ in into),
+                        "into_shape": into[0][1] if len(into) == 1 else [],
+                    }
                 )
             )
-        kept = [replace(k, bn_type=kind(k.bn)[0], bn_shape=kind(k.bn)[1]) for k in self.kept]
+        kept = [
+            k.model_copy(update={"bn_type": kind(k.bn)[0], "bn_shape": kind(k.bn)[1]})
+            for k in self.kept
+        ]
         return FoldReport(folded, kept)
 
     def _rows(self) -> list[tuple[str, str, str]]:

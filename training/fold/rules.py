@@ -19,10 +19,11 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
+from service.model_format import FoldedBatchNorm, KeptBatchNorm
 from training.batchnorm import batch_norm_affine
 from training.fold.layer_forward import WEIGHT_LAYERS, has_own_forward
 from training.fold.probe import Probe
-from training.fold.report import Direction, FoldedBN, FoldReport, KeptBN
+from training.fold.report import Direction, FoldReport
 from training.fold.weights import (
     conv_padding_is_zero,
     fold_bn_into_next_conv,
@@ -213,7 +214,7 @@ class BatchNormFolder:
                 self._fold(bn, name, [after], "forward")
                 return True
             reason = f"{back}; {fwd}"
-        self.report.kept.append(KeptBN(name, reason))
+        self.report.kept.append(KeptBatchNorm(bn=name, reason=reason))
         return False
 
     # --- weight edits ------------------------------------------------------------------------
@@ -241,7 +242,8 @@ class BatchNormFolder:
             s, t = (v[start : start + width].to(edit.weight.device) for v in (scale, shift))
             edit.weight, edit.bias = self._folded(edit, s, t, direction)
             start += width
-        self.report.folded.append(FoldedBN(name, ", ".join(nb.name for nb in layers), direction))
+        into = ", ".join(nb.name for nb in layers)
+        self.report.folded.append(FoldedBatchNorm(bn=name, into=into, direction=direction))
 
     @staticmethod
     def _folded(

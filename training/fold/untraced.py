@@ -12,8 +12,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
+from service.model_format import KeptBatchNorm
 from training.fold.layer_forward import base_layer
-from training.fold.report import KeptBN
 from training.fold.rules import BatchNormFolder, Neighbour, qualified_name
 
 FoldModule = Callable[[nn.Module, str], nn.Module]
@@ -46,7 +46,7 @@ def fold_untraced(
                 f"inside {owner}, which torch.fx cannot trace ({why}): its data flow "
                 "is unknown (only consecutive nn.Sequential children fold there)"
             )
-            folder.report.kept.append(KeptBN(qualified_name(prefix, name), reason))
+            folder.report.kept.append(KeptBatchNorm(bn=qualified_name(prefix, name), reason=reason))
 
 
 def _fold_sequence(folder: BatchNormFolder, seq: nn.Module, prefix: str) -> None:

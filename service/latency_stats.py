@@ -53,8 +53,8 @@ def summarize(seconds: np.ndarray, batch_size: int) -> LatencySummary:
     """Summarize per-call wall times (seconds) of calls processing ``batch_size`` samples.
 
     Throughput is ``batch_size / p50``, like the speedup: from the mean, one slow
-    outlier run made the faster variant look slower (folded 28,761 samples/s against
-    unfolded 64,884 beside a verdict of "folded is 1.17x as fast").
+    outlier run can make the faster variant look slower beside a verdict that says
+    it is faster.
     """
     ms = np.asarray(seconds, dtype=np.float64) * 1e3
     if ms.size == 0:

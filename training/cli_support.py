@@ -1,4 +1,5 @@
-"""What the training CLI shows, and where a run goes when no ``--out`` is given.
+"""The training CLI's pieces that are not commands: what it shows (logging, help, the zoo
+table) and where a run goes when no ``--out`` is given.
 
 Kept out of ``training/__main__.py`` so the commands stay a list of options and calls.
 """
@@ -14,7 +15,7 @@ from typer.core import TyperCommand
 
 from training.zoo import (
     MODEL_DESCRIPTIONS,
-    ModelConfig,
+    NetworkConfig,
     build_model,
     count_batchnorms,
     count_parameters,
@@ -69,8 +70,8 @@ def zoo_table(shape: tuple[int, ...], num_classes: int) -> Table:
         if name != "mlp" and len(shape) != 3:
             table.add_row(name, desc, "-", "-", "needs CxHxW input")
             continue
-        bn = build_model(ModelConfig(name, shape, num_classes))
-        plain = build_model(ModelConfig(name, shape, num_classes, norm=False))
+        bn = build_model(NetworkConfig(name, shape, num_classes))
+        plain = build_model(NetworkConfig(name, shape, num_classes, norm=False))
         table.add_row(
             name,
             desc,

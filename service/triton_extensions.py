@@ -15,7 +15,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from service.model_config import VersionPolicy
-from service.runtime import ServedVersion
+from service.served_version import ServedVersion
 from service.sessions import CUDA
 
 Key = tuple[str, str]  # (model, version)
@@ -32,7 +32,7 @@ SUMMED = frozenset(
 )
 
 
-def model_config(served: ServedVersion, policy: VersionPolicy) -> dict[str, Any]:
+def triton_model_config(served: ServedVersion, policy: VersionPolicy) -> dict[str, Any]:
     """Triton's ``GET /v2/models/{name}/config`` body for a served version."""
     batching = served.batcher.config
     batchable = served.batcher.batchable
