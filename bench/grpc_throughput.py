@@ -136,15 +136,19 @@ def fold_has_grpc() -> bool:
 
 
 def wait_grpc(running: servers.RunningServer, target: str, payload: grpc_load.GrpcPayload) -> None:
-    """Until a ModelInfer call on ``target`` succeeds (the server listens, the model loaded)."""
+    """Until ``servers.READY_IN_A_ROW`` ModelInfer calls in a row on ``target`` succeed, each
+    on a new connection (every worker listens and has loaded the model), as
+    :func:`throughput_servers.wait_ready` does for HTTP."""
     deadline = time.monotonic() + 180.0
-    while True:
+    answered = 0
+    while answered < servers.READY_IN_A_ROW:
         if running.process.poll() is not None:
             raise RuntimeError(f"{running.spec.label} exited; log: {running.log_path}")
         try:
-            grpc_load.call_raw(target, payload, timeout=10.0)
-            return
+            grpc_load.call_raw(target, payload, timeout=10.0)  # a new channel each time
+            answered += 1
         except grpc.RpcError:
+            answered = 0
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{running.spec.label}: no gRPC answer") from None
             time.sleep(0.3)
