@@ -7,7 +7,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from polling import poll
 
 
 @dataclass
@@ -83,11 +83,12 @@ def server_process(
         base_url=url, timeout=30.0, limits=httpx.Limits(max_keepalive_connections=0)
     )
     try:
-        deadline = time.monotonic() + 60
-        while not workers_started(runtime, workers):
+
+        def started() -> bool:
             assert process.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, "the server did not become ready"
-            time.sleep(0.1)
+            return workers_started(runtime, workers)
+
+        poll(started, limit=60)
         assert client.get("/v2/health/ready").json() == {"ready": True}
         yield ServerProcess(url, runtime, process, client)
     finally:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import shutil
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ import pytest
 import uvicorn
 from fastapi import FastAPI
 from onnx import TensorProto, helper, numpy_helper
+from polling import poll
 
 from service.app import create_app
 from service.metrics import ServiceMetrics
@@ -219,20 +219,15 @@ def live_server(settings: Settings, wait_ready: bool = True) -> Iterator[LiveSer
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
     thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.01)
+    poll(lambda: server.started or not thread.is_alive(), limit=20)
+    if not server.started:
+        raise RuntimeError("uvicorn did not start")
     port = server.servers[0].sockets[0].getsockname()[1]
     live = LiveServer(f"http://127.0.0.1:{port}", port, app, settings.repository)
     try:
         if wait_ready:
             with live.client() as client:
-                while client.get("/v2/health/ready").status_code != 200:
-                    if time.monotonic() > deadline:
-                        raise RuntimeError("repository did not become ready")
-                    time.sleep(0.02)
+                poll(lambda: client.get("/v2/health/ready").status_code == 200, limit=20)
         yield live
     finally:
         server.should_exit = True

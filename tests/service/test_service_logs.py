@@ -12,12 +12,12 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from polling import poll
 
 from service import logs
 from service.logs import LogWriter, configure_logging, new_request_id
@@ -133,10 +133,14 @@ def test_a_forked_child_writes_its_lines_with_a_writer_of_its_own(tmp_path: Path
         writer.access("GET", "/parent", 200, 0.5, "p")
         pid = os.fork()
         if pid == 0:  # the child: its own thread writes, without an exit handler's help
-            writer.access("GET", "/child", 200, 0.5, "c")
-            time.sleep(0.5)
-            os._exit(0)
-        os.waitpid(pid, 0)
+            code = 1
+            try:  # whatever happens, the child never returns into pytest
+                writer.access("GET", "/child", 200, 0.5, "c")
+                poll(lambda: "/child" in path.read_text(), limit=10)
+                code = 0
+            finally:
+                os._exit(code)
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0, "no line from the child"
         writer.stop()
     ids = [TEXT_ACCESS.fullmatch(line)["request_id"] for line in path.read_text().splitlines()]  # type: ignore[index]
     assert sorted(ids) == ["c", "p"]
@@ -159,8 +163,10 @@ def test_each_process_draws_its_own_prefix() -> None:
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: a forked worker must not reuse its parent's prefix
-        os.write(write, new_request_id().encode())
-        os._exit(0)
+        try:  # whatever happens, the child never returns into pytest
+            os.write(write, new_request_id().encode())
+        finally:
+            os._exit(0)
     os.waitpid(pid, 0)
     forked = os.read(read, 100).decode().split("-")[0]
     os.close(read)

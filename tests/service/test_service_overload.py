@@ -14,27 +14,19 @@ import signal
 import socket
 import subprocess
 import threading
-import time
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from polling import poll
 from test_service_batching import HOLD_US, scrape, value
 
 ROOT = Path(__file__).resolve().parents[2]
 DIGITS_BODY = json.dumps(
     {"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.5] * 64}]}
 ).encode()
-
-
-def poll(condition: Callable[[], bool], limit: float = 30.0) -> None:
-    deadline = time.monotonic() + limit
-    while not condition():
-        assert time.monotonic() < deadline, "condition never held"
-        time.sleep(0.02)
 
 
 def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:

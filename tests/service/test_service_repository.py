@@ -8,7 +8,6 @@ import hashlib
 import json
 import logging
 import shutil
-import time
 import weakref
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from conftest import serving_options
+from polling import poll
 
 from service.errors import ModelNotFound, ModelNotReady
 from service.model_format import ModelVersionError
@@ -332,9 +332,6 @@ def test_a_version_that_leaves_service_is_freed_at_once(
             assert repo.get("m").version == 1
         # The model's thread drops its last work item (which holds the version) just after
         # it hands the result over: poll for that, with the collector still off.
-        deadline = time.monotonic() + 10
-        while gone() is not None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert gone() is None
+        poll(lambda: gone() is None, limit=10)
     finally:
         gc.enable()
