@@ -14,7 +14,7 @@ import onnxruntime as ort
 import pytest
 import tritonclient.http as triton
 
-from service.logs import RequestIdFilter
+from service.logs import RequestIdFilter, new_request_id
 
 MODELS = {"digits_cnn": (1, 8, 8), "breast_cancer_mlp": (30,)}
 
@@ -24,7 +24,9 @@ def direct(
 ) -> list[Any]:
     """The folded file run by ONNX Runtime itself, outside the service."""
     path = repository / name / str(version) / "model.onnx"
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    outputs: list[Any] = session.run(None, feeds)
+    return outputs
 
 
 def sample(name: str, n: int, seed: int = 0) -> np.ndarray:
@@ -66,15 +68,18 @@ def test_versioned_route_and_generated_id(client: httpx.Client, server: Any) -> 
     assert r.status_code == 200
     assert r.json()["model_version"] == "1"
     generated = r.headers["x-request-id"]
-    prefix, counter = generated.split("-")  # this process's random prefix, then a counter
-    assert len(prefix) == 16 and int(prefix, 16) >= 0 and int(counter, 16) > 0
+    prefix, counter = generated.split("-")  # the server process's random prefix, a counter
+    assert prefix == new_request_id().split("-")[0]  # the shared server runs in this process
+    again = client.post("/v2/models/digits_cnn/versions/1/infer", json=v2_json("digits_cnn", x))
+    assert again.headers["x-request-id"].split("-")[0] == prefix
+    assert int(again.headers["x-request-id"].split("-")[1], 16) > int(counter, 16)
     assert r.json()["id"] == generated  # no id in the body: the request id answers
 
 
 def test_request_id_is_echoed_and_logged(client: httpx.Client, server: Any) -> None:
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
-    handler.emit = records.append  # type: ignore[method-assign]
+    handler.emit = records.append  # type: ignore[method-assign,assignment]
     handler.addFilter(RequestIdFilter())
     access = logging.getLogger("service.access")
     access.addHandler(handler)

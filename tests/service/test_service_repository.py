@@ -288,7 +288,9 @@ def test_a_version_that_leaves_service_is_closed(build: Any, tmp_path: Path) -> 
     with pytest.raises(ModelNotReady, match="model 'm' version 1 was unloaded or replaced"):
         _infer_once(first)
     second = repo.load("m").default()
-    assert second is not None and second.model is not None and second.model is not first
+    assert second is not None and second.model is not None  # (for the type checker)
+    assert second.model is not first and second.model.version == 1
+    assert _infer_once(second.model)["scores"].shape == (1, 3)
     # New files under the same version number: a new served version, the old one closed.
     shutil.rmtree(version_dir)
     build.write_version(tmp_path, "m", 1, build.linear_model(4, 3, seed=5))
