@@ -40,6 +40,16 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="session")
+def routes(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
+    """Every path the service's app serves (its OpenAPI schema), for the deploy checks."""
+    from service.app import create_app
+    from service.settings import Settings
+
+    app = create_app(Settings(_env_file=None, repository=tmp_path_factory.mktemp("repo")))  # type: ignore[call-arg]
+    return set(app.openapi()["paths"])
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,13 +18,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-import uvicorn
-from fastapi import FastAPI
 from onnx import TensorProto, helper, numpy_helper
-from polling import poll
+from servers import LiveServer, live_server, server_settings
 
-from service.app import create_app
-from service.metrics import ServiceMetrics
 from service.model_format import (
     FOLDED_FILE,
     UNFOLDED_FILE,
@@ -39,12 +34,6 @@ from service.model_format import (
     sha256_hex,
 )
 from service.model_format import write_version as write_version_files
-from service.runtime import ServingOptions
-from service.settings import Settings
-
-API_KEY = "test-key"
-MAX_REQUEST_BYTES = 1 << 20  # small, so 413 is cheap to provoke
-
 
 # -- models ------------------------------------------------------------------
 
@@ -196,64 +185,6 @@ def model_store(tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
 
 
 # -- live servers ------------------------------------------------------------
-
-
-@dataclass
-class LiveServer:
-    url: str
-    port: int
-    app: FastAPI
-    repository: Path
-
-    def client(self, **kwargs: Any) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=10.0, **kwargs)
-
-
-@contextmanager
-def live_server(settings: Settings, wait_ready: bool = True) -> Iterator[LiveServer]:
-    """A real uvicorn server on 127.0.0.1 (an ephemeral port) in a background thread."""
-    app = create_app(settings)
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=0, log_config=None, access_log=False, lifespan="on"
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
-    thread.start()
-    poll(lambda: server.started or not thread.is_alive(), limit=20)
-    if not server.started:
-        raise RuntimeError("uvicorn did not start")
-    port = server.servers[0].sockets[0].getsockname()[1]
-    live = LiveServer(f"http://127.0.0.1:{port}", port, app, settings.repository)
-    try:
-        if wait_ready:
-            with live.client() as client:
-                poll(lambda: client.get("/v2/health/ready").status_code == 200, limit=20)
-        yield live
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-
-
-def serving_options(**settings: Any) -> ServingOptions:
-    """What a repository built in-process (no server) serves with: CPU, one thread."""
-    values: dict[str, Any] = {"providers": "cpu", "threads": 1, "io_binding": "off", **settings}
-    return ServingOptions.from_settings(
-        Settings(_env_file=None, **values),  # type: ignore[call-arg]
-        ServiceMetrics(),
-    )
-
-
-def server_settings(repository: Path, **overrides: Any) -> Settings:
-    values: dict[str, Any] = {
-        "repository": repository,
-        "providers": "cpu",
-        "threads": 1,
-        "max_request_bytes": MAX_REQUEST_BYTES,
-        "api_key": API_KEY,
-        "access_log": True,
-        **overrides,
-    }
-    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
 
 
 @pytest.fixture(scope="session")

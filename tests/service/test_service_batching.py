@@ -21,9 +21,8 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from conftest import serving_options
 from polling import poll
-from prometheus_client.parser import text_string_to_metric_families
+from servers import HOLD_US, parse_metrics, scrape, serving_options, v2_body, value
 
 from service.model_config import BatchingOverrides, read_model_config
 from service.model_format import ModelVersionError
@@ -31,26 +30,6 @@ from service.repository import ModelRepository
 
 SAMPLE = {"digits_cnn": (1, 8, 8), "breast_cancer_mlp": (30,), "linear": (4,)}
 INPUT = {"digits_cnn": "input", "breast_cancer_mlp": "input", "linear": "x"}
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-def parse_metrics(text: str) -> Samples:
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
-def scrape(client: httpx.Client) -> Samples:
-    return parse_metrics(client.get("/metrics").text)
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
-
-
-HOLD_US = 1_500_000  # a partial batch waits this long for company: requests stay queued
 # Longer than any test: a request that leaves the queue before it did so for its own reason.
 ENDLESS_HOLD_US = 600_000_000
 
@@ -163,13 +142,7 @@ def _post_later(
 
 
 def test_a_full_queue_answers_503_with_retry_after(fresh_server: Any) -> None:
-    body = json.dumps(
-        {
-            "inputs": [
-                {"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.5] * 64}
-            ]
-        }
-    ).encode()
+    body = json.dumps(v2_body(np.full((1, 1, 8, 8), 0.5, np.float32))).encode()
     path = "/v2/models/digits_cnn/infer"
     with (
         fresh_server(max_queue_size=2, max_queue_delay_us=HOLD_US) as live,
@@ -204,13 +177,7 @@ def test_config_json_overrides_the_server_batching_settings(
         "dynamic_batching": {"max_queue_delay_microseconds": HOLD_US, "max_queue_size": 1},
     }
     (repo / "digits_cnn" / "config.json").write_text(json.dumps(config))
-    body = json.dumps(
-        {
-            "inputs": [
-                {"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.5] * 64}
-            ]
-        }
-    ).encode()
+    body = json.dumps(v2_body(np.full((1, 1, 8, 8), 0.5, np.float32))).encode()
     with fresh_server(repo=repo) as live, live.client() as client:
         done: list[httpx.Response] = []
         first = _post_later(client, "/v2/models/digits_cnn/infer", body, done)

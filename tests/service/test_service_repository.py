@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 import pytest
-from conftest import serving_options
 from polling import poll
+from servers import serving_options
 
 from service.errors import ModelNotFound, ModelNotReady
 from service.model_format import ModelVersionError
