@@ -35,6 +35,21 @@ from service.model_format import (
 )
 from service.model_format import write_version as write_version_files
 
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Give each schemathesis item (one per API operation) a node id of its own.
+
+    schemathesis 4 names them ``test[POST /v2/...]`` and sets the old ``_nodeid``, which
+    pytest 9 no longer reads (node ids are ``_id``): every operation kept the function's
+    id. pytest counts progress by node id (880 of 901: a full run ended at "[ 97%]"), and
+    --lf, --durations and junit merged the operations.
+    """
+    for item in items:
+        node_id = getattr(item, "_id", None)
+        if "[" in item.name and node_id is not None and node_id.params is None:
+            item._id = node_id.with_params(item.name[item.name.index("[") + 1 : -1])
+
+
 # -- models ------------------------------------------------------------------
 
 
