@@ -19,6 +19,7 @@ ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 COPY pyproject.toml README.md /tmp/src/
 COPY deploy/constraints.txt /tmp/src/deploy/
 COPY service /tmp/src/service
+COPY foldserve /tmp/src/foldserve
 COPY training /tmp/src/training
 RUN python3 -m venv /opt/venv \
  && pip install --no-cache-dir -c /tmp/src/deploy/constraints.txt \
@@ -44,6 +45,7 @@ ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 COPY pyproject.toml README.md /tmp/src/
 COPY deploy/constraints.txt /tmp/src/deploy/
 COPY service /tmp/src/service
+COPY foldserve /tmp/src/foldserve
 RUN python3.12 -m venv /opt/venv \
  && pip install --no-cache-dir -c /tmp/src/deploy/constraints.txt --index-url "$PIP_INDEX_URL" \
       '/tmp/src[serve]' \
@@ -64,6 +66,7 @@ ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 COPY pyproject.toml README.md /tmp/src/
 COPY deploy/constraints.txt /tmp/src/deploy/
 COPY service /tmp/src/service
+COPY foldserve /tmp/src/foldserve
 RUN python3 -m venv /opt/venv \
  && pip install --no-cache-dir -c /tmp/src/deploy/constraints.txt --index-url "$PIP_INDEX_URL" \
       '/tmp/src[serve]' \

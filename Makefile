@@ -46,8 +46,8 @@ serve: $(STAMP)
 run: models serve
 
 lint: $(STAMP)
-	$(BIN)/ruff check training service tests bench
-	$(BIN)/ruff format --check training service tests bench
+	$(BIN)/ruff check training service foldserve tests bench
+	$(BIN)/ruff format --check training service foldserve tests bench
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

@@ -7,7 +7,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from polling import poll
 
 # Servers the tests start serve no gRPC unless a test asks (a port of its own): the default,
 # 8001, may be taken on a shared machine, and two servers must never share it.
@@ -47,6 +47,16 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def routes(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
+    """Every path the service's app serves (its OpenAPI schema), for the deploy checks."""
+    from service.app import create_app
+    from service.settings import Settings
+
+    app = create_app(Settings(_env_file=None, repository=tmp_path_factory.mktemp("repo")))  # type: ignore[call-arg]
+    return set(app.openapi()["paths"])
 
 
 def free_port() -> int:
@@ -95,11 +105,12 @@ def server_process(
         base_url=url, timeout=30.0, limits=httpx.Limits(max_keepalive_connections=0)
     )
     try:
-        deadline = time.monotonic() + 60
-        while not workers_started(runtime, workers):
+
+        def started() -> bool:
             assert process.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, "the server did not become ready"
-            time.sleep(0.1)
+            return workers_started(runtime, workers)
+
+        poll(started, limit=60)
         assert client.get("/v2/health/ready").json() == {"ready": True}
         yield ServerProcess(url, runtime, process, client, grpc_port)
     finally:

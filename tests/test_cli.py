@@ -1,9 +1,13 @@
-"""The training CLI: one-line errors for user mistakes, and a real train run."""
+"""The training CLI: one-line errors for user mistakes, and a real train run; and the
+``foldserve`` command that dispatches to it and to the server."""
 
 from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -242,3 +246,86 @@ def test_verbose_is_a_plain_flag_and_export_is_quiet_without_it(tmp_path: Path):
     }
     assert meta["parity"]["inputs"] == "samples of the run's test split"
     assert meta["parity"]["samples"] == 36
+
+
+# -- the foldserve command ---------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+# What the installed `foldserve` script runs, in a fresh interpreter: the checkout's code.
+ENTRY = "import sys; from foldserve.cli import main; sys.argv[0] = 'foldserve'; main()"
+NO_TORCH = "import sys; sys.modules['torch'] = None; " + ENTRY  # a serving install
+ENV = {"COLUMNS": "200", "PATH": "", "PYTHONPATH": str(ROOT)}  # same width for every help
+IMPORTED = """
+import sys
+from foldserve.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit as done:
+    print("exit", done.code)
+print(sorted(m for m in ("torch", "training") if m in sys.modules))
+"""
+
+
+def foldserve(*args: str, code: str = ENTRY) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=ENV,
+    )
+
+
+def test_the_console_script_is_the_dispatcher() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert project["project"]["scripts"] == {"foldserve": "foldserve.cli:main"}
+
+
+def test_foldserve_serve_is_python_m_service_and_imports_no_torch() -> None:
+    served = foldserve("serve", "--help")
+    direct = subprocess.run(
+        [sys.executable, "-m", "service", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=ENV,
+    )
+    assert served.returncode == 0, served.stderr
+    assert served.stdout == direct.stdout and "--repository REPOSITORY" in served.stdout
+    loaded = foldserve("serve", "--help", code=IMPORTED)
+    assert loaded.stdout.splitlines()[-2:] == ["exit 0", "[]"], loaded.stdout[-500:]
+
+
+def test_foldserve_serve_works_without_torch() -> None:
+    """The serving image has no torch: serve must not need it."""
+    served = foldserve("serve", "--help", code=NO_TORCH)
+    assert served.returncode == 0 and "--repository REPOSITORY" in served.stdout, served.stderr
+
+
+def test_foldserve_train_is_python_m_training() -> None:
+    trained = foldserve("train", "--help")
+    assert trained.returncode == 0, trained.stderr
+    assert "Usage: foldserve train [OPTIONS]" in trained.stdout
+    assert "--dataset" in trained.stdout and "--epochs" in trained.stdout
+    listed = foldserve("--help-training")
+    assert listed.returncode == 0, listed.stderr
+    for command in ("train", "export", "fold", "retrain", "fold-onnx", "import-onnx"):
+        assert f" {command} " in listed.stdout
+
+
+def test_foldserve_train_without_torch_says_what_to_install() -> None:
+    refused = foldserve("train", "--epochs", "1", code=NO_TORCH)
+    assert refused.returncode == 1
+    assert refused.stderr.strip() == (
+        "foldserve train: this is a serving install, without torch; training commands need "
+        "the training install: pip install 'foldserve[train]' (foldserve serve works here)"
+    )
+
+
+@pytest.mark.parametrize(("args", "status"), [([], 2), (["--help"], 0)])
+def test_foldserve_alone_lists_its_commands(args: list[str], status: int) -> None:
+    shown = foldserve(*args)
+    assert shown.returncode == status
+    assert shown.stdout.startswith("usage: foldserve COMMAND [ARGS]...")
+    assert "  serve " in shown.stdout and "python -m training COMMAND" in shown.stdout

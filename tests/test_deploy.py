@@ -21,7 +21,6 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from service.app import create_app
 from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,12 +88,6 @@ def _strict(schema: Any) -> Any:
 @pytest.fixture(scope="module")
 def kserve_validator() -> jsonschema.Draft7Validator:
     return jsonschema.Draft7Validator(_strict(json.loads(KSERVE_SCHEMA.read_text())))
-
-
-@pytest.fixture(scope="module")
-def routes(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
-    app = create_app(Settings(repository=tmp_path_factory.mktemp("repo")))
-    return set(app.openapi()["paths"])
 
 
 # --- the manifests are valid Kubernetes and KServe objects

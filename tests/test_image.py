@@ -15,21 +15,13 @@ import sys
 import tomllib
 from pathlib import Path
 
-import pytest
 import yaml
 from packaging.requirements import Requirement
 
-from service.app import create_app
 from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 GRPC_PORT = Settings.model_fields["grpc_port"].default  # the service's own default, Triton's
-
-
-@pytest.fixture(scope="module")
-def routes(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
-    app = create_app(Settings(repository=tmp_path_factory.mktemp("repo")))
-    return set(app.openapi()["paths"])
 
 
 def _dockerfile_stages() -> dict[str, list[str]]:

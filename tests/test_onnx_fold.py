@@ -250,7 +250,6 @@ def test_batchnorm_in_a_local_function_is_reported_kept() -> None:
 
 
 def test_cli_folds_a_file_and_writes_the_report(tmp_path: Path) -> None:
-    pytest.importorskip("torch")  # the training CLI imports it (the folder does not)
     from training.__main__ import app
 
     src, dst, report = tmp_path / "in.onnx", tmp_path / "out.onnx", tmp_path / "r.json"
@@ -266,7 +265,6 @@ def test_cli_folds_a_file_and_writes_the_report(tmp_path: Path) -> None:
 
 
 def test_cli_refuses_to_write_a_fold_beyond_tolerance(tmp_path: Path) -> None:
-    pytest.importorskip("torch")  # the training CLI imports it (the folder does not)
     from training.__main__ import app
 
     src, dst = tmp_path / "in.onnx", tmp_path / "out.onnx"

@@ -1,7 +1,8 @@
 """Real networks nobody here wrote, exported the way older PyTorch exporters did (TorchScript,
 no constant folding, BN kept), fold to zero BN within 1e-4 of the unfolded ONNX and of
-eager PyTorch. Needs torch and the pure-PyTorch model packages (efficientnet_pytorch,
-geffnet); skipped without them. 64x64 inputs keep the two models under ~15 s."""
+eager PyTorch. Needs the pure-PyTorch model packages (efficientnet_pytorch, geffnet, which
+`make setup` installs outside pyproject: --no-deps); skipped, saying so, without them.
+64x64 inputs keep the two models under ~15 s."""
 
 from __future__ import annotations
 
@@ -12,24 +13,26 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import torch
 
 from service.onnx_fold import fold_model
+from training.batchnorm import randomize_batchnorm
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("efficientnet_pytorch")
-pytest.importorskip("geffnet")
-
-from training.batchnorm import randomize_batchnorm  # noqa: E402  (needs torch)
+WHY = "installed by `make setup` (--no-deps, not in pyproject): pip install --no-deps {}"
+pytest.importorskip("efficientnet_pytorch", reason=WHY.format("efficientnet_pytorch==0.7.1"))
+pytest.importorskip("geffnet", reason=WHY.format("geffnet==1.0.2"))
 
 
 def _network(name: str) -> torch.nn.Module:
     if name == "efficientnet-b0":
         from efficientnet_pytorch import EfficientNet
 
-        return EfficientNet.from_name(name)  # from_pretrained would download
+        network: torch.nn.Module = EfficientNet.from_name(name)  # from_pretrained downloads
+        return network
     import geffnet
 
-    return geffnet.create_model(name, pretrained=False)
+    network = geffnet.create_model(name, pretrained=False)
+    return network
 
 
 def _export(module: torch.nn.Module, x: torch.Tensor) -> onnx.ModelProto:
@@ -39,7 +42,7 @@ def _export(module: torch.nn.Module, x: torch.Tensor) -> onnx.ModelProto:
         torch.onnx.export(
             module,
             (x,),
-            buffer,
+            buffer,  # type: ignore[arg-type]  # a file object works: torch's stub says a path
             dynamo=False,
             do_constant_folding=False,
             opset_version=13,

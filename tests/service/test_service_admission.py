@@ -10,19 +10,11 @@ import asyncio
 from collections.abc import Awaitable, Callable
 
 import pytest
+from polling import until
 from prometheus_client import CollectorRegistry, Gauge
 
 from service.admission import AdmissionGate, AdmissionGates
 from service.errors import QueueFull, RequestTimeout
-
-
-async def until(condition: Callable[[], bool]) -> None:
-    """Yield to the event loop until ``condition`` holds (bounded: a bug fails, not hangs)."""
-    for _ in range(10_000):
-        if condition():
-            return
-        await asyncio.sleep(0)
-    raise AssertionError("condition never held")
 
 
 def run(test: Callable[[], Awaitable[None]]) -> None:

@@ -147,57 +147,22 @@ def test_service_never_imports_torch() -> None:
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-def test_real_process_starts_from_the_command_line(tmp_path: Path, build: Any) -> None:
-    """``python -m service --repository ... --port 0``-style start, stopped after one request."""
-    import os
-    import socket
-    import time
-
+def test_real_process_starts_from_the_command_line(
+    tmp_path: Path, build: Any, serve_process: Any
+) -> None:
+    """``python -m service`` with settings from flags and the environment (JSON logs), one
+    worker, stopped after one request: its log says the model loaded and the request came."""
     build.write_version(tmp_path, "linear", 1, build.linear_model(4, 5))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     # No drain window: this test stops the server, it does not test draining (test_service_drain).
-    env = {
-        **os.environ,
-        "FOLDSERVE_PORT": str(port),
-        "FOLDSERVE_LOG_FORMAT": "json",
-        "FOLDSERVE_DRAIN_SECONDS": "0",
-    }
-    args = [
-        sys.executable,
-        "-m",
-        "service",
-        "--repository",
-        str(tmp_path),
-        "--host",
-        "127.0.0.1",
-        "--providers",
-        "cpu",
-    ]
-    proc = subprocess.Popen(args, env=env, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                r = httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1)
-                if r.status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, "server did not start"
-            time.sleep(0.1)
-        # Each worker turns ready on its own, and a new connection may reach the other one
-        # while it still loads (503): poll until the model answers.
-        model_url = f"http://127.0.0.1:{port}/v2/models/linear"
-        while (found := httpx.get(model_url, timeout=5)).status_code != 200:
-            assert found.status_code == 503 and time.monotonic() < deadline, found.text
-            time.sleep(0.1)
+    env = {"FOLDSERVE_LOG_FORMAT": "json", "FOLDSERVE_DRAIN_SECONDS": "0"}
+    env["FOLDSERVE_ACCESS_LOG"] = "true"
+    flags = ["--host", "127.0.0.1", "--log-level", "info"]
+    with serve_process(tmp_path, 1, *flags, **env) as server:
+        found = server.client.get("/v2/models/linear")
+        assert found.status_code == 200, found.text
         assert found.json()["provider"] == "CPUExecutionProvider"
-    finally:
-        proc.terminate()
-        _, err = proc.communicate(timeout=10)
-    lines = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+        log = tmp_path.parent / f"server-{server.url.rsplit(':', 1)[1]}.log"
+    lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
     assert any("model linear version 1 ready" in line["message"] for line in lines)
     assert any(line["logger"] == "service.access" and line["request_id"] != "-" for line in lines)
 

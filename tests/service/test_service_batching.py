@@ -1,4 +1,11 @@
-"""Dynamic batching: same bits batched or not, back-pressure, deadlines, disconnects, metrics."""
+"""Dynamic batching with real models and live servers: same bits batched or not, and the
+wiring that only a server shows (request parameters, config.json, statuses, /metrics).
+
+The batcher's own behaviour (coalescing, max_queue_delay, splitting, failures, timeouts,
+close, disconnects) is tested in process, with calls the test finishes, in
+test_batcher.py. Here events are ordered by polling the server's metrics, never by
+sleeping.
+"""
 
 from __future__ import annotations
 
@@ -14,8 +21,8 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from conftest import serving_options
-from prometheus_client.parser import text_string_to_metric_families
+from polling import poll
+from servers import HOLD_US, parse_metrics, scrape, serving_options, v2_body, value
 
 from service.model_config import BatchingOverrides, read_model_config
 from service.model_format import ModelVersionError
@@ -23,26 +30,8 @@ from service.repository import ModelRepository
 
 SAMPLE = {"digits_cnn": (1, 8, 8), "breast_cancer_mlp": (30,), "linear": (4,)}
 INPUT = {"digits_cnn": "input", "breast_cancer_mlp": "input", "linear": "x"}
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-def parse_metrics(text: str) -> Samples:
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
-def scrape(client: httpx.Client) -> Samples:
-    return parse_metrics(client.get("/metrics").text)
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
-
-
-HOLD_US = 1_500_000  # a partial batch waits this long for company: requests stay queued
+# Longer than any test: a request that leaves the queue before it did so for its own reason.
+ENDLESS_HOLD_US = 600_000_000
 
 
 def batch_of(name: str, n: int, seed: int) -> np.ndarray:
@@ -140,6 +129,10 @@ def test_http_answers_are_identical_with_batching_on_and_off(
 # -- back-pressure, deadlines, disconnects ------------------------------------------
 
 
+def queue_depth(client: httpx.Client, model: str) -> float:
+    return value(scrape(client), "foldserve_queue_depth", model=model, version="1")
+
+
 def _post_later(
     client: httpx.Client, path: str, body: bytes, out: list[httpx.Response]
 ) -> threading.Thread:
@@ -149,23 +142,17 @@ def _post_later(
 
 
 def test_a_full_queue_answers_503_with_retry_after(fresh_server: Any) -> None:
-    body = json.dumps(
-        {
-            "inputs": [
-                {"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.5] * 64}
-            ]
-        }
-    ).encode()
+    body = json.dumps(v2_body(np.full((1, 1, 8, 8), 0.5, np.float32))).encode()
     path = "/v2/models/digits_cnn/infer"
     with (
         fresh_server(max_queue_size=2, max_queue_delay_us=HOLD_US) as live,
         live.client() as client,
     ):
         done: list[httpx.Response] = []
-        waiting = [_post_later(client, path, body, done)]
-        time.sleep(0.2)
-        waiting.append(_post_later(client, path, body, done))
-        time.sleep(0.2)
+        waiting: list[threading.Thread] = []
+        for _ in range(2):
+            waiting.append(_post_later(client, path, body, done))
+            poll(lambda: queue_depth(client, "digits_cnn") == len(waiting))
         refused = client.post(path, content=body)
         assert refused.status_code == 503
         assert refused.headers["retry-after"] == "1"
@@ -195,17 +182,11 @@ def test_config_json_overrides_the_server_batching_settings(
         "dynamic_batching": {"max_queue_delay_microseconds": HOLD_US, "max_queue_size": 1},
     }
     (repo / "digits_cnn" / "config.json").write_text(json.dumps(config))
-    body = json.dumps(
-        {
-            "inputs": [
-                {"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.5] * 64}
-            ]
-        }
-    ).encode()
+    body = json.dumps(v2_body(np.full((1, 1, 8, 8), 0.5, np.float32))).encode()
     with fresh_server(repo=repo) as live, live.client() as client:
         done: list[httpx.Response] = []
         first = _post_later(client, "/v2/models/digits_cnn/infer", body, done)
-        time.sleep(0.2)
+        poll(lambda: queue_depth(client, "digits_cnn") == 1)
         refused = client.post("/v2/models/digits_cnn/infer", content=body)
         assert refused.status_code == 503 and "max_queue_size 1" in refused.json()["error"]
         other = client.post(
@@ -219,18 +200,19 @@ def test_config_json_overrides_the_server_batching_settings(
 def test_a_request_past_its_timeout_answers_504_and_never_runs(fresh_server: Any) -> None:
     body, headers = binary_request(batch_of("digits_cnn", 1, 0), timeout=100_000)  # 100 ms
     labels = {"model": "digits_cnn", "version": "1"}
-    with fresh_server(max_queue_delay_us=HOLD_US) as live, live.client() as client:
+    # The hold outlasts the client's own timeout (10 s): the 504 is the request's timeout.
+    with fresh_server(max_queue_delay_us=ENDLESS_HOLD_US) as live, live.client() as client:
         before = scrape(client)
         start = time.monotonic()
         r = client.post("/v2/models/digits_cnn/infer", content=body, headers=headers)
         waited = time.monotonic() - start
         assert r.status_code == 504, r.text
-        assert (
-            "no result within the timeout of 100 ms (timed out in the queue)" in r.json()["error"]
+        assert r.json()["error"] == (
+            "model 'digits_cnn' version 1: no result within the timeout of 100 ms "
+            "(timed out in the queue)"
         )
-        assert 0.09 < waited < 1.0
-        time.sleep(HOLD_US / 1e6)  # the hold is over: nothing ran for it
-        after = scrape(client)
+        assert waited >= 0.1
+        after = scrape(client)  # it left the queue before the answer: nothing can run it
     assert value(after, "foldserve_batch_requests_count", **labels) == value(
         before, "foldserve_batch_requests_count", **labels
     )
@@ -243,7 +225,7 @@ def test_a_request_past_its_timeout_answers_504_and_never_runs(fresh_server: Any
 
 def test_the_server_default_timeout_applies_to_v1_too(fresh_server: Any) -> None:
     with (
-        fresh_server(max_queue_delay_us=HOLD_US, request_timeout_ms=50) as live,
+        fresh_server(max_queue_delay_us=ENDLESS_HOLD_US, request_timeout_ms=50) as live,
         live.client() as client,
     ):
         r = client.post("/v1/models/breast_cancer_mlp:predict", json={"instances": [[0.0] * 30]})
@@ -254,7 +236,8 @@ def test_a_client_that_disconnects_leaves_no_work_behind(fresh_server: Any) -> N
     body, headers = binary_request(batch_of("digits_cnn", 2, 0))
     head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
     labels = {"model": "digits_cnn", "version": "1"}
-    with fresh_server(max_queue_delay_us=HOLD_US) as live, live.client() as client:
+    # The hold outlasts the test: the request leaves the queue because its client left.
+    with fresh_server(max_queue_delay_us=ENDLESS_HOLD_US) as live, live.client() as client:
         before = scrape(client)
         with socket.create_connection(("127.0.0.1", live.port)) as sock:
             sock.sendall(
@@ -262,14 +245,11 @@ def test_a_client_that_disconnects_leaves_no_work_behind(fresh_server: Any) -> N
                 f"Content-Length: {len(body)}\r\n\r\n".encode()
                 + body
             )
-            time.sleep(0.3)
-            assert value(scrape(client), "foldserve_queue_depth", **labels) == 1
-        deadline = time.monotonic() + 1.0  # well before the hold would have run it
-        while value(scrape(client), "foldserve_queue_depth", **labels) != 0:
-            assert time.monotonic() < deadline, "the request stayed queued after its client left"
-            time.sleep(0.02)
-        time.sleep(HOLD_US / 1e6)
+            poll(lambda: queue_depth(client, "digits_cnn") == 1)
+        status = ("foldserve_inference_requests_total", "499")
+        poll(lambda: value(scrape(client), status[0], status=status[1], **labels) == 1)
         after = scrape(client)
+    assert value(after, "foldserve_queue_depth", **labels) == 0
     assert value(after, "foldserve_requests_dropped_total", reason="disconnect", **labels) == 1
     assert value(after, "foldserve_batch_requests_count", **labels) == value(
         before, "foldserve_batch_requests_count", **labels
@@ -280,30 +260,7 @@ def test_a_client_that_disconnects_leaves_no_work_behind(fresh_server: Any) -> N
     )
 
 
-def test_queue_wait_and_batch_size_are_measured(fresh_server: Any) -> None:
-    inputs = [batch_of("digits_cnn", 2, seed) for seed in range(6)]
-    with (
-        fresh_server(max_queue_delay_us=50_000) as live,
-        live.client() as client,
-        ThreadPoolExecutor(len(inputs)) as pool,
-    ):
-
-        def send(x: np.ndarray) -> int:
-            body, headers = binary_request(x)
-            return client.post(
-                "/v2/models/digits_cnn/infer", content=body, headers=headers
-            ).status_code
-
-        assert list(pool.map(send, inputs)) == [200] * 6
-        samples = scrape(client)
-    labels = {"model": "digits_cnn", "version": "1"}
-    assert value(samples, "foldserve_batch_size_sum", **labels) == 12
-    assert value(samples, "foldserve_queue_wait_seconds_count", **labels) == 6
-    assert value(samples, "foldserve_queue_wait_seconds_sum", **labels) > 0.0
-    assert value(samples, "foldserve_queue_depth", **labels) == 0
-
-
-# -- the batcher and its configuration, in process -------------------------------
+# -- config.json batching settings -------------------------------
 
 
 @pytest.mark.parametrize(

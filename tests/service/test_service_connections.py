@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from polling import poll
 from prometheus_client.parser import text_string_to_metric_families
-from test_service_overload import poll, read_response
+from servers import read_response
 
 DIGITS = "/v2/models/digits_cnn/infer"
 

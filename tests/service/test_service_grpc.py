@@ -12,7 +12,6 @@ from __future__ import annotations
 import queue
 import signal
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ import onnxruntime as ort
 import pytest
 import tritonclient.grpc as triton
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from polling import poll
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from tritonclient.utils import InferenceServerException
@@ -299,17 +299,13 @@ def test_sigterm_drains_grpc(model_store: Any, tmp_path: Path, serve_process: An
         threads = [threading.Thread(target=calls, args=(live.grpc_url,)) for _ in range(4)]
         for t in threads:
             t.start()
-        deadline = time.monotonic() + 30
-        while outcomes.count("answered") < 20:  # under load
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        poll(lambda: outcomes.count("answered") >= 20)  # under load
         live.process.send_signal(signal.SIGTERM)
         with grpc.insecure_channel(live.grpc_url) as channel:
             health = health_pb2_grpc.HealthStub(channel)
             request = health_pb2.HealthCheckRequest()
             serving = health_pb2.HealthCheckResponse.SERVING
-            while health.Check(request, timeout=10).status == serving:  # draining: NOT_SERVING
-                assert time.monotonic() < deadline
+            poll(lambda: health.Check(request, timeout=10).status != serving)  # draining
         assert live.process.wait(timeout=30) == 0
         stop.set()
         for t in threads:

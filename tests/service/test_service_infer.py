@@ -13,8 +13,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import tritonclient.http as triton
+from servers import v2_body
 
-from service.logs import RequestIdFilter
+from service.logs import RequestIdFilter, new_request_id
 
 MODELS = {"digits_cnn": (1, 8, 8), "breast_cancer_mlp": (30,)}
 
@@ -24,17 +25,13 @@ def direct(
 ) -> list[Any]:
     """The folded file run by ONNX Runtime itself, outside the service."""
     path = repository / name / str(version) / "model.onnx"
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    outputs: list[Any] = session.run(None, feeds)
+    return outputs
 
 
 def sample(name: str, n: int, seed: int = 0) -> np.ndarray:
     return (np.random.default_rng(seed).normal(size=(n, *MODELS[name])) * 4).astype(np.float32)
-
-
-def v2_json(name: str, x: np.ndarray, nested: bool = False, **extra: Any) -> dict[str, Any]:
-    data = x.tolist() if nested else x.ravel().tolist()
-    tensor = {"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": data}
-    return {"inputs": [tensor], **extra}
 
 
 @pytest.fixture
@@ -50,7 +47,7 @@ def test_json_infer_equals_direct_onnxruntime(
     client: httpx.Client, server: Any, name: str, nested: bool
 ) -> None:
     x = sample(name, 5)
-    r = client.post(f"/v2/models/{name}/infer", json=v2_json(name, x, nested, id="abc"))
+    r = client.post(f"/v2/models/{name}/infer", json=v2_body(x, nested=nested, id="abc"))
     assert r.status_code == 200, r.text
     body = r.json()
     assert (body["model_name"], body["model_version"], body["id"]) == (name, "1", "abc")
@@ -62,19 +59,22 @@ def test_json_infer_equals_direct_onnxruntime(
 
 def test_versioned_route_and_generated_id(client: httpx.Client, server: Any) -> None:
     x = sample("digits_cnn", 1)
-    r = client.post("/v2/models/digits_cnn/versions/1/infer", json=v2_json("digits_cnn", x))
+    r = client.post("/v2/models/digits_cnn/versions/1/infer", json=v2_body(x))
     assert r.status_code == 200
     assert r.json()["model_version"] == "1"
     generated = r.headers["x-request-id"]
-    prefix, counter = generated.split("-")  # this process's random prefix, then a counter
-    assert len(prefix) == 16 and int(prefix, 16) >= 0 and int(counter, 16) > 0
+    prefix, counter = generated.split("-")  # the server process's random prefix, a counter
+    assert prefix == new_request_id().split("-")[0]  # the shared server runs in this process
+    again = client.post("/v2/models/digits_cnn/versions/1/infer", json=v2_body(x))
+    assert again.headers["x-request-id"].split("-")[0] == prefix
+    assert int(again.headers["x-request-id"].split("-")[1], 16) > int(counter, 16)
     assert r.json()["id"] == generated  # no id in the body: the request id answers
 
 
 def test_request_id_is_echoed_and_logged(client: httpx.Client, server: Any) -> None:
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
-    handler.emit = records.append  # type: ignore[method-assign]
+    handler.emit = records.append  # type: ignore[method-assign,assignment]
     handler.addFilter(RequestIdFilter())
     access = logging.getLogger("service.access")
     access.addHandler(handler)
@@ -226,7 +226,7 @@ def test_compressed_request_body(client: httpx.Client, server: Any, encoding: st
     import zlib
 
     x = sample("breast_cancer_mlp", 2)
-    raw = json.dumps(v2_json("breast_cancer_mlp", x)).encode()
+    raw = json.dumps(v2_body(x)).encode()
     packed = gzip.compress(raw) if encoding == "gzip" else zlib.compress(raw)
     r = client.post(
         "/v2/models/breast_cancer_mlp/infer", content=packed, headers={"Content-Encoding": encoding}

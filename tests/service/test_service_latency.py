@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import threading
-import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ import httpx
 import numpy as np
 import onnx
 import pytest
+from polling import poll
 
 KEY = {"X-API-Key": "test-key"}
 MLP, CNN = "breast_cancer_mlp", "digits_cnn"
@@ -61,7 +61,12 @@ def mlp_infer_body(batch: int = 2) -> dict[str, Any]:
 def test_report_values(
     client: httpx.Client, server: Any, name: str, bn_after: str, isolate: bool
 ) -> None:
-    params = {"batch_size": 4, "iterations": 100, "warmup": 5, "samples": "true"}
+    params: dict[str, str | int] = {
+        "batch_size": 4,
+        "iterations": 100,
+        "warmup": 5,
+        "samples": "true",
+    }
     response = client.get(
         url(name), params={**params, "isolate": str(isolate).lower()}, headers=KEY
     )
@@ -127,7 +132,8 @@ def test_report_values(
 
 
 def test_int8_is_timed_with_the_other_two(client: httpx.Client, server: Any) -> None:
-    params = {"batch_size": 4, "iterations": 60, "warmup": 5, "samples": "true", "int8": "true"}
+    params: dict[str, str | int] = {"batch_size": 4, "iterations": 60, "warmup": 5}
+    params |= {"samples": "true", "int8": "true"}
     response = client.get(url(CNN), params=params, headers=KEY)
     assert response.status_code == 200, response.text
     r = response.json()
@@ -249,8 +255,12 @@ def test_same_file_as_both_variants_gives_no_speedup(
         assert "sha256 of model.unfolded.onnx" in broken.json()["error"]
 
 
-def test_one_measurement_at_a_time_and_serving_goes_on(fresh_server: Any) -> None:
-    with fresh_server(fold_latency_max_seconds=2.0) as live, live.client() as client:
+def test_one_measurement_at_a_time_and_serving_goes_on(fresh_server: Any, tmp_path: Path) -> None:
+    runtime = tmp_path / "runtime"
+    with (
+        fresh_server(fold_latency_max_seconds=2.0, runtime_dir=runtime) as live,
+        live.client() as client,
+    ):
         long: dict[str, httpx.Response] = {}
 
         def measure_long() -> None:  # far more runs than 2 s allow: stopped by the time limit
@@ -260,7 +270,8 @@ def test_one_measurement_at_a_time_and_serving_goes_on(fresh_server: Any) -> Non
 
         worker = threading.Thread(target=measure_long)
         worker.start()
-        time.sleep(0.5)
+        # The measurement writes its progress once it holds the server-wide lock.
+        poll(lambda: (runtime / "fold-latency.progress.json").exists())
         busy = client.get(url(MLP), params={"iterations": 10}, headers=KEY)
         assert busy.status_code == 429
         assert "already running" in busy.json()["error"]

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from polling import poll
 
 from service import logs
 from service.logs import LogWriter, configure_logging, new_request_id
@@ -74,9 +75,11 @@ def test_text_access_lines_parse_with_every_field(server: Any, log_stream: Any) 
 
 def test_json_access_lines_parse_with_every_field(server: Any, log_stream: Any) -> None:
     stream = log_stream("json")
+    start = time.perf_counter()
     ids = infer_ids(server, 20)
     with server.client() as client:
         assert client.get("/v2/models/nope", headers={"X-Request-ID": "given:1"}).status_code == 404
+    client_ms = (time.perf_counter() - start) * 1e3
     logs.flush_logs()
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
     access = [line for line in lines if line["logger"] == "service.access"]
@@ -84,10 +87,12 @@ def test_json_access_lines_parse_with_every_field(server: Any, log_stream: Any) 
     for line, status in zip(access, [200] * 20 + [404], strict=True):
         assert line["level"] == "INFO" and line["status"] == status
         assert line["method"] in ("POST", "GET") and line["path"].startswith("/v2/models/")
-        assert line["duration_ms"] >= 0 and line["time"].endswith("+00:00")
+        assert line["duration_ms"] > 0 and line["time"].endswith("+00:00")
         assert line["message"] == (
             f'"{line["method"]} {line["path"]}" {status} {line["duration_ms"]:.2f}ms'
         )
+    # One request after another: their server-side times fit in the time the client waited.
+    assert sum(line["duration_ms"] for line in access) <= client_ms
 
 
 def test_other_lines_keep_their_request_id_and_traceback(log_stream: Any) -> None:
@@ -133,10 +138,14 @@ def test_a_forked_child_writes_its_lines_with_a_writer_of_its_own(tmp_path: Path
         writer.access("GET", "/parent", 200, 0.5, "p")
         pid = os.fork()
         if pid == 0:  # the child: its own thread writes, without an exit handler's help
-            writer.access("GET", "/child", 200, 0.5, "c")
-            time.sleep(0.5)
-            os._exit(0)
-        os.waitpid(pid, 0)
+            code = 1
+            try:  # whatever happens, the child never returns into pytest
+                writer.access("GET", "/child", 200, 0.5, "c")
+                poll(lambda: "/child" in path.read_text(), limit=10)
+                code = 0
+            finally:
+                os._exit(code)
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0, "no line from the child"
         writer.stop()
     ids = [TEXT_ACCESS.fullmatch(line)["request_id"] for line in path.read_text().splitlines()]  # type: ignore[index]
     assert sorted(ids) == ["c", "p"]
@@ -159,8 +168,10 @@ def test_each_process_draws_its_own_prefix() -> None:
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: a forked worker must not reuse its parent's prefix
-        os.write(write, new_request_id().encode())
-        os._exit(0)
+        try:  # whatever happens, the child never returns into pytest
+            os.write(write, new_request_id().encode())
+        finally:
+            os._exit(0)
     os.waitpid(pid, 0)
     forked = os.read(read, 100).decode().split("-")[0]
     os.close(read)

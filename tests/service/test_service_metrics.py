@@ -2,26 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
+from servers import scrape, value
 
 from service.metrics import ServiceMetrics
-
-
-def scrape(client: httpx.Client) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    r = client.get("/metrics")
-    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
-    samples = {}
-    for family in text_string_to_metric_families(r.text):
-        for s in family.samples:
-            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return samples
-
-
-def value(samples: dict[Any, float], name: str, **labels: str) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
 def test_counters_and_histograms_move_by_the_requests_made(client: httpx.Client) -> None:

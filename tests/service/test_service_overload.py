@@ -14,42 +14,18 @@ import signal
 import socket
 import subprocess
 import threading
-import time
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
-from test_service_batching import HOLD_US, scrape, value
+from polling import poll
+from servers import HOLD_US, read_response, scrape, v2_body, value
 
 ROOT = Path(__file__).resolve().parents[2]
-DIGITS_BODY = json.dumps(
-    {"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.5] * 64}]}
-).encode()
-
-
-def poll(condition: Callable[[], bool], limit: float = 30.0) -> None:
-    deadline = time.monotonic() + limit
-    while not condition():
-        assert time.monotonic() < deadline, "condition never held"
-        time.sleep(0.02)
-
-
-def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
-    """One HTTP/1.1 response (Content-Length framed) from a raw socket."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        assert chunk, "the server closed the connection without an answer"
-        data += chunk
-    head, body = data.split(b"\r\n\r\n", 1)
-    status_line, *lines = head.decode("latin-1").split("\r\n")
-    headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines)}
-    while len(body) < int(headers["content-length"]):
-        body += sock.recv(65536)
-    return int(status_line.split()[1]), headers, body
+DIGITS_BODY = json.dumps(v2_body(np.full((1, 1, 8, 8), 0.5, np.float32))).encode()
 
 
 def test_a_refusal_comes_before_the_body_is_read(fresh_server: Any) -> None:
@@ -125,7 +101,10 @@ def test_each_worker_listens_on_its_own_socket_and_a_restarted_one_rejoins(
         seen: set[str] = set()
 
         def a_new_worker_answers() -> bool:
-            seen.add(worker_of(live.url))
+            try:
+                seen.add(worker_of(live.url))
+            except httpx.TransportError:  # reset: the killed worker's socket had taken it
+                return False
             return bool(seen - old)
 
         poll(a_new_worker_answers, limit=90)

@@ -8,7 +8,6 @@ import hashlib
 import json
 import logging
 import shutil
-import time
 import weakref
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 import pytest
-from conftest import serving_options
+from polling import poll
+from servers import serving_options
 
 from service.errors import ModelNotFound, ModelNotReady, ModelUnavailable
 from service.model_format import ModelVersionError
@@ -288,7 +288,9 @@ def test_a_version_that_leaves_service_is_closed(build: Any, tmp_path: Path) -> 
     with pytest.raises(ModelNotReady, match="model 'm' version 1 was unloaded or replaced"):
         _infer_once(first)
     second = repo.load("m").default()
-    assert second is not None and second.model is not None and second.model is not first
+    assert second is not None and second.model is not None  # (for the type checker)
+    assert second.model is not first and second.model.version == 1
+    assert _infer_once(second.model)["scores"].shape == (1, 3)
     # New files under the same version number: a new served version, the old one closed.
     shutil.rmtree(version_dir)
     build.write_version(tmp_path, "m", 1, build.linear_model(4, 3, seed=5))
@@ -332,9 +334,6 @@ def test_a_version_that_leaves_service_is_freed_at_once(
             assert repo.get("m").version == 1
         # The model's thread drops its last work item (which holds the version) just after
         # it hands the result over: poll for that, with the collector still off.
-        deadline = time.monotonic() + 10
-        while gone() is not None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert gone() is None
+        poll(lambda: gone() is None, limit=10)
     finally:
         gc.enable()

@@ -34,9 +34,10 @@ from typing import Any
 
 import pytest
 import schemathesis
-from conftest import API_KEY, LiveServer, live_server, server_settings
 from hypothesis import strategies as st
+from pydantic import SecretStr
 from schemathesis.checks import not_a_server_error, status_code_conformance
+from servers import API_KEY, LiveServer, live_server, server_settings
 
 from service.app import create_app
 from service.settings import Settings
@@ -80,7 +81,7 @@ def served_schema() -> dict[str, Any]:
             _env_file=None,  # type: ignore[call-arg]
             repository=Path(tmp) / "models",
             runtime_dir=Path(tmp) / "runtime",
-            api_key=API_KEY,
+            api_key=SecretStr(API_KEY),
         )
         return create_app(settings).openapi()
 

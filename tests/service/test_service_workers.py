@@ -7,13 +7,13 @@ on whichever worker the kernel picks.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 import pytest
+from polling import poll
 from prometheus_client.parser import text_string_to_metric_families
 
 REQUESTS = 40  # per check: with N workers, each takes some of them
@@ -38,7 +38,8 @@ def infer_versions(client: httpx.Client, name: str) -> list[str | int]:
 
 
 def index(client: httpx.Client) -> list[Any]:
-    return client.get("/v2/repository/index").json()
+    found: list[Any] = client.get("/v2/repository/index").json()
+    return found
 
 
 @pytest.mark.parametrize("workers", [1, 2, 4])
@@ -149,7 +150,8 @@ def test_one_fold_latency_measurement_at_a_time_across_workers(
 
         worker = threading.Thread(target=measure_long)
         worker.start()
-        time.sleep(0.7)
+        # The measurement writes its progress once it holds the server-wide lock.
+        poll(lambda: (server.runtime / "fold-latency.progress.json").exists())
         busy = [client.get(url, params={"iterations": 10}).status_code for _ in range(10)]
         assert busy == [429] * 10  # whichever worker takes the request
         worker.join(30)

@@ -1,0 +1,31 @@
+"""How tests wait: by polling a condition, never by sleeping for a guessed time.
+
+A module of its own (imported as ``from polling import poll``), not conftest: the two
+conftest.py files share that module name, so ``from conftest import`` finds whichever
+pytest loaded last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+
+def poll(condition: Callable[[], bool], limit: float = 30.0) -> None:
+    """Return once ``condition()`` holds; fail after ``limit`` seconds (a bug fails, not
+    hangs). The one wall-clock wait of the tests: what it waits for is the condition."""
+    deadline = time.monotonic() + limit
+    while not condition():
+        assert time.monotonic() < deadline, "condition never held"
+        time.sleep(0.02)
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Yield to the event loop until ``condition`` holds (for state that the loop's own
+    tasks change; bounded: a bug fails, not hangs)."""
+    for _ in range(10_000):
+        if condition():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("condition never held")
