@@ -246,8 +246,8 @@ def test_a_client_that_disconnects_leaves_no_work_behind(fresh_server: Any) -> N
                 + body
             )
             poll(lambda: queue_depth(client, "digits_cnn") == 1)
-        status = ("foldserve_inference_requests_total", "499")
-        poll(lambda: value(scrape(client), status[0], status=status[1], **labels) == 1)
+        counted = {"status": "499", "protocol": "rest", **labels}
+        poll(lambda: value(scrape(client), "foldserve_inference_requests_total", **counted) == 1)
         after = scrape(client)
     assert value(after, "foldserve_queue_depth", **labels) == 0
     assert value(after, "foldserve_requests_dropped_total", reason="disconnect", **labels) == 1
