@@ -35,7 +35,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args[0] == "serve":
         from service.__main__ import main as serve
 
-        serve(args[1:])
+        serve(args[1:], prog="foldserve serve")
         return
     command = args[0]
     if command == "--help-training":

@@ -81,7 +81,7 @@ def setting_help(name: str, *, env: bool = True) -> str:
     return f"{text}; env FOLDSERVE_{name.upper()}" if env else text
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m service") -> argparse.ArgumentParser:
     """The command line: a flag per setting in :data:`FLAGS`; the settings that are only
     read from the environment (a secret, rarely changed limits) are listed after them."""
     env_only = [name for name in Settings.model_fields if name not in FLAGS]
@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
         for name in env_only
     ]
     parser = argparse.ArgumentParser(
-        prog="python -m service",
+        prog=prog,
         description="Serve the folded models of a FoldServe repository. Every flag overrides "
         "its FOLDSERVE_* environment variable (and .env); a flag left out keeps it.",
         epilog="\n".join(epilog),
@@ -107,9 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args(argv: Sequence[str] | None = None) -> dict[str, Any]:
+def parse_args(
+    argv: Sequence[str] | None = None, prog: str = "python -m service"
+) -> dict[str, Any]:
     """The flags given on the command line, as Settings field overrides."""
-    args = build_parser().parse_args(argv)
+    args = build_parser(prog).parse_args(argv)
     return {key: value for key, value in vars(args).items() if value is not None}
 
 
@@ -146,12 +148,13 @@ def _http_protocol(http: str) -> str | type[asyncio.Protocol]:
     return GuardedHttpProtocol
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    flags = parse_args(argv)
+def main(argv: Sequence[str] | None = None, prog: str = "python -m service") -> None:
+    """Serve; ``prog`` is the command's name in usage and error lines (``foldserve serve``)."""
+    flags = parse_args(argv, prog)
     try:
         settings = Settings(**flags)
     except ValidationError as err:
-        raise SystemExit(f"python -m service: invalid settings\n{err}") from err
+        raise SystemExit(f"{prog}: invalid settings\n{err}") from err
     configure_logging(settings.log_format, settings.log_level)
     log.info(describe_management(settings))
     workers = worker_count(settings)
