@@ -27,6 +27,7 @@ import grpc_load
 import throughput_load as load
 import throughput_servers as servers
 from grpc_throughput import CONNECTIONS, wait_grpc
+from throughput_profile import categorize as profile_categories
 from throughput_profile import thread_cpu
 
 # A sample is charged to the innermost frame that matches; within a frame, the first category.
@@ -45,31 +46,13 @@ CATEGORIES = [
     ("garbage collection", ("<GC>", "gc_collect")),
     ("HTTP + framework", ("uvicorn", "starlette", "fastapi")),
 ]
-LOOP_THREAD = "Runner.run"  # asyncio.run's frame: the event loop's thread
-
-
-def category(frames: list[str]) -> str:
-    for frame in reversed(frames):
-        for name, needles in CATEGORIES:
-            if any(needle in frame for needle in needles):
-                return name
-    return "event loop callbacks (grpcio's Cython, the loop)"
 
 
 def categorize(raw_profile: Path) -> tuple[collections.Counter[str], int]:
-    """The event loops' samples (all workers together) by category (py-spy ``--format raw``)."""
-    counts: collections.Counter[str] = collections.Counter()
-    total = 0
-    for line in raw_profile.read_text().splitlines():
-        stack, _, n = line.rpartition(" ")
-        if LOOP_THREAD not in stack:
-            continue
-        total += int(n)
-        # Only the frames the loop runs: the ones below it (uvicorn's start-up) match anything.
-        frames = stack.split(";")
-        inner = frames[max(i for i, f in enumerate(frames) if LOOP_THREAD in f) + 1 :]
-        counts[category(inner)] += int(n)
-    return counts, total
+    """The event loops' samples (all workers together) by this module's categories."""
+    return profile_categories(
+        raw_profile, CATEGORIES, "event loop callbacks (grpcio's Cython, the loop)"
+    )
 
 
 def server_spec(args: argparse.Namespace, grpc_port: int) -> servers.ServerSpec:

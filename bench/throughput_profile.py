@@ -56,25 +56,37 @@ def thread_cpu(pid: int) -> dict[str, float]:
     return out
 
 
-def _category(frames: list[str]) -> str:
-    """The category of the innermost frame that has one."""
+LOOP_THREAD = "Runner.run"  # asyncio.run's frame: the event loop's thread
+LOOP_ITSELF = "event loop itself (callbacks)"
+
+
+def _category(frames: list[str], categories: list[tuple[str, tuple[str, ...]]], rest: str) -> str:
+    """The category of the innermost frame that has one; ``rest`` when none has."""
     for frame in reversed(frames):
-        for name, needles in CATEGORIES:
+        for name, needles in categories:
             if any(needle in frame for needle in needles):
                 return name
-    return "event loop itself (callbacks)"
+    return rest
 
 
-def categorize(raw_profile: Path) -> tuple[collections.Counter[str], int]:
-    """The event loop's samples by category (py-spy ``--format raw``, thread ids shown)."""
+def categorize(
+    raw_profile: Path,
+    categories: list[tuple[str, tuple[str, ...]]] = CATEGORIES,
+    rest: str = LOOP_ITSELF,
+) -> tuple[collections.Counter[str], int]:
+    """The event loops' samples (every process in the profile) by category (py-spy
+    ``--format raw``). Only the frames the loop runs count: the ones above it (the
+    server's start-up, e.g. uvicorn's) would match any sample."""
     counts: collections.Counter[str] = collections.Counter()
     total = 0
     for line in raw_profile.read_text().splitlines():
         stack, _, n = line.rpartition(" ")
-        if "Runner.run" not in stack:  # not the event loop's thread
+        if LOOP_THREAD not in stack:  # not an event loop's thread
             continue
         total += int(n)
-        counts[_category(stack.split(";"))] += int(n)
+        frames = stack.split(";")
+        inner = frames[max(i for i, f in enumerate(frames) if LOOP_THREAD in f) + 1 :]
+        counts[_category(inner, categories, rest)] += int(n)
     return counts, total
 
 
