@@ -17,6 +17,7 @@ import torch
 import typer
 from typer.testing import CliRunner
 
+from training import terminal
 from training.__main__ import app
 from training.cli_support import configure_logging
 from training.train import load_run
@@ -163,9 +164,14 @@ def test_runs_never_overwrite_each_other(tmp_path: Path, monkeypatch: pytest.Mon
     assert (tmp_path / "runs/wine_mlp/model.pt").read_bytes() != before
 
 
-def test_fold_report_shows_types_shapes_directions_and_parity_verdict(tmp_path: Path):
+def test_fold_report_shows_types_shapes_directions_and_parity_verdict(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
     out = tmp_path / "run"
     assert _train(tmp_path, "--dataset", "wine", "--out", str(out)).exit_code == 0
+    # Wide enough for a row on one line. The console is made at import; it reads COLUMNS
+    # then when COLUMNS is set (as in a pytest-xdist worker), so set its width itself.
+    monkeypatch.setattr(terminal.console, "_width", 300)
     result = runner.invoke(app, ["fold", "--run", str(out)], env={"COLUMNS": "300"})
     assert result.exit_code == 0, result.output
     text = result.output
