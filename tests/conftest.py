@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -12,9 +13,19 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import anyio
+import anyio.abc
 import httpx
 import pytest
 from polling import poll
+
+# anyio (>= 4.12) imports its parts at their first use, and pytest rewrites them as it
+# imports them (anyio is a pytest plugin) with ast.parse, which Python 3.11 does not make
+# safe in two threads at once: an in-thread server's first file response failed with
+# "SystemError: AST constructor recursion depth mismatch". Import them all now, in one thread.
+for module in (anyio, anyio.abc):
+    for name in dir(module):
+        getattr(module, name)
 
 # Servers the tests start serve no gRPC unless a test asks (a port of its own): the default,
 # 8001, may be taken on a shared machine, and two servers must never share it.
@@ -37,6 +48,18 @@ class ServerProcess:
     @property
     def grpc_url(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
+
+
+@pytest.fixture(autouse=True)
+def root_logging_restored() -> Iterator[None]:
+    """The root logger as it was before the test: a CLI run through typer's CliRunner sets
+    a handler on the stream the runner then closes, and every later log line in this
+    process would print a "Logging error" traceback instead."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture
