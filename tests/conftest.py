@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -18,6 +19,8 @@ import anyio.abc
 import httpx
 import pytest
 from polling import poll
+
+from service.files import file_lock
 
 # anyio (>= 4.12) imports its parts at their first use, and pytest rewrites them as it
 # imports them (anyio is a pytest plugin) with ast.parse, which Python 3.11 does not make
@@ -83,6 +86,29 @@ def routes(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
 
     app = create_app(Settings(_env_file=None, repository=tmp_path_factory.mktemp("repo")))  # type: ignore[call-arg]
     return set(app.openapi()["paths"])
+
+
+@pytest.fixture(scope="session")
+def build_once(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Callable[[str, Callable[[Path], None]], Path]:
+    """``build_once(name, build)``: the directory ``build(directory)`` filled, built once per
+    test run. pytest-xdist runs a session per worker process: the first worker to ask builds
+    it, the others wait on a file lock and reuse it (so a trained store is trained once)."""
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+    def once(name: str, build: Callable[[Path], None]) -> Path:
+        target, done = shared / name, shared / f"{name}.done"
+        with file_lock(shared / f"{name}.lock"):
+            if not done.exists():
+                shutil.rmtree(target, ignore_errors=True)  # a build that failed half-way
+                target.mkdir()
+                build(target)
+                done.touch()
+        return target
+
+    return once
 
 
 def free_port() -> int:

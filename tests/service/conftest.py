@@ -155,20 +155,22 @@ class ModelStore:
         return target
 
 
-@pytest.fixture(scope="session")
-def model_store(tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
+STORE_MODELS = (
+    ("digits_cnn", "cnn", "digits", 8),
+    ("breast_cancer_mlp", "mlp", "breast_cancer", 16),
+)
+
+
+def train_store(base: Path) -> None:
+    """Train and export the store's models into ``base/models`` (runs in ``base/runs``)."""
     from training.data import load_dataset
     from training.export import export_run
     from training.quantize import Int8Options
     from training.train import DatasetSpec, TrainConfig, save_run, train
     from training.zoo import NetworkConfig
 
-    base = tmp_path_factory.mktemp("store")
-    root, runs = base / "models", {}
-    for name, model, dataset, width in (
-        ("digits_cnn", "cnn", "digits", 8),
-        ("breast_cancer_mlp", "mlp", "breast_cancer", 16),
-    ):
+    root = base / "models"
+    for name, model, dataset, width in STORE_MODELS:
         ds = load_dataset(dataset, seed=0)
         mcfg = NetworkConfig(model, ds.input_shape, ds.num_classes, width=width)
         tcfg = TrainConfig(epochs=1, seed=0)
@@ -186,7 +188,6 @@ def model_store(tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
         # method, and no accuracy bar: this 1-epoch model is for serving tests).
         int8 = Int8Options(methods=("MinMax",), tolerance=1.0) if model == "cnn" else None
         export_run(run_dir, root, name, int8=int8)
-        runs[name] = run_dir
     write_version(root, "two_io", 1, two_io_model())
     write_version(
         root,
@@ -196,7 +197,13 @@ def model_store(tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
         labels=["a", "b", "c", "d", "e"],
         features=["w", "x", "y", "z"],
     )
-    return ModelStore(root, runs)
+
+
+@pytest.fixture(scope="session")
+def model_store(build_once: Callable[[str, Callable[[Path], None]], Path]) -> ModelStore:
+    """Trained once per test run, whatever the number of xdist workers; read-only (copy it)."""
+    base = build_once("store", train_store)
+    return ModelStore(base / "models", {name: base / "runs" / name for name, *_ in STORE_MODELS})
 
 
 # -- live servers ------------------------------------------------------------
