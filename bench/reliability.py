@@ -1,7 +1,8 @@
 """Reliability under change: hot swaps under load, a corrupt version refused, no leak on reload.
 
     python bench/reliability.py                                  # 20 swaps, 100 cycles
-    python bench/reliability.py --quick --json reliability.json  # what tests/ runs
+    python bench/reliability.py --quick --json reliability.json  # 3 versions, 10 cycles
+    python bench/reliability.py --versions 2 --cycles 10 --json r.json  # what tests/ runs
 
 1. Hot swap under load. A breast_cancer MLP (width 16, 1 epoch) is trained once;
    version v is that network with its last bias shifted by ``v * BIAS_STEP`` (so every

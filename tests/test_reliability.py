@@ -1,4 +1,6 @@
-"""bench/reliability.py --quick: hot swaps under load, over real HTTP with two workers.
+"""bench/reliability.py --versions 2 --cycles 10: hot swaps under load, over real HTTP with
+two workers (two versions rather than --quick's three: the corrupt one still comes between
+them, and each version costs an export under load).
 
 No request fails, every answer is the output of the version it names, a load is
 seen by every request started after it answered, and a corrupt version is refused
@@ -17,9 +19,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_quick_reliability_run_meets_its_goals(tmp_path: Path) -> None:
+def test_short_reliability_run_meets_its_goals(tmp_path: Path) -> None:
     out = tmp_path / "reliability.json"
-    command = [sys.executable, str(ROOT / "bench" / "reliability.py"), "--quick"]
+    command = [sys.executable, str(ROOT / "bench" / "reliability.py")]
+    command += ["--versions", "2", "--cycles", "10"]
     command += ["--json", str(out), "--workdir", str(tmp_path / "work")]
     # The checkout under test, not whichever copy of the packages is installed.
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
@@ -39,7 +42,7 @@ def test_quick_reliability_run_meets_its_goals(tmp_path: Path) -> None:
     assert figures["mismatched"] == 0
     # One entry per load: 3 versions and the corrupt one between them.
     swaps = [(s["version"], s["status"], s["expected"]) for s in figures["swaps"]]
-    assert swaps == [(2, 200, 2), (3, 400, 2), (3, 200, 3), (4, 200, 4)]
-    assert [s["served"] for s in figures["swaps"]] == [figures["fresh"]] * 4
+    assert swaps == [(2, 200, 2), (3, 400, 2), (3, 200, 3)]
+    assert [s["served"] for s in figures["swaps"]] == [figures["fresh"]] * 3
     assert "version 3: sha256 of model.onnx" in figures["corrupt_reason"]
     assert figures["cycle_failures"] == 0
