@@ -127,3 +127,28 @@ def test_fp16_export_folds_once_in_high_precision(runs, tmp_path: Path):
     assert md.inputs[0].datatype == "FP16"
     assert md.bn_nodes == {"folded": 0, "unfolded": 2}
     assert md.parity is not None and md.parity.max_abs_diff_vs_torch["folded"] < 2e-2
+
+
+def test_each_export_gets_its_own_copy_of_the_registry_built_once() -> None:
+    """training.onnx_graph builds torch.onnx's torchlib registry once per process; an op
+    registered on one export's copy (a custom_translation_table) never reaches another's,
+    and an export through the shared one is the export without it, byte for byte."""
+    from torch.onnx._internal.exporter import _registration
+
+    from training.onnx_graph import export_onnx
+    from training.zoo import build_model
+
+    first = _registration.ONNXRegistry.from_torchlib()
+    second = _registration.ONNXRegistry.from_torchlib()
+    assert first is not second and first.functions == second.functions
+    op = "aten::relu"
+    before = list(second.functions[op])
+    first.register_op(torch.ops.aten.relu.default, lambda x: x)
+    assert len(first.functions[op]) == len(before) + 1
+    assert second.functions[op] == before
+    assert _registration.ONNXRegistry.from_torchlib().functions[op] == before
+
+    torch.manual_seed(0)
+    net = build_model(NetworkConfig("cnn", (1, 8, 8), 10), np.zeros(1), np.ones(1))
+    exported = [export_onnx(net, torch.zeros(2, 1, 8, 8)).SerializeToString() for _ in range(2)]
+    assert exported[0] == exported[1]

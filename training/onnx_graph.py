@@ -10,7 +10,9 @@ rewrite rules minus the three BN-fusion rules.
 
 from __future__ import annotations
 
+import copy
 import logging
+import threading
 import warnings
 from typing import Any
 
@@ -25,6 +27,42 @@ from torch import nn
 log = logging.getLogger(__name__)
 # torch warns on every export that torchvision's ops are not registered; we use none of them.
 logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+
+
+def _reuse_torchlib_registry() -> None:
+    """Build torch.onnx's registry of ONNX decompositions once per process, not per export.
+
+    ``torch.onnx.export`` (dynamo) rebuilds it on every call from onnxscript's torchlib,
+    and onnxscript (0.7) re-parses the source of each of its ~1,000 functions to do so:
+    about 1.4 s of CPU per export, more than exporting a small network takes. Each call
+    now gets a copy of one registry per opset (its lists copied, so an op registered on
+    the copy, as a ``custom_translation_table`` does, never reaches the others). Where
+    torch's private layout differs, exports stay as they are, only slower."""
+    try:
+        from torch.onnx._internal.exporter import _registration
+    except ImportError:  # pragma: no cover - another torch layout
+        return
+    registry_class = _registration.ONNXRegistry
+    build = getattr(registry_class.from_torchlib, "__func__", None)
+    if build is None or getattr(build, "_built_once", False):
+        return
+    built: dict[tuple[Any, ...], Any] = {}
+    lock = threading.Lock()
+
+    def from_torchlib(cls: Any, *args: Any, **kwargs: Any) -> Any:
+        key = (cls, args, tuple(sorted(kwargs.items())))
+        with lock:
+            if key not in built:
+                built[key] = build(cls, *args, **kwargs)
+            registry = copy.copy(built[key])
+        registry.functions = {op: list(decomps) for op, decomps in built[key].functions.items()}
+        return registry
+
+    from_torchlib._built_once = True  # type: ignore[attr-defined]
+    registry_class.from_torchlib = classmethod(from_torchlib)  # type: ignore[method-assign,assignment]
+
+
+_reuse_torchlib_registry()
 
 _BN_FUSION_RULES = (
     rules_common.fuse_batchnorm_into_conv_rule,
