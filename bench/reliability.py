@@ -6,8 +6,9 @@
 
 1. Hot swap under load. A breast_cancer MLP (width 16, 1 epoch) is trained once;
    version v is that network with its last bias shifted by ``v * BIAS_STEP`` (so every
-   version answers differently), exported with ``training.export.export_run`` in a
-   process of its own (in this one, the export would hold the GIL from the clients).
+   version answers differently), exported with ``training.export.export_run``. Both
+   run in a process of their own (in this one, the export would hold the GIL from the
+   clients; and this one never imports torch).
    ``python -m service --workers 2`` serves version 1; ``--clients`` threads send the
    same V2 infer request without pause, each request on a new connection
    (``Connection: close``, so requests spread over the workers), while ``--versions``
@@ -46,20 +47,22 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnxruntime as ort
-import torch
 from reliability_server import LoadClients, Outcome, Server, serve, vm_rss_kib
 from tqdm import tqdm
 
 from service.machine import machine_facts
 from service.model_format import FOLDED_FILE, VersionMetadata
 from service.sessions import CPU
-from training.data import load_dataset
-from training.export import export_run
-from training.train import DatasetSpec, Run, TrainConfig, load_run, save_run, train
-from training.zoo import NetworkConfig
+
+if TYPE_CHECKING:
+    from training.train import Run
+
+# torch and training are imported only in the exporter process, which trains and exports:
+# this one sends the load and checks the answers (no second copy of torch to import).
 
 MODEL = "breast_cancer_mlp"
 API_KEY = "reliability-key"
@@ -73,7 +76,12 @@ RSS_GOAL = 0.10
 
 
 def train_base(runs: Path) -> Path:
-    """The one training run every version derives from (seconds on a CPU); its directory."""
+    """The one training run every version derives from (seconds on a CPU); its directory
+    (in the exporter process)."""
+    from training.data import load_dataset
+    from training.train import DatasetSpec, TrainConfig, save_run, train
+    from training.zoo import NetworkConfig
+
     ds = load_dataset("breast_cancer", seed=0)
     model_cfg = NetworkConfig("mlp", ds.input_shape, ds.num_classes, width=16)
     cfg = TrainConfig(epochs=1, seed=0)
@@ -84,6 +92,8 @@ def train_base(runs: Path) -> Path:
 
 def shifted(run: Run, offset: float) -> Run:
     """A copy of ``run`` whose output bias is moved by ``offset`` (the run is untouched)."""
+    import torch
+
     out = copy.deepcopy(run)
     last = [m for m in out.model.modules() if isinstance(m, torch.nn.Linear)][-1]
     with torch.no_grad():
@@ -102,6 +112,9 @@ def onnx_outputs(version_dir: Path, x: np.ndarray) -> np.ndarray:
 def export_version(run_dir: Path, repository: Path, version: int) -> Path:
     """Export the run, its output bias moved by ``version * BIAS_STEP``, as ``version``
     (in the exporter process)."""
+    from training.export import export_run
+    from training.train import load_run
+
     result = export_run(shifted(load_run(run_dir), version * BIAS_STEP), repository, MODEL)
     if result.version != version:
         raise RuntimeError(f"export wrote version {result.version}, expected {version}")
@@ -255,9 +268,9 @@ def run(args: argparse.Namespace, workdir: Path) -> Report:
         cycles=args.cycles,
     )
     repository, runtime = workdir / "models", workdir / "runtime"
-    run_dir = train_base(workdir / "runs")
-    # One process exports every version (torch is imported once there).
+    # One process trains and exports every version (torch is imported once, there).
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as exporter:
+        run_dir = exporter.submit(train_base, workdir / "runs").result()
 
         def export(version: int) -> Path:
             return exporter.submit(export_version, run_dir, repository, version).result()
