@@ -33,8 +33,8 @@ def _reuse_torchlib_registry() -> None:
     """Build torch.onnx's registry of ONNX decompositions once per process, not per export.
 
     ``torch.onnx.export`` (dynamo) rebuilds it on every call from onnxscript's torchlib,
-    and onnxscript (0.7) re-parses the source of each of its ~1,000 functions to do so:
-    about 1.4 s of CPU per export, more than exporting a small network takes. Each call
+    and onnxscript (0.7) re-parses the source of each of its functions to do so: more CPU
+    than exporting a small network takes (docs/benchmarks.md, "Test suite time"). Each call
     now gets a copy of one registry per opset (its lists copied, so an op registered on
     the copy, as a ``custom_translation_table`` does, never reaches the others). Where
     torch's private layout differs, exports stay as they are, only slower."""
