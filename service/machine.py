@@ -59,3 +59,21 @@ def machine_facts(provider: str) -> dict[str, Any]:
     facts = dict(_static_machine_facts(provider == CUDA))
     facts["load_average"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     return facts
+
+
+def process_tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU time that process ``pid`` and its children (a server's workers)
+    have used so far, from /proc (0 for a process that is gone)."""
+    pids = [pid]
+    try:
+        pids += [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        pass
+    total = 0
+    for p in pids:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+    return total / os.sysconf("SC_CLK_TCK")

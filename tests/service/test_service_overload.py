@@ -24,6 +24,8 @@ import pytest
 from polling import poll
 from servers import HOLD_US, read_response, scrape, v2_body, value
 
+from service.machine import process_tree_cpu_seconds
+
 ROOT = Path(__file__).resolve().parents[2]
 DIGITS_BODY = json.dumps(v2_body(np.full((1, 1, 8, 8), 0.5, np.float32))).encode()
 
@@ -111,24 +113,16 @@ def test_each_worker_listens_on_its_own_socket_and_a_restarted_one_rejoins(
         poll(lambda: listeners(port) == 2)
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU time the processes have used so far (/proc/PID/stat)."""
-    ticks = 0
-    for pid in pids:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
-    return ticks / os.sysconf("SC_CLK_TCK")
-
-
-def run_wrk(url: str, body: Path, clients: int, seconds: int, pids: list[int]) -> dict[str, float]:
-    """wrk's counts (bench/wrk/post.lua), and ``cpu_seconds``: what ``pids`` used meanwhile."""
+def run_wrk(url: str, body: Path, clients: int, seconds: int, server: int) -> dict[str, float]:
+    """wrk's counts (bench/wrk/post.lua), and ``cpu_seconds``: what the ``server`` process
+    and its workers used meanwhile."""
     lua = ROOT / "bench" / "wrk" / "post.lua"
     command = ["wrk", "-t1", f"-c{clients}", f"-d{seconds}s", "--timeout", "30s", "-s", str(lua)]
     command += [url, "--", str(body), "Content-Type=application/json"]
-    before = cpu_seconds(pids)
+    before = process_tree_cpu_seconds(server)
     done = subprocess.run(command, capture_output=True, text=True, check=True, timeout=120)
     result: dict[str, float] = json.loads(done.stdout.splitlines()[-1])
-    result["cpu_seconds"] = cpu_seconds(pids) - before
+    result["cpu_seconds"] = process_tree_cpu_seconds(server) - before
     return result
 
 
@@ -149,9 +143,9 @@ def test_goodput_holds_with_clients_far_past_the_old_queue(
     body.write_bytes(DIGITS_BODY)
     with serve_process(repo, 2, FOLDSERVE_ACCESS_LOG="true") as live:
         url = live.url + "/v2/models/digits_cnn/infer"
-        pids = [live.process.pid, *worker_pids(live.process)]
-        run_wrk(url, body, 64, 1, pids)  # warm-up
-        base = run_wrk(url, body, 64, 3, pids)
+        server = live.process.pid
+        run_wrk(url, body, 64, 1, server)  # warm-up
+        base = run_wrk(url, body, 64, 3, server)
         ready: list[int] = []
         stop = threading.Event()
 
@@ -163,7 +157,7 @@ def test_goodput_holds_with_clients_far_past_the_old_queue(
         prober = threading.Thread(target=ask_ready)
         prober.start()
         try:
-            crowd = run_wrk(url, body, 1500, 3, pids)
+            crowd = run_wrk(url, body, 1500, 3, server)
         finally:
             stop.set()
             prober.join()
