@@ -13,7 +13,8 @@ DEFAULT_MODELS := digits_cnn breast_cancer_mlp resnet_bench
 setup: $(STAMP)
 
 # torch first from the pinned CPU wheel, so no CUDA build is downloaded. uv installs the
-# rest: the versions pip resolves, downloaded in parallel (about 8 s against pip's 70 s).
+# rest: the versions pip resolves, downloaded in parallel (docs/benchmarks.md, "Test suite
+# time").
 UV := $(BIN)/uv pip install --python $(BIN)/python -q
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -60,9 +61,9 @@ PYTEST_WORKERS ?= auto
 pytest: $(STAMP)
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile
 
-# mypy runs beside pytest, which leaves part of the CPUs idle while it waits on servers (a
-# cold mypy adds about 5 s to pytest's time instead of 40 s before it); its report follows
-# pytest's, whole, and either failing fails the target.
+# mypy runs beside pytest, in the CPU time pytest leaves idle while it waits on servers
+# (docs/benchmarks.md, "Test suite time"); its report follows pytest's, whole, and either
+# failing fails the target.
 test: lint
 	@report=$$(mktemp); $(BIN)/mypy > $$report 2>&1 & types=$$!; \
 	$(MAKE) --no-print-directory pytest; tests=$$?; \

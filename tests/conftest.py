@@ -14,22 +14,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import anyio
-import anyio.abc
 import httpx
 import pytest
 from polling import poll
 
 from service.files import file_lock
-
-# anyio (>= 4.12) imports its parts at their first use. Where pytest loads anyio's plugin
-# (pyproject's addopts turn plugin autoload off), it rewrites them as they are imported,
-# with ast.parse, which Python 3.11 does not make safe in two threads at once: an in-thread
-# server's first file response failed with "SystemError: AST constructor recursion depth
-# mismatch". Import them all now, in one thread.
-for module in (anyio, anyio.abc):
-    for name in dir(module):
-        getattr(module, name)
 
 # Servers the tests start serve no gRPC unless a test asks (a port of its own): the default,
 # 8001, may be taken on a shared machine, and two servers must never share it.
