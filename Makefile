@@ -12,14 +12,16 @@ DEFAULT_MODELS := digits_cnn breast_cancer_mlp resnet_bench
 
 setup: $(STAMP)
 
-# torch first from the pinned CPU wheel, so no CUDA build is downloaded. uv installs the
-# rest: the versions pip resolves, downloaded in parallel (docs/benchmarks.md, "Test suite
-# time").
-UV := $(BIN)/uv pip install --python $(BIN)/python -q
+# uv installs what pip would (the same versions), in parallel, and compiles the bytecode
+# as pip does: without it every process compiles what it imports (docs/benchmarks.md, "Test
+# suite time"). torch first, pinned, from the local wheels pip is configured to find
+# (pip.conf's find-links or PIP_FIND_LINKS: the CPU build here), so no CUDA build is pulled.
+UV := $(BIN)/uv pip install --python $(BIN)/python -q --compile-bytecode
+FIND_LINKS := $(or $(PIP_FIND_LINKS),$(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null))
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip uv
-	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q uv
+	$(UV) $(foreach links,$(FIND_LINKS),--find-links $(links)) torch==2.13.0
 	$(UV) -e '.[serve,train,dev]'
 	# Public architectures for the fold tests (tests/test_onnx_fold_networks.py) and
 	# bench/fold_sites.py: --no-deps, as geffnet declares torchvision, whose PyPI build
