@@ -44,11 +44,11 @@ from markdown_section import publish
 
 from service.latency import LatencyParams, measure_model, random_feeds, time_interleaved
 from service.latency_stats import paired_speedup
-from service.machine import machine_facts
+from service.machine import machine_facts, usable_cpus
 from service.metrics import ServiceMetrics
 from service.repository import ModelRepository
 from service.served_version import ServedVersion, ServingOptions
-from service.sessions import CUDA, SessionFactory, usable_cpus
+from service.sessions import CUDA, SessionFactory
 from service.settings import ProviderChoice, Settings
 from training.bench_torch import bench_folding
 from training.defaults import DEFAULT_MODELS

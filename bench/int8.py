@@ -48,9 +48,10 @@ from markdown_section import publish
 from onnx_fold_networks import export as export_bn_kept  # a sibling script
 
 from service.latency_stats import paired_speedup
+from service.machine import usable_cpus
 from service.model_graph import batchnorm_nodes
 from service.onnx_fold import fold_model
-from service.sessions import SessionFactory, usable_cpus
+from service.sessions import SessionFactory
 from training.batchnorm import randomize_batchnorm
 from training.export import build_version, run_dataset
 from training.quantize import (

@@ -50,6 +50,8 @@ import throughput_servers as servers
 from markdown_section import write_section
 from throughput_report import END, START, Cell, Row, bound_for, model_table, targets
 
+from service.machine import usable_cpus
+
 QUIET_CORES = 0.25  # a cell measured while other processes took more CPU than this is redone
 
 
@@ -73,10 +75,6 @@ def rows_for(model: str, batch_model: str, big_batch: int, keys: list[str]) -> l
             Row("fold", f"FoldServe binary, batch-{big_batch} requests", "binary", big_batch)
         )
     return rows
-
-
-def usable_cpus() -> int:
-    return len(os.sched_getaffinity(0))
 
 
 def conditions(args: argparse.Namespace, kserve: str, mlserver: str) -> list[str]:

@@ -18,21 +18,22 @@ import logging
 import os
 import textwrap
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
-from fastapi import FastAPI
 from pydantic import ValidationError
 from uvicorn.supervisors.multiprocess import Multiprocess
 
-from service.app import create_app
 from service.connections import GuardedHttpProtocol
 from service.listeners import WorkerListeners, reserve_port, reuse_port_supported
 from service.logs import configure_logging
+from service.machine import usable_cpus
 from service.metrics import start_multiprocess
 from service.runtime_dir import open_runtime_dir
-from service.sessions import usable_cpus
 from service.settings import Settings, describe_management, get_settings
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 log = logging.getLogger("service")
 
@@ -122,6 +123,8 @@ def worker_count(settings: Settings) -> int:
 
 def worker_app() -> FastAPI:
     """The app of one worker process (``uvicorn --factory``): settings from the environment."""
+    from service.app import create_app  # not in the supervisor, which serves no requests
+
     settings = get_settings()
     configure_logging(settings.log_format, settings.log_level)
     # uvicorn set up this worker's logging before calling us: keep its access log off again
@@ -172,6 +175,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m service") -> 
     # than joining that server's SO_REUSEPORT group. Held while the workers serve.
     with grpc_port_held(settings):
         if workers == 1:
+            from service.app import create_app
+
             log.info("serving with 1 worker, %s loop, %s parser", loop, http)
             uvicorn.run(create_app(settings), **server)
             return

@@ -8,12 +8,11 @@ start, so the provider a session really uses is read back from
 from __future__ import annotations
 
 import logging
-import os
 import threading
-from pathlib import Path
 
 import onnxruntime as ort
 
+from service.machine import usable_cpus
 from service.settings import IOBindingChoice, ProviderChoice
 
 log = logging.getLogger(__name__)
@@ -21,19 +20,6 @@ log = logging.getLogger(__name__)
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 DEFAULT_ORT_SEVERITY = 2  # ONNX Runtime's default logger: warnings and above
-
-
-def usable_cpus() -> int:
-    """CPUs this process may use: its affinity mask, capped by a cgroup v2 CPU quota."""
-    count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    count = count or 1
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-        if quota != "max":
-            count = min(count, max(1, int(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass
-    return count
 
 
 def session_options(threads: int, *, optimized: bool = True) -> ort.SessionOptions:

@@ -42,6 +42,13 @@ class ServerProcess:
     def grpc_url(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
 
+    def worker_pids(self) -> list[int]:
+        """The worker processes under the supervisor (multiprocessing's spawned children;
+        not its resource tracker)."""
+        pid = self.process.pid
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        return [int(c) for c in children if "spawn_main" in Path(f"/proc/{c}/cmdline").read_text()]
+
 
 @pytest.fixture(autouse=True)
 def root_logging_restored() -> Iterator[None]:

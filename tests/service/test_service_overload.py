@@ -83,12 +83,6 @@ def worker_of(url: str) -> str:
         return fresh.get("/v2/health/ready").headers["x-request-id"].split("-")[0]
 
 
-def worker_pids(process: subprocess.Popen[str]) -> list[int]:
-    pid = process.pid
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    return [int(c) for c in children if "spawn_main" in Path(f"/proc/{c}/cmdline").read_text()]
-
-
 def test_each_worker_listens_on_its_own_socket_and_a_restarted_one_rejoins(
     model_store: Any, tmp_path: Path, serve_process: Any
 ) -> None:
@@ -99,7 +93,7 @@ def test_each_worker_listens_on_its_own_socket_and_a_restarted_one_rejoins(
         shares = Counter(worker_of(live.url) for _ in range(64))
         assert len(shares) == 2 and max(shares.values()) <= 52, shares  # the kernel's hash
         old = set(shares)
-        os.kill(worker_pids(live.process)[0], signal.SIGKILL)
+        os.kill(live.worker_pids()[0], signal.SIGKILL)
         seen: set[str] = set()
 
         def a_new_worker_answers() -> bool:

@@ -37,6 +37,11 @@ def infer_versions(client: httpx.Client, name: str) -> list[str | int]:
     return seen
 
 
+def uses_onnxruntime(pid: int) -> bool:
+    """Process ``pid`` has ONNX Runtime's native library mapped."""
+    return "onnxruntime_pybind11_state" in Path(f"/proc/{pid}/maps").read_text()
+
+
 def index(client: httpx.Client) -> list[Any]:
     found: list[Any] = client.get("/v2/repository/index").json()
     return found
@@ -132,6 +137,12 @@ def test_direct_inference_values_match_onnxruntime_on_every_worker(
         for _ in range(10):
             out = client.post("/v2/models/linear/infer", json=body).json()["outputs"][0]
             np.testing.assert_allclose(np.reshape(out["data"], (1, 5)), expected, atol=1e-6)
+        # The workers run ONNX Runtime; the supervisor, which serves nothing, never loads it
+        # (nor the app).
+        workers = server.worker_pids()
+        assert len(workers) == 2
+        assert all(uses_onnxruntime(pid) for pid in workers)
+        assert not uses_onnxruntime(server.process.pid)
 
 
 def test_one_fold_latency_measurement_at_a_time_across_workers(
