@@ -314,10 +314,13 @@ def test_foldserve_serve_works_without_torch() -> None:
 
 
 def test_foldserve_train_is_python_m_training() -> None:
-    trained = foldserve("train", "--help")
+    """``foldserve train --help`` and the command list answer without importing torch
+    (the commands import it when they run)."""
+    trained = foldserve("train", "--help", code=IMPORTED)
     assert trained.returncode == 0, trained.stderr
     assert "Usage: foldserve train [OPTIONS]" in trained.stdout
     assert "--dataset" in trained.stdout and "--epochs" in trained.stdout
+    assert trained.stdout.splitlines()[-2:] == ["exit 0", "['training']"], trained.stdout[-300:]
     listed = foldserve("--help-training")
     assert listed.returncode == 0, listed.stderr
     for command in ("train", "export", "fold", "retrain", "fold-onnx", "import-onnx"):

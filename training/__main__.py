@@ -1,30 +1,28 @@
 """``python -m training``: train, list-models, fold, export, retrain, bench-torch, experiment,
-fold-onnx, import-onnx."""
+fold-onnx, import-onnx.
+
+torch and scikit-learn are imported by the commands that use them, not here: ``--help``
+(and ``foldserve --help-training``) answer without them, in well under a second.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import torch
 import typer
 
 from training import int8_cli as q
 from training import train_options as opts
-from training.cli_support import ExperimentCommand, configure_logging, new_run_dir, zoo_table
-from training.data import DatasetError, load_dataset, parse_shape
-from training.distributed import DistributedError, init_distributed, shutdown_distributed
+from training.cli_support import ExperimentCommand, configure_logging, new_run_dir
 from training.import_onnx import import_onnx_cmd
 from training.onnx_cli import fold_onnx_cmd
 from training.terminal import console, fail
-from training.train import DatasetSpec, Run, RunError, TrainConfig, load_run, save_run, train
-from training.zoo import (
-    NetworkConfig,
-    ZooError,
-    build_model,
-)
+
+if TYPE_CHECKING:
+    from training.train import Run
 
 app = typer.Typer(
     add_completion=False,
@@ -57,6 +55,9 @@ def list_models(
     num_classes: Annotated[int, typer.Option(help="output classes")] = 10,
 ) -> None:
     """Show the zoo with parameter counts (BN model and its no-BN twin)."""
+    from training.cli_support import zoo_table
+    from training.data import parse_shape
+
     console.print(zoo_table(parse_shape(input_shape), num_classes))
 
 
@@ -94,6 +95,11 @@ def train_cmd(
     Under torchrun with --distributed, every process trains and rank 0 alone
     writes the run directory, which exports like any other.
     """
+    from training.data import DatasetError, load_dataset, parse_shape
+    from training.distributed import DistributedError, init_distributed, shutdown_distributed
+    from training.train import DatasetSpec, TrainConfig, save_run, train
+    from training.zoo import NetworkConfig, ZooError, build_model
+
     if optimizer not in ("sgd", "adamw"):
         fail(f"unknown optimizer {optimizer!r}; choose sgd or adamw")
     if schedule not in ("cosine", "constant"):
@@ -182,6 +188,8 @@ def train_cmd(
 
 
 def _load(run: Path) -> Run:
+    from training.train import RunError, load_run
+
     try:
         return load_run(run)
     except RunError as err:
@@ -197,6 +205,8 @@ def fold_cmd(run: RunOption) -> None:
     """Fold the run's BN layers; print what went into which layer (types, shapes) or was
     kept and why, the spread of each folded layer's weights over its output channels,
     and the PyTorch parity check (exit 1 when it fails)."""
+    import torch
+
     from training.export import torch_parity
     from training.fold import fold_batchnorm
     from training.fold.report import DIRECTIONS, RANGE_NOTE, channel_ranges
@@ -283,6 +293,7 @@ def retrain_cmd(
 ) -> None:
     """Retrain --name with the configuration its latest version recorded; export the next
     version; with --load, have a running server serve it on every worker."""
+    from training.data import DatasetError
     from training.export import ExportError, export_run
     from training.retrain import RetrainError, plan_retrain, train_plan
     from training.server_client import LoadError, check_live, load_version
@@ -347,6 +358,8 @@ def bench_torch_cmd(
     ] = 20,
 ) -> None:
     """Eager PyTorch latency, folded vs unfolded, interleaved, on CPU (and CUDA if present)."""
+    import torch
+
     from training.bench_torch import bench_table
 
     r = _load(run)

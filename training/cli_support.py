@@ -13,14 +13,6 @@ from typing import Any
 from rich.table import Table
 from typer.core import TyperCommand
 
-from training.zoo import (
-    MODEL_DESCRIPTIONS,
-    NetworkConfig,
-    build_model,
-    count_batchnorms,
-    count_parameters,
-)
-
 # Libraries that log one INFO line per pass while torch exports ONNX (dozens per export).
 CHATTY_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx", "torch._dynamo", "torch.export")
 
@@ -63,6 +55,14 @@ class ExperimentCommand(TyperCommand):
 
 def zoo_table(shape: tuple[int, ...], num_classes: int) -> Table:
     """The zoo's models with parameter counts (BN model and its no-BN twin) for ``shape``."""
+    from training.zoo import (
+        MODEL_DESCRIPTIONS,
+        NetworkConfig,
+        build_model,
+        count_batchnorms,
+        count_parameters,
+    )
+
     table = Table(title=f"FoldServe zoo (input {'x'.join(map(str, shape))}, {num_classes} classes)")
     for col in ("model", "description", "params (BN)", "params (no BN)", "BN layers"):
         table.add_column(col)
