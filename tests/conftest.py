@@ -20,6 +20,13 @@ from polling import poll
 
 from service.files import file_lock
 
+# One thread of math per process: pytest-xdist runs a test process per CPU already, and
+# the servers and torchrun processes the tests start are more; torch's (OpenMP), OpenBLAS's
+# and MKL's thread pools on top of them oversubscribe the CPUs and spin-wait. Set before any
+# of them loads here, and inherited by every process the tests start (docs/benchmarks.md,
+# "Test suite time"). A value in the environment wins.
+for _threads in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_threads, "1")
 # Servers the tests start serve no gRPC unless a test asks (a port of its own): the default,
 # 8001, may be taken on a shared machine, and two servers must never share it.
 os.environ["FOLDSERVE_GRPC_PORT"] = "0"
