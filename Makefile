@@ -18,11 +18,13 @@ setup: $(STAMP)
 # (pip.conf's find-links or PIP_FIND_LINKS: the CPU build here), so no CUDA build is pulled.
 UV := $(BIN)/uv pip install --python $(BIN)/python -q --compile-bytecode
 FIND_LINKS := $(or $(PIP_FIND_LINKS),$(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null))
+# The venv starts without pip (ensurepip alone took 7 s) and gets uv from this Python's pip;
+# uv then adds pip to it as well, for whoever uses it there.
 $(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q uv
+	$(PYTHON) -m venv --without-pip $(VENV)
+	$(PYTHON) -m pip --python $(BIN)/python install -q uv
 	$(UV) $(foreach links,$(FIND_LINKS),--find-links $(links)) torch==2.13.0
-	$(UV) -e '.[serve,train,dev]'
+	$(UV) -e '.[serve,train,dev]' pip
 	# Public architectures for the fold tests (tests/test_onnx_fold_networks.py) and
 	# bench/fold_sites.py: --no-deps, as geffnet declares torchvision, whose PyPI build
 	# pulls another torch; these models import neither.
