@@ -1,0 +1,149 @@
+"""What starting ``python -m service --workers N`` costs: seconds until every worker
+answers, and the CPU and resident memory of the supervisor and of each worker then.
+
+    python bench/server_start.py --repository models
+    python bench/server_start.py --repository models --baseline ../foldserve-prev  # A/B
+
+Each start is a fresh process tree on a free port of 127.0.0.1 (gRPC off), stopped
+once measured. Ready: ``/v2/health/ready`` answered 200 on ``READY_IN_A_ROW`` new
+connections in a row (the kernel spreads them over the workers' sockets). CPU is
+user + system from /proc when ready; RSS is VmRSS. With ``--baseline`` (another
+checkout, e.g. a ``git worktree`` of an earlier commit) the starts alternate between
+the two, and the table gives each figure's median and this checkout's ratio to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from throughput_servers import READY_IN_A_ROW, ROOT, RunningServer, ServerSpec, start, stop
+
+from service.machine import machine_facts, process_tree_cpu_seconds
+from service.sessions import CPU
+
+
+@dataclass(frozen=True)
+class Start:
+    ready_s: float
+    supervisor_cpu_s: float
+    workers_cpu_s: float  # all workers together
+    supervisor_rss_mib: float
+    worker_rss_mib: float  # the mean over the workers
+
+
+def _rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _workers(pid: int) -> list[int]:
+    """The spawned worker processes (not multiprocessing's resource tracker)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [int(c) for c in children if "spawn_main" in Path(f"/proc/{c}/cmdline").read_text()]
+
+
+def _ready(server: RunningServer) -> bool:
+    try:
+        with urllib.request.urlopen(server.url + "/v2/health/ready", timeout=10) as answer:
+            return bool(answer.status == 200)
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return False
+
+
+def measure(spec: ServerSpec, workers: int, log_dir: Path, limit: float = 120.0) -> Start:
+    t0 = time.monotonic()
+    server = start(spec, log_dir)
+    try:
+        in_a_row = 0
+        while in_a_row < READY_IN_A_ROW:
+            if server.process.poll() is not None or time.monotonic() - t0 > limit:
+                raise RuntimeError(f"{spec.label} did not start; log: {server.log_path}")
+            in_a_row = in_a_row + 1 if _ready(server) else 0
+            if not in_a_row:
+                time.sleep(0.02)
+        ready = time.monotonic() - t0
+        pid = server.process.pid
+        pids = _workers(pid)
+        if len(pids) != workers:
+            raise RuntimeError(f"{spec.label}: {len(pids)} workers, not {workers}")
+        workers_cpu = sum(process_tree_cpu_seconds(p) for p in pids)
+        # The rest of the tree: the supervisor (and multiprocessing's resource tracker).
+        supervisor_cpu = process_tree_cpu_seconds(pid) - workers_cpu
+        return Start(
+            ready,
+            supervisor_cpu,
+            workers_cpu,
+            _rss_mib(pid),
+            statistics.fmean(_rss_mib(p) for p in pids),
+        )
+    finally:
+        stop(server)
+
+
+def spec_for(root: Path, repository: Path, workers: int, label: str) -> ServerSpec:
+    command = [sys.executable, "-m", "service", "--repository", str(repository.resolve())]
+    command += ["--workers", str(workers), "--providers", "cpu", "--threads", "1"]
+    env = {"FOLDSERVE_GRPC_PORT": "0", "FOLDSERVE_DRAIN_SECONDS": "0"}
+    return ServerSpec(label, label, command, env, root.resolve())
+
+
+FIELDS = (
+    ("ready_s", "ready (s)"),
+    ("supervisor_cpu_s", "supervisor CPU (s)"),
+    ("workers_cpu_s", "workers' CPU (s)"),
+    ("supervisor_rss_mib", "supervisor RSS (MiB)"),
+    ("worker_rss_mib", "worker RSS (MiB)"),
+)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repository", type=Path, default=ROOT / "models")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--starts", type=int, default=5, help="starts of each checkout")
+    parser.add_argument("--baseline", type=Path, help="another checkout to compare with")
+    args = parser.parse_args()
+    if args.starts < 1 or args.workers < 2:
+        parser.error("--starts must be >= 1 and --workers >= 2 (a supervisor and its workers)")
+    specs = [spec_for(ROOT, args.repository, args.workers, "this checkout")]
+    if args.baseline is not None:
+        specs.append(spec_for(args.baseline, args.repository, args.workers, "baseline"))
+    facts = machine_facts(CPU)
+    print(
+        f"machine: {facts['cpu']}, {facts['usable_cpus']} usable CPUs; load average "
+        f"{' '.join(f'{v:.2f}' for v in facts['load_average'] or [])}; "
+        f"python -m service --workers {args.workers}, {args.starts} starts each"
+    )
+    starts: dict[str, list[Start]] = {spec.key: [] for spec in specs}
+    with tempfile.TemporaryDirectory(prefix="foldserve-start-") as tmp:
+        for _ in range(args.starts):
+            for spec in specs:  # alternating: the machine's noise falls on both alike
+                starts[spec.key].append(measure(spec, args.workers, Path(tmp)))
+    medians = {
+        key: {name: statistics.median(getattr(s, name) for s in runs) for name, _ in FIELDS}
+        for key, runs in starts.items()
+    }
+    header = ["", *(spec.key for spec in specs)]
+    if args.baseline is not None:
+        header.append("ratio")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for name, title in FIELDS:
+        row = [title, *(f"{medians[spec.key][name]:.2f}" for spec in specs)]
+        if args.baseline is not None:
+            row.append(f"{medians['this checkout'][name] / medians['baseline'][name]:.2f}x")
+        print("| " + " | ".join(row) + " |")
+
+
+if __name__ == "__main__":
+    main()
