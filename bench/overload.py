@@ -35,6 +35,8 @@ import throughput_load as load
 import throughput_servers as servers
 from markdown_section import publish
 
+from service.machine import vm_rss_kib
+
 START, END = "<!-- overload:start -->", "<!-- overload:end -->"
 PROBE_EVERY_S = 0.05
 # (model, tensor form): the small model in JSON, the larger one in binary tensors.
@@ -59,7 +61,7 @@ class Probe:
     def run(self, stop: threading.Event, pids: list[int]) -> None:
         host, port = self.url.removeprefix("http://").split(":")
         while not stop.wait(PROBE_EVERY_S):
-            self.rss_mib.append(sum(rss_kib(p) for p in pids) / 1024)
+            self.rss_mib.append(sum(vm_rss_kib(p) for p in pids) / 1024)
             start = time.perf_counter()
             try:
                 status = self._post(host, int(port))
@@ -97,14 +99,6 @@ class Probe:
             return response.status
         finally:
             conn.close()
-
-
-def rss_kib(pid: int) -> int:
-    with contextlib.suppress(OSError):
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
 
 
 def server_pids(server: servers.RunningServer) -> list[int]:

@@ -51,10 +51,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import onnxruntime as ort
-from reliability_server import LoadClients, Outcome, Server, serve, vm_rss_kib
+from reliability_server import LoadClients, Outcome, Server, serve
 from tqdm import tqdm
 
-from service.machine import machine_facts
+from service.machine import machine_facts, vm_rss_kib
 from service.model_format import FOLDED_FILE, VersionMetadata
 from service.sessions import CPU
 

@@ -60,13 +60,6 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def vm_rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no VmRSS for process {pid}")
-
-
 @contextmanager
 def serve(repository: Path, runtime: Path, workers: int, api_key: str) -> Iterator[Server]:
     """``python -m service`` on 127.0.0.1, from when every worker has finished its first

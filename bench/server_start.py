@@ -26,7 +26,12 @@ from pathlib import Path
 
 from throughput_servers import READY_IN_A_ROW, ROOT, RunningServer, ServerSpec, start, stop
 
-from service.machine import machine_facts, process_tree_cpu_seconds
+from service.machine import (
+    machine_facts,
+    process_tree_cpu_seconds,
+    server_worker_pids,
+    vm_rss_kib,
+)
 from service.sessions import CPU
 
 
@@ -37,19 +42,6 @@ class Start:
     workers_cpu_s: float  # all workers together
     supervisor_rss_mib: float
     worker_rss_mib: float  # the mean over the workers
-
-
-def _rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def _workers(pid: int) -> list[int]:
-    """The spawned worker processes (not multiprocessing's resource tracker)."""
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    return [int(c) for c in children if "spawn_main" in Path(f"/proc/{c}/cmdline").read_text()]
 
 
 def _ready(server: RunningServer) -> bool:
@@ -73,7 +65,7 @@ def measure(spec: ServerSpec, workers: int, log_dir: Path, limit: float = 120.0)
                 time.sleep(0.02)
         ready = time.monotonic() - t0
         pid = server.process.pid
-        pids = _workers(pid)
+        pids = server_worker_pids(pid)
         if len(pids) != workers:
             raise RuntimeError(f"{spec.label}: {len(pids)} workers, not {workers}")
         workers_cpu = sum(process_tree_cpu_seconds(p) for p in pids)
@@ -83,8 +75,8 @@ def measure(spec: ServerSpec, workers: int, log_dir: Path, limit: float = 120.0)
             ready,
             supervisor_cpu,
             workers_cpu,
-            _rss_mib(pid),
-            statistics.fmean(_rss_mib(p) for p in pids),
+            vm_rss_kib(pid) / 1024,
+            statistics.fmean(vm_rss_kib(p) / 1024 for p in pids),
         )
     finally:
         stop(server)

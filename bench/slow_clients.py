@@ -35,6 +35,8 @@ import throughput_load as load
 import throughput_servers as servers
 from markdown_section import publish
 
+from service.machine import server_worker_pids
+
 START, END = "<!-- slow-clients:start -->", "<!-- slow-clients:end -->"
 FIRST = {
     "header": b"POST /v2/models/digits_cnn/infer HTTP/1.1\r\nHost: bench\r\n",
@@ -95,12 +97,6 @@ def descriptors(pids: list[int]) -> list[int]:
     return counts
 
 
-def worker_pids(server: servers.RunningServer) -> list[int]:
-    pid = server.process.pid
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    return [int(c) for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
-
-
 def goodput(raw: dict[str, int]) -> float:
     return (raw["requests"] - raw["status_errors"]) / (raw["duration_us"] / 1e6)
 
@@ -113,7 +109,7 @@ def run(server: servers.RunningServer, args: argparse.Namespace, workdir: Path) 
     servers.wait_ready(server, "/v2/models/digits_cnn/infer", payload.body, payload.headers)
     load.run_wrk(url, body, payload.headers, 64, 2)  # warm-up
     before = goodput(load.run_wrk(url, body, payload.headers, 64, args.duration))
-    pids = worker_pids(server)
+    pids = server_worker_pids(server.process.pid)
     fds: list[list[int]] = []
     stop = threading.Event()
 

@@ -76,6 +76,24 @@ def machine_facts(provider: str) -> dict[str, Any]:
     return facts
 
 
+def server_worker_pids(pid: int) -> list[int]:
+    """The worker processes of the ``python -m service`` supervisor ``pid``: the children
+    multiprocessing spawned (not its resource tracker)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [int(c) for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+
+
+def vm_rss_kib(pid: int) -> int:
+    """Process ``pid``'s resident memory (VmRSS) in KiB; 0 once it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 def process_tree_cpu_seconds(pid: int) -> float:
     """User + system CPU time that process ``pid`` and its children (a server's workers)
     have used so far, from /proc (0 for a process that is gone)."""

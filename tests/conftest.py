@@ -19,6 +19,7 @@ import pytest
 from polling import poll
 
 from service.files import file_lock
+from service.machine import server_worker_pids
 
 # One thread of math per process: pytest-xdist runs a test process per CPU already, and
 # the servers and torchrun processes the tests start are more; torch's (OpenMP), OpenBLAS's
@@ -50,11 +51,7 @@ class ServerProcess:
         return f"127.0.0.1:{self.grpc_port}"
 
     def worker_pids(self) -> list[int]:
-        """The worker processes under the supervisor (multiprocessing's spawned children;
-        not its resource tracker)."""
-        pid = self.process.pid
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-        return [int(c) for c in children if "spawn_main" in Path(f"/proc/{c}/cmdline").read_text()]
+        return server_worker_pids(self.process.pid)
 
 
 @pytest.fixture(autouse=True)
