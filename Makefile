@@ -17,7 +17,7 @@ setup: $(STAMP)
 # suite time"). torch first, pinned, from the local wheels pip is configured to find
 # (pip.conf's find-links or PIP_FIND_LINKS: the CPU build here), so no CUDA build is pulled.
 UV := $(BIN)/uv pip install --python $(BIN)/python -q --compile-bytecode
-FIND_LINKS := $(or $(PIP_FIND_LINKS),$(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null))
+FIND_LINKS = $(or $(PIP_FIND_LINKS),$(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null))
 # The venv starts without pip (ensurepip alone took 7 s) and gets uv from this Python's pip;
 # uv then adds pip to it as well, for whoever uses it there.
 $(STAMP): pyproject.toml
