@@ -28,7 +28,6 @@ from service.connections import GuardedHttpProtocol
 from service.listeners import WorkerListeners, reserve_port, reuse_port_supported
 from service.logs import configure_logging
 from service.machine import usable_cpus
-from service.metrics import start_multiprocess
 from service.runtime_dir import open_runtime_dir
 from service.settings import Settings, describe_management, get_settings
 
@@ -209,7 +208,7 @@ def serve_workers(
     # the runtime directory the workers keep in step through and the metrics they sum.
     runtime = open_runtime_dir(settings.runtime_dir)
     flags["runtime_dir"] = runtime.root
-    start_multiprocess(runtime.metrics)
+    runtime.start_metrics()
     os.environ.update({f"FOLDSERVE_{k.upper()}": str(v) for k, v in flags.items()})
     if settings.threads == 0:
         os.environ["FOLDSERVE_THREADS"] = str(max(1, usable_cpus() // workers))

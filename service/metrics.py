@@ -8,16 +8,15 @@ worker's counters and histograms (and live gauges) at each scrape, so
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import TracebackType
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from service.errors import ServiceError
+from service.runtime_dir import PROMETHEUS_DIR_ENV
 
 LATENCY_BUCKETS = (
     0.0005,
@@ -337,15 +336,8 @@ def multiprocess_dir() -> str | None:
     """prometheus-client's multiprocess directory, when this process writes its values there.
 
     The library reads ``PROMETHEUS_MULTIPROC_DIR`` when it is imported; this is the one
-    place the service looks at it."""
-    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
-
-
-def start_multiprocess(directory: Path) -> None:
-    """Before any worker starts: a fresh multiprocess directory for the server's metrics."""
-    shutil.rmtree(directory, ignore_errors=True)
-    directory.mkdir(parents=True)
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
+    place the service looks at it (``RuntimeDir.start_metrics`` sets it)."""
+    return os.environ.get(PROMETHEUS_DIR_ENV) or None
 
 
 def leave_multiprocess() -> None:

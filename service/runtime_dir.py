@@ -20,9 +20,15 @@ it starts the workers (which then open the same path), or by a single-process ap
 
 from __future__ import annotations
 
+import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+# prometheus-client's multiprocess mode: the directory each worker writes its values into
+# (prometheus-client reads it when imported; service.metrics reads it too).
+PROMETHEUS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,13 @@ class RuntimeDir:
     @property
     def metrics(self) -> Path:
         return self.root / "metrics"
+
+    def start_metrics(self) -> None:
+        """Before any worker starts: an empty metrics directory, named to the workers by
+        ``PROMETHEUS_MULTIPROC_DIR`` in the environment they inherit."""
+        shutil.rmtree(self.metrics, ignore_errors=True)
+        self.metrics.mkdir(parents=True)
+        os.environ[PROMETHEUS_DIR_ENV] = str(self.metrics)
 
     @property
     def derived(self) -> Path:
