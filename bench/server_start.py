@@ -5,11 +5,12 @@ answers, and the CPU and resident memory of the supervisor and of each worker th
     python bench/server_start.py --repository models --baseline ../foldserve-prev  # A/B
 
 Each start is a fresh process tree on a free port of 127.0.0.1 (gRPC off), stopped
-once measured. Ready: ``/v2/health/ready`` answered 200 on ``READY_IN_A_ROW`` new
-connections in a row (the kernel spreads them over the workers' sockets). CPU is
-user + system from /proc when ready; RSS is VmRSS. With ``--baseline`` (another
-checkout, e.g. a ``git worktree`` of an earlier commit) the starts alternate between
-the two, and the table gives each figure's median and this checkout's ratio to it.
+once measured. Ready: ``throughput_servers.wait_ready`` on ``/v2/health/ready`` (200
+on ``READY_IN_A_ROW`` new connections in a row: the kernel spreads them over the
+workers' sockets). CPU is user + system from /proc when ready; RSS is VmRSS. With
+``--baseline`` (another checkout, e.g. a ``git worktree`` of an earlier commit) the
+starts alternate between the two, and the table gives each figure's median and this
+checkout's ratio to it.
 """
 
 from __future__ import annotations
@@ -19,12 +20,10 @@ import statistics
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from throughput_servers import READY_IN_A_ROW, ROOT, RunningServer, ServerSpec, start, stop
+from throughput_servers import ROOT, ServerSpec, start, stop, wait_ready
 
 from service.machine import (
     machine_facts,
@@ -44,25 +43,11 @@ class Start:
     worker_rss_mib: float  # the mean over the workers
 
 
-def _ready(server: RunningServer) -> bool:
-    try:
-        with urllib.request.urlopen(server.url + "/v2/health/ready", timeout=10) as answer:
-            return bool(answer.status == 200)
-    except (urllib.error.URLError, ConnectionError, TimeoutError):
-        return False
-
-
 def measure(spec: ServerSpec, workers: int, log_dir: Path, limit: float = 120.0) -> Start:
     t0 = time.monotonic()
     server = start(spec, log_dir)
     try:
-        in_a_row = 0
-        while in_a_row < READY_IN_A_ROW:
-            if server.process.poll() is not None or time.monotonic() - t0 > limit:
-                raise RuntimeError(f"{spec.label} did not start; log: {server.log_path}")
-            in_a_row = in_a_row + 1 if _ready(server) else 0
-            if not in_a_row:
-                time.sleep(0.02)
+        wait_ready(server, "/v2/health/ready", None, {}, limit, pause=0.02)
         ready = time.monotonic() - t0
         pid = server.process.pid
         pids = server_worker_pids(pid)

@@ -158,8 +158,10 @@ def start(spec: ServerSpec, log_dir: Path) -> RunningServer:
     return RunningServer(spec, port, process, log_path)
 
 
-def post(url: str, body: bytes, headers: dict[str, str], timeout: float = 30.0) -> bytes:
-    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+def post(url: str, body: bytes | None, headers: dict[str, str], timeout: float = 30.0) -> bytes:
+    """POST ``body`` to ``url`` and return the answer's body; ``body=None``: a GET."""
+    method = "GET" if body is None else "POST"
+    request = urllib.request.Request(url, data=body, headers=headers, method=method)
     with urllib.request.urlopen(request, timeout=timeout) as response:
         data: bytes = response.read()
         return data
@@ -171,11 +173,17 @@ READY_IN_A_ROW = 16
 
 
 def wait_ready(
-    server: RunningServer, path: str, body: bytes, headers: dict[str, str], limit: float = 120.0
+    server: RunningServer,
+    path: str,
+    body: bytes | None,
+    headers: dict[str, str],
+    limit: float = 120.0,
+    pause: float = 0.3,
 ) -> None:
     """Until ``path`` answers 200 to ``READY_IN_A_ROW`` real requests in a row, each on a
     new connection (every worker has loaded the models: each worker listens on its own
-    socket, and one that is still loading answers 503)."""
+    socket, and one that is still loading answers 503); ``body=None``: GET requests;
+    ``pause``: the wait after a refusal."""
     deadline = time.monotonic() + limit
     answered = 0
     while True:
@@ -196,7 +204,7 @@ def wait_ready(
                 raise RuntimeError(
                     f"{server.spec.label} not ready; log: {server.log_path}"
                 ) from None
-            time.sleep(0.3)
+            time.sleep(pause)
 
 
 def json_outputs(answer: bytes) -> dict[str, Any]:
