@@ -8,7 +8,7 @@ PORT ?= 8000
 REPOSITORY ?= models
 DEFAULT_MODELS := digits_cnn breast_cancer_mlp resnet_bench
 
-.PHONY: setup run models retrain serve test lint typecheck pytest bench clean
+.PHONY: setup bytecode run models retrain serve test lint typecheck pytest bench clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,13 @@ $(STAMP): pyproject.toml
 	$(UV) --no-deps efficientnet_pytorch==0.7.1 geffnet==1.0.2 pytorchcv==0.0.74
 	touch $(STAMP)
 
+# The project's own modules compiled to bytecode. uv compiles only what it installs, not an
+# editable project, and with PYTHONDONTWRITEBYTECODE set no process caches what it compiles,
+# so each server worker and test process compiled them again (docs/benchmarks.md, "Test
+# suite time"). compileall rewrites only the files changed since its last run.
+bytecode: $(STAMP)
+	$(BIN)/python -m compileall -q training service foldserve
+
 # Train and export each default model that the repository lacks.
 models: $(STAMP)
 	$(BIN)/python -m training defaults --repository $(REPOSITORY) --runs runs
@@ -47,7 +54,7 @@ retrain: $(STAMP)
 	$(BIN)/python -m training retrain --repository $(REPOSITORY) --name $(MODEL) \
 		$(if $(LOAD),--load $(LOAD))
 
-serve: $(STAMP)
+serve: bytecode
 	$(BIN)/python -m service --repository $(REPOSITORY) --host $(HOST) --port $(PORT)
 
 run: models serve
@@ -62,7 +69,7 @@ typecheck: $(STAMP)
 # pytest-xdist: one test process per CPU (PYTEST_WORKERS=0: one process, as plain pytest),
 # each test file whole in one process, so a module's fixtures are built once.
 PYTEST_WORKERS ?= auto
-pytest: $(STAMP)
+pytest: bytecode
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile
 
 # mypy runs beside pytest, in the CPU time pytest leaves idle while it waits on servers
