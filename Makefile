@@ -63,6 +63,13 @@ lint: $(STAMP)
 	$(BIN)/ruff check training service foldserve tests bench
 	$(BIN)/ruff format --check training service foldserve tests bench
 
+# mypy's cache lives with the user's other tool caches, as uv's does, not in the checkout: a new
+# clone is checked against it instead of from nothing (docs/benchmarks.md, "Test suite time").
+# mypy keys each entry by module and checks it against the source's hash, the options and its
+# own version, so what changed is checked again, never trusted.
+MYPY_CACHE_DIR ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/foldserve/mypy
+export MYPY_CACHE_DIR
+
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
