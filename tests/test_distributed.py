@@ -4,8 +4,11 @@ Both runs go through the real command (``torchrun ... -m training train
 --distributed``, gloo on CPU); the reference replays the same global batches
 (each the concatenation of the two processes' DistributedSampler shards) in one
 process with plain BatchNorm. SyncBatchNorm must match it to 1e-5 in every
-weight and running statistic; plain DDP (``--no-sync-bn``) normalizes each
-shard alone and keeps rank 0's running statistics, which must not match (on the MLP).
+weight and running statistic, and lie far from what plain DDP trains (each shard
+normalized alone, rank 0's running statistics kept; replayed in this process too:
+on 2026-12-04 that replay equalled a real ``--no-sync-bn`` launch in every weight and
+statistic, for both networks). That ``--no-sync-bn`` leaves the network's own BN
+layers under DDP is checked in a one-process group, not in a third launch.
 
 Both sides train in float64. In float32 the comparison is a coin toss for the
 CNN: at its 21st step on digits a max-pool window holds two values 4e-7 apart,
@@ -18,7 +21,9 @@ shards swapped, lands that far from itself, as do half of its runs on shuffled
 
 from __future__ import annotations
 
+import copy
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -26,9 +31,12 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DistributedSampler, TensorDataset
 
 from training.data import load_dataset
+from training.distributed import data_parallel, init_distributed, shutdown_distributed
+from training.sync_batchnorm import SyncBatchNorm
 from training.train import TrainConfig, seed_everything
 from training.zoo import NetworkConfig, build_model
 
@@ -37,6 +45,9 @@ PROCESSES = 2
 CONFIG = TrainConfig(
     optimizer="sgd", lr=0.05, schedule="constant", epochs=1, batch_size=32, dtype="float64"
 )
+# The CNN at 8 channels (32 by default): the same BatchNorm2d layers and steps, on 4-D
+# inputs, for a third of the CPU of each launch.
+WIDTH = {"mlp": None, "cnn": 8}
 
 
 def _torchrun(out: Path, model: str, dataset: str, sync_bn: bool) -> dict[str, torch.Tensor]:
@@ -55,6 +66,7 @@ def _torchrun(out: Path, model: str, dataset: str, sync_bn: bool) -> dict[str, t
         "cpu",
         f"--model={model}",
         f"--dataset={dataset}",
+        *([f"--width={WIDTH[model]}"] if WIDTH[model] else []),
         f"--optimizer={CONFIG.optimizer}",
         f"--lr={CONFIG.lr}",
         f"--schedule={CONFIG.schedule}",
@@ -71,16 +83,27 @@ def _torchrun(out: Path, model: str, dataset: str, sync_bn: bool) -> dict[str, t
     return state
 
 
-def _one_process_on_global_batches(model: str, dataset: str) -> dict[str, torch.Tensor]:
-    """What train() does in one process, fed the global batches the two processes shared."""
+def _one_process(model: str, dataset: str, per_shard_bn: bool) -> dict[str, torch.Tensor]:
+    """What the two processes train, replayed in this one on the same shards.
+
+    ``per_shard_bn`` False: one network fed each global batch (rank 0's samples, then
+    rank 1's), which is what SyncBatchNorm promises. True: what plain DDP does, two
+    replicas each normalizing over its own shard, their gradients averaged, rank 0's
+    replica returned (DDP keeps rank 0's running statistics).
+    """
     data = load_dataset(dataset, seed=CONFIG.seed)
     seed_everything(CONFIG.seed)
     mean, std = data.standardization()
     dtype = getattr(torch, CONFIG.dtype)
-    net = build_model(NetworkConfig(model, data.input_shape, data.num_classes), mean, std).to(dtype)
-    opt = torch.optim.SGD(
-        net.parameters(), lr=CONFIG.lr, momentum=CONFIG.momentum, weight_decay=CONFIG.weight_decay
-    )
+    config = NetworkConfig(model, data.input_shape, data.num_classes, width=WIDTH[model])
+    net = build_model(config, mean, std).to(dtype)
+    replicas = [net, *(copy.deepcopy(net) for _ in range(PROCESSES - 1))] if per_shard_bn else [net]
+    opts = [
+        torch.optim.SGD(
+            r.parameters(), lr=CONFIG.lr, momentum=CONFIG.momentum, weight_decay=CONFIG.weight_decay
+        )
+        for r in replicas
+    ]
     ds = TensorDataset(torch.from_numpy(data.X_train).to(dtype), torch.from_numpy(data.y_train))
     shards = []
     for rank in range(PROCESSES):
@@ -90,14 +113,22 @@ def _one_process_on_global_batches(model: str, dataset: str) -> dict[str, torch.
     local = CONFIG.batch_size // PROCESSES
     size = len(shards[0])
     last = size if size % local != 1 else size - 1  # train() drops a 1-sample last batch
-    net.train()
+    for r in replicas:
+        r.train()
     for start in range(0, last, local):
-        index = [i for shard in shards for i in shard[start : start + local]]
-        x, y = ds[index]  # (B, *input_shape), (B,): rank 0's samples, then rank 1's
-        loss = nn.functional.cross_entropy(net(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        batches = [shard[start : start + local] for shard in shards]
+        if not per_shard_bn:
+            batches = [[i for batch in batches for i in batch]]  # the global batch
+        for replica, opt, index in zip(replicas, opts, batches, strict=True):
+            x, y = ds[index]
+            opt.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(replica(x), y).backward()
+        for params in zip(*(r.parameters() for r in replicas), strict=True):
+            grad = torch.stack([p.grad for p in params if p.grad is not None]).mean(0)
+            for p in params:
+                p.grad = grad.clone()
+        for opt in opts:
+            opt.step()
     return net.state_dict()
 
 
@@ -107,16 +138,13 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], part: str)
     return max(float((a[k] - b[k]).abs().max()) for k in keys)
 
 
-# Both BN kinds (BatchNorm1d in the MLP, BatchNorm2d in the CNN) go through SyncBatchNorm;
-# that plain DDP does not match is shown once, on the MLP (a torchrun launch costs 15-20 s
-# of CPU: three processes importing torch).
-@pytest.mark.parametrize(
-    ("model", "dataset", "check_plain"), [("mlp", "breast_cancer", True), ("cnn", "digits", False)]
-)
+# Both BN kinds (BatchNorm1d in the MLP, BatchNorm2d in the CNN) go through SyncBatchNorm
+# in a real two-process launch (each costs 15-20 s of CPU: three processes importing torch).
+@pytest.mark.parametrize(("model", "dataset"), [("mlp", "breast_cancer"), ("cnn", "digits")])
 def test_sync_batchnorm_trains_as_one_process_on_the_global_batch(
-    tmp_path: Path, model: str, dataset: str, check_plain: bool
+    tmp_path: Path, model: str, dataset: str
 ):
-    reference = _one_process_on_global_batches(model, dataset)
+    reference = _one_process(model, dataset, per_shard_bn=False)
     synced = _torchrun(tmp_path / "sync", model, dataset, sync_bn=True)
 
     assert synced.keys() == reference.keys()
@@ -124,10 +152,33 @@ def test_sync_batchnorm_trains_as_one_process_on_the_global_batch(
     assert all(synced[k] == reference[k] > 10 for k in steps)
     for part in ("running_mean", "running_var", "weight", "bias"):
         assert _max_diff(synced, reference, part) < 1e-5, part
-    if not check_plain:
-        return
-    plain = _torchrun(tmp_path / "plain", model, dataset, sync_bn=False)
-    # Plain DDP: each process's BN saw half the batch, and rank 0's statistics won.
-    assert _max_diff(plain, reference, "running_mean") > 1e-3
-    assert _max_diff(plain, reference, "running_var") > 1e-3
-    assert _max_diff(plain, reference, "weight") > 1e-5
+    # What plain DDP trains (each process's BN on its own shard, rank 0's statistics kept)
+    # lies far from it: the comparison above tells synced BN from plain.
+    plain = _one_process(model, dataset, per_shard_bn=True)
+    assert _max_diff(plain, synced, "running_mean") > 1e-3
+    assert _max_diff(plain, synced, "running_var") > 1e-3
+    assert _max_diff(plain, synced, "weight") > 1e-5
+
+
+@pytest.mark.parametrize("sync_bn", [False, True])
+def test_sync_bn_flag_picks_the_batchnorm_that_ddp_wraps(
+    monkeypatch: pytest.MonkeyPatch, sync_bn: bool
+) -> None:
+    """What ``--sync-bn`` / ``--no-sync-bn`` hand to init_distributed: every BN layer becomes
+    a SyncBatchNorm, or each stays the network's own (plain DDP), in a one-process group
+    joined from torchrun's variables."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    variables = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_PORT": str(port)}
+    for name, value in {**variables, "MASTER_ADDR": "127.0.0.1"}.items():
+        monkeypatch.setenv(name, value)
+    ctx = init_distributed("cpu", sync_batchnorm=sync_bn)
+    try:
+        net = build_model(NetworkConfig("mlp", (4,), 3, depth=2, width=8))
+        ddp = data_parallel(net, ctx)
+        kinds = [type(m) for m in net.modules() if isinstance(m, _BatchNorm)]
+        assert kinds == [SyncBatchNorm if sync_bn else nn.BatchNorm1d] * 2
+        assert ddp.module is net and ctx.world_size == 1 and ctx.backend == "gloo"
+    finally:
+        shutdown_distributed()
