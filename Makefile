@@ -8,15 +8,22 @@ PORT ?= 8000
 REPOSITORY ?= models
 DEFAULT_MODELS := digits_cnn breast_cancer_mlp resnet_bench
 
-.PHONY: setup bytecode run models retrain serve test lint typecheck pytest bench clean
+.PHONY: setup run models retrain serve test lint typecheck pytest bench clean
 
 setup: $(STAMP)
 
-# uv installs what pip would (the same versions), in parallel, and compiles the bytecode
-# as pip does: without it every process compiles what it imports (docs/benchmarks.md, "Test
-# suite time"). torch first, pinned, from the local wheels pip is configured to find
-# (pip.conf's find-links or PIP_FIND_LINKS: the CPU build here), so no CUDA build is pulled.
-UV := $(BIN)/uv pip install --python $(BIN)/python -q --compile-bytecode
+# Python caches the bytecode of what it imports, as it does by default, in every process these
+# targets start, even where the environment sets PYTHONDONTWRITEBYTECODE: then no process
+# compiled what another had, and installing had to compile all 13,000 modules of the
+# packages (torch's 2,300: 10 s of the 11 s its install took), of which the whole test suite
+# imports 4,900. The first process to import a module caches it (docs/benchmarks.md, "Test
+# suite time").
+unexport PYTHONDONTWRITEBYTECODE
+
+# uv installs what pip would (the same versions), in parallel. torch first, pinned, from the
+# local wheels pip is configured to find (pip.conf's find-links or PIP_FIND_LINKS: the CPU
+# build here), so no CUDA build is pulled.
+UV := $(BIN)/uv pip install --python $(BIN)/python -q
 FIND_LINKS = $(or $(PIP_FIND_LINKS),$(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null))
 # The venv starts without pip (ensurepip alone took 7 s) and gets uv from this Python's pip;
 # uv then adds pip to it as well, for whoever uses it there.
@@ -30,13 +37,6 @@ $(STAMP): pyproject.toml
 	# pulls another torch; these models import neither.
 	$(UV) --no-deps efficientnet_pytorch==0.7.1 geffnet==1.0.2 pytorchcv==0.0.74
 	touch $(STAMP)
-
-# The project's own modules compiled to bytecode. uv compiles only what it installs, not an
-# editable project, and with PYTHONDONTWRITEBYTECODE set no process caches what it compiles,
-# so each server worker and test process compiled them again (docs/benchmarks.md, "Test
-# suite time"). compileall rewrites only the files changed since its last run.
-bytecode: $(STAMP)
-	$(BIN)/python -m compileall -q training service foldserve
 
 # Train and export each default model that the repository lacks.
 models: $(STAMP)
@@ -54,7 +54,7 @@ retrain: $(STAMP)
 	$(BIN)/python -m training retrain --repository $(REPOSITORY) --name $(MODEL) \
 		$(if $(LOAD),--load $(LOAD))
 
-serve: bytecode
+serve: $(STAMP)
 	$(BIN)/python -m service --repository $(REPOSITORY) --host $(HOST) --port $(PORT)
 
 run: models serve
@@ -76,7 +76,7 @@ typecheck: $(STAMP)
 # pytest-xdist: one test process per CPU (PYTEST_WORKERS=0: one process, as plain pytest),
 # each test file whole in one process, so a module's fixtures are built once.
 PYTEST_WORKERS ?= auto
-pytest: bytecode
+pytest: $(STAMP)
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile
 
 # mypy runs beside pytest, in the CPU time pytest leaves idle while it waits on servers
@@ -90,3 +90,4 @@ test: lint
 
 clean:
 	rm -rf $(VENV) runs .mypy_cache .ruff_cache .pytest_cache
+	find training service foldserve tests bench -name __pycache__ -prune -exec rm -rf {} +
