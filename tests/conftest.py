@@ -36,6 +36,30 @@ os.environ["FOLDSERVE_GRPC_PORT"] = "0"
 os.environ["FOLDSERVE_DRAIN_SECONDS"] = "0"
 
 
+# The files that run longest here, longest first (seconds of wall each, `-n 2`, 2026-12-04:
+# docs/benchmarks.md, "Test suite time"). pytest-xdist hands each worker whole files
+# (`--dist loadfile`) in collection order (`--no-loadscope-reorder`, in pyproject.toml;
+# by default it sends the files with the most tests first, which left these one- and
+# few-test files for last, and one worker running the longest of them alone at the end).
+LONGEST_FIRST = (
+    "test_service_workers.py",  # 32
+    "test_reliability.py",  # 26
+    "test_distributed.py",  # 25
+    "test_experiments.py",  # 24
+    "test_service_overload.py",  # 20
+    "test_export.py",  # 17
+    "test_service_connections.py",  # 15
+    "test_retrain.py",  # 12
+    "test_service_errors.py",  # 11
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The files in LONGEST_FIRST first, in that order; the rest keep theirs."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 @dataclass
 class ServerProcess:
     """A running ``python -m service``: its address, runtime directory and process."""
