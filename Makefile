@@ -12,12 +12,11 @@ DEFAULT_MODELS := digits_cnn breast_cancer_mlp resnet_bench
 
 setup: $(STAMP)
 
-# Python caches the bytecode of what it imports, as it does by default, in every process these
-# targets start, even where the environment sets PYTHONDONTWRITEBYTECODE: then no process
-# compiled what another had, and installing had to compile all 13,000 modules of the
-# packages (torch's 2,300: 10 s of the 11 s its install took), of which the whole test suite
-# imports 4,900. The first process to import a module caches it (docs/benchmarks.md, "Test
-# suite time").
+# Python caches the bytecode of what it imports (its default) in every process these targets
+# start, even where the environment sets PYTHONDONTWRITEBYTECODE. With it set, each process
+# compiled again what others had compiled, unless installing compiled every module of every
+# package ahead, most of which nothing imports. Now the first process to import a module
+# caches it (docs/benchmarks.md, "Test suite time").
 unexport PYTHONDONTWRITEBYTECODE
 
 # uv installs what pip would (the same versions), in parallel. torch first, pinned, from the

@@ -36,21 +36,21 @@ os.environ["FOLDSERVE_GRPC_PORT"] = "0"
 os.environ["FOLDSERVE_DRAIN_SECONDS"] = "0"
 
 
-# The files that run longest here, longest first (seconds of wall each, `-n 2`, 2026-12-04:
-# docs/benchmarks.md, "Test suite time"). pytest-xdist hands each worker whole files
-# (`--dist loadfile`) in collection order (`--no-loadscope-reorder`, in pyproject.toml;
-# by default it sends the files with the most tests first, which left these one- and
-# few-test files for last, and one worker running the longest of them alone at the end).
+# The files that run longest here, longest first (docs/benchmarks.md, "Test suite time").
+# pytest-xdist hands each worker whole files (`--dist loadfile`) in collection order
+# (`--no-loadscope-reorder`, in pyproject.toml; by default it sends the files with the most
+# tests first, which left these one- and few-test files for last, and one worker running the
+# longest of them alone at the end).
 LONGEST_FIRST = (
-    "test_service_workers.py",  # 32
-    "test_reliability.py",  # 26
-    "test_distributed.py",  # 25
-    "test_experiments.py",  # 24
-    "test_service_overload.py",  # 20
-    "test_export.py",  # 17
-    "test_service_connections.py",  # 15
-    "test_retrain.py",  # 12
-    "test_service_errors.py",  # 11
+    "test_service_workers.py",
+    "test_reliability.py",
+    "test_distributed.py",
+    "test_experiments.py",
+    "test_service_overload.py",
+    "test_export.py",
+    "test_service_connections.py",
+    "test_retrain.py",
+    "test_service_errors.py",
 )
 
 

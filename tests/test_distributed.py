@@ -5,10 +5,10 @@ Both runs go through the real command (``torchrun ... -m training train
 (each the concatenation of the two processes' DistributedSampler shards) in one
 process with plain BatchNorm. SyncBatchNorm must match it to 1e-5 in every
 weight and running statistic, and lie far from what plain DDP trains (each shard
-normalized alone, rank 0's running statistics kept; replayed in this process too:
-on 2026-12-04 that replay equalled a real ``--no-sync-bn`` launch in every weight and
-statistic, for both networks). That ``--no-sync-bn`` leaves the network's own BN
-layers under DDP is checked in a one-process group, not in a third launch.
+normalized alone, rank 0's running statistics kept), replayed in this process too
+(docs/benchmarks.md: the replay equals a real ``--no-sync-bn`` launch in every weight and
+statistic). That ``--no-sync-bn`` leaves the network's own BN layers under DDP is
+checked in a one-process group, not in a third launch.
 
 Both sides train in float64. In float32 the comparison is a coin toss for the
 CNN: at its 21st step on digits a max-pool window holds two values 4e-7 apart,
@@ -46,7 +46,7 @@ CONFIG = TrainConfig(
     optimizer="sgd", lr=0.05, schedule="constant", epochs=1, batch_size=32, dtype="float64"
 )
 # The CNN at 8 channels (32 by default): the same BatchNorm2d layers and steps, on 4-D
-# inputs, for a third of the CPU of each launch.
+# inputs, for less CPU in each launch.
 WIDTH = {"mlp": None, "cnn": 8}
 
 
@@ -139,7 +139,7 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], part: str)
 
 
 # Both BN kinds (BatchNorm1d in the MLP, BatchNorm2d in the CNN) go through SyncBatchNorm
-# in a real two-process launch (each costs 15-20 s of CPU: three processes importing torch).
+# in a real two-process launch (three processes importing torch: docs/benchmarks.md).
 @pytest.mark.parametrize(("model", "dataset"), [("mlp", "breast_cancer"), ("cnn", "digits")])
 def test_sync_batchnorm_trains_as_one_process_on_the_global_batch(
     tmp_path: Path, model: str, dataset: str
