@@ -142,6 +142,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@pytest.fixture
+def unused_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listened on a moment ago."""
+    return free_port()
+
+
 def workers_started(runtime: Path, workers: int) -> bool:
     """Every worker has finished its first scan: each acknowledges a generation >= 0 in the
     runtime directory (docs/service.md, "Workers")."""

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -139,7 +138,7 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], part: str)
 
 
 # Both BN kinds (BatchNorm1d in the MLP, BatchNorm2d in the CNN) go through SyncBatchNorm
-# in a real two-process launch (three processes importing torch: docs/benchmarks.md).
+# in a real two-process launch (each launch is three processes importing torch).
 @pytest.mark.parametrize(("model", "dataset"), [("mlp", "breast_cancer"), ("cnn", "digits")])
 def test_sync_batchnorm_trains_as_one_process_on_the_global_batch(
     tmp_path: Path, model: str, dataset: str
@@ -162,17 +161,14 @@ def test_sync_batchnorm_trains_as_one_process_on_the_global_batch(
 
 @pytest.mark.parametrize("sync_bn", [False, True])
 def test_sync_bn_flag_picks_the_batchnorm_that_ddp_wraps(
-    monkeypatch: pytest.MonkeyPatch, sync_bn: bool
+    monkeypatch: pytest.MonkeyPatch, unused_port: int, sync_bn: bool
 ) -> None:
     """What ``--sync-bn`` / ``--no-sync-bn`` hand to init_distributed: every BN layer becomes
     a SyncBatchNorm, or each stays the network's own (plain DDP), in a one-process group
     joined from torchrun's variables."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    variables = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_PORT": str(port)}
-    for name, value in {**variables, "MASTER_ADDR": "127.0.0.1"}.items():
-        monkeypatch.setenv(name, value)
+    torchrun = {"RANK": 0, "LOCAL_RANK": 0, "WORLD_SIZE": 1, "MASTER_ADDR": "127.0.0.1"}
+    for name, value in {**torchrun, "MASTER_PORT": unused_port}.items():
+        monkeypatch.setenv(name, str(value))
     ctx = init_distributed("cpu", sync_batchnorm=sync_bn)
     try:
         net = build_model(NetworkConfig("mlp", (4,), 3, depth=2, width=8))
