@@ -172,17 +172,19 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m service") -> 
     }
     # The gRPC port: taken by another server, it fails here, with a clear message, rather
     # than joining that server's SO_REUSEPORT group. Held while the workers serve.
-    with grpc_port_held(settings):
+    with grpc_port_held(settings, prog):
         if workers == 1:
             from service.app import create_app
 
             log.info("serving with 1 worker, %s loop, %s parser", loop, http)
             uvicorn.run(create_app(settings), **server)
             return
-        serve_workers(settings, flags, workers, server, loop, http)
+        serve_workers(settings, flags, workers, server, loop, http, prog)
 
 
-def grpc_port_held(settings: Settings) -> contextlib.AbstractContextManager[object]:
+def grpc_port_held(
+    settings: Settings, prog: str = "python -m service"
+) -> contextlib.AbstractContextManager[object]:
     """A bound, not listening socket on the gRPC port (nothing when gRPC is off)."""
     if not settings.grpc_port:
         return contextlib.nullcontext()
@@ -190,7 +192,7 @@ def grpc_port_held(settings: Settings) -> contextlib.AbstractContextManager[obje
         return reserve_port(settings.host, settings.grpc_port)
     except OSError as err:
         raise SystemExit(
-            f"python -m service: cannot serve gRPC on {settings.host}:{settings.grpc_port}: "
+            f"{prog}: cannot serve gRPC on {settings.host}:{settings.grpc_port}: "
             f"{err} (--grpc-port 0 turns gRPC off)"
         ) from err
 
@@ -202,6 +204,7 @@ def serve_workers(
     server: dict[str, Any],
     loop: str,
     http: str,
+    prog: str = "python -m service",
 ) -> None:
     """Several worker processes under uvicorn's supervisor, each with its own listener."""
     # Each worker reads its settings from the environment: hand the flags over there, with
@@ -232,9 +235,7 @@ def serve_workers(
     try:
         held = reserve_port(config.host, config.port)
     except OSError as err:
-        raise SystemExit(
-            f"python -m service: cannot listen on {config.host}:{config.port}: {err}"
-        ) from err
+        raise SystemExit(f"{prog}: cannot listen on {config.host}:{config.port}: {err}") from err
     with held:
         port = held.getsockname()[1]
         log.info(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import subprocess
 import sys
 import tomllib
@@ -305,6 +306,32 @@ def test_foldserve_serve_is_python_m_service_and_imports_no_torch() -> None:
     assert "--repository REPOSITORY" in served.stdout
     loaded = foldserve("serve", "--help", code=IMPORTED)
     assert loaded.stdout.splitlines()[-2:] == ["exit 0", "[]"], loaded.stdout[-500:]
+
+
+@pytest.mark.parametrize(
+    ("flag", "refusal"), [("--port", "cannot listen on"), ("--grpc-port", "cannot serve gRPC on")]
+)
+def test_foldserve_serve_names_itself_when_its_port_is_taken(
+    tmp_path: Path, unused_port: int, flag: str, refusal: str
+) -> None:
+    """A port another process listens on stops the start at once, in one line that names
+    the command the user typed and the port."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        ports = {"--port": unused_port, "--grpc-port": 0, flag: port}
+        flags = [f"{name}={value}" for name, value in ports.items()]
+        served = foldserve(
+            "serve",
+            f"--repository={tmp_path}",
+            "--workers=2",
+            f"--runtime-dir={tmp_path}/rt",
+            *flags,
+        )
+    assert served.returncode == 1, served.stderr[-2000:]
+    line = f"foldserve serve: {refusal} 127.0.0.1:{port}: [Errno 98] Address already in use"
+    assert any(out.startswith(line) for out in served.stderr.splitlines()), served.stderr[-2000:]
 
 
 def test_foldserve_serve_works_without_torch() -> None:
