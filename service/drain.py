@@ -9,7 +9,9 @@ closed cleanly after its answer). Then uvicorn's own graceful shutdown runs:
 the listener closes, queued and in-flight requests finish, the process exits 0.
 A repeated SIGTERM changes nothing (with several workers, a worker may get one
 from the supervisor and one from whoever stopped the whole process group);
-SIGINT still stops at once.
+SIGINT still stops at once. Served without a SIGTERM handler of the server's own,
+the drain ends with SIGTERM's default action; where SIGTERM was ignored, it stays
+ignored, with no drain.
 """
 
 from __future__ import annotations
@@ -45,8 +47,11 @@ class Drain:
         only: an app served from another thread, as in the tests, keeps the server's)."""
         if threading.current_thread() is not threading.main_thread():
             return
+        stop = signal.getsignal(signal.SIGTERM)
+        if stop == signal.SIG_IGN:  # SIGTERM is to be ignored: no stop, so no drain either
+            return
         self._loop = asyncio.get_running_loop()
-        self._stop = signal.getsignal(signal.SIGTERM)
+        self._stop = stop
         signal.signal(signal.SIGTERM, self._on_term)
 
     def _on_term(self, sig: int, frame: FrameType | None) -> None:
@@ -74,8 +79,18 @@ class Drain:
             server.should_exit = True
         elif callable(stop):
             stop(sig, frame)
-        else:
-            raise SystemExit(0)
+        elif self._loop is not None:
+            # No handler before ours (SIGTERM's default action): end as that would have at
+            # once. From the main thread, through the loop: only it may set a handler, and
+            # an exception raised in this timer thread would end the thread alone, leaving
+            # the process up and draining for good.
+            self._loop.call_soon_threadsafe(_die_of, sig)
+
+
+def _die_of(sig: int) -> None:
+    """End the process by signal ``sig``'s default action (main thread only)."""
+    signal.signal(sig, signal.SIG_DFL)
+    signal.raise_signal(sig)
 
 
 def _stop_accepting(server: Any) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -10,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from polling import poll
 
 BODY = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}
@@ -78,3 +81,47 @@ def test_sigterm_drains_without_losing_a_request(
     assert lost <= 2, outcomes
     assert outcomes["answered"] > before  # it kept serving while it drained
     assert closing["close"] > 0  # and told the clients to let their connections go
+
+
+# A process whose SIGTERM handler (none, or SIG_IGN) was set before the drain installs;
+# SIGTERM comes at once, and whatever prints last tells whether the drain ran and ended.
+NO_SERVER_HANDLER = """
+import asyncio, signal, sys
+from service.drain import Drain
+
+if sys.argv[1] == "ignored":
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+async def main() -> None:
+    drain = Drain(0.05)
+    drain.install()
+    signal.raise_signal(signal.SIGTERM)
+    print("draining", drain.draining, flush=True)
+    if drain.draining:
+        await asyncio.sleep(10)  # the drain's end stops the process long before this
+    print("still up", flush=True)
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize(
+    ("handler", "code", "printed"),
+    [
+        ("default", -signal.SIGTERM, ["draining True"]),
+        ("ignored", 0, ["draining False", "still up"]),
+    ],
+)
+def test_without_a_server_handler_sigterm_keeps_its_own_meaning(
+    handler: str, code: int, printed: list[str]
+) -> None:
+    """No SIGTERM handler before the drain's: after the drain, the process dies of SIGTERM
+    as it would have (it used to stay up, its stop raised in a timer thread). SIGTERM
+    ignored: it stays ignored, and nothing drains."""
+    done = subprocess.run(
+        [sys.executable, "-c", NO_SERVER_HANDLER, handler],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (done.returncode, done.stdout.split("\n")[:-1]) == (code, printed), done.stderr
