@@ -182,10 +182,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m service") -> 
         serve_workers(settings, flags, workers, server, loop, http, prog)
 
 
-def grpc_port_held(
-    settings: Settings, prog: str = "python -m service"
-) -> contextlib.AbstractContextManager[object]:
-    """A bound, not listening socket on the gRPC port (nothing when gRPC is off)."""
+def grpc_port_held(settings: Settings, prog: str) -> contextlib.AbstractContextManager[object]:
+    """A bound, not listening socket on the gRPC port (nothing when gRPC is off); ``prog``
+    names the command in the error when the port is taken."""
     if not settings.grpc_port:
         return contextlib.nullcontext()
     try:
@@ -204,7 +203,7 @@ def serve_workers(
     server: dict[str, Any],
     loop: str,
     http: str,
-    prog: str = "python -m service",
+    prog: str,
 ) -> None:
     """Several worker processes under uvicorn's supervisor, each with its own listener."""
     # Each worker reads its settings from the environment: hand the flags over there, with
