@@ -320,7 +320,7 @@ def test_foldserve_serve_names_itself_when_its_port_is_taken(
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        ports = {"--port": unused_port, "--grpc-port": 0, flag: port}
+        ports = {"--port": unused_port, "--grpc-port": 0, flag: port}  # the taken one at flag
         flags = [f"{name}={value}" for name, value in ports.items()]
         served = foldserve(
             "serve",
