@@ -10,7 +10,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -22,6 +21,9 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from throughput_servers import free_port
+
+from service.machine import server_worker_pids
 
 REPO_ROOT = Path(__file__).resolve().parent.parent  # `python -m service` runs this checkout
 
@@ -38,12 +40,8 @@ class Server:
         return f"http://127.0.0.1:{self.port}"
 
     def worker_pids(self) -> list[int]:
-        """The server's child processes that registered as workers in the runtime dir."""
-        children: set[int] = set()
-        for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
-            children.update(int(p) for p in (task / "children").read_text().split())
-        workers = {int(p.stem) for p in (self.runtime / "workers").glob("*.json")}
-        return sorted(children & workers)
+        """The server's worker processes."""
+        return server_worker_pids(self.proc.pid)
 
     def manage(self, model: str, action: str) -> httpx.Response:
         """``load`` or ``unload`` ``model`` in every worker (the call waits for all)."""
@@ -52,12 +50,6 @@ class Server:
             headers={"Authorization": f"Bearer {self.api_key}"},
             timeout=300,
         )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextmanager
