@@ -26,7 +26,7 @@ from pathlib import Path
 import grpc_load
 import throughput_load as load
 import throughput_servers as servers
-from grpc_throughput import CONNECTIONS, wait_grpc
+from grpc_cells import CONNECTIONS, wait_grpc
 from throughput_profile import categorize as profile_categories
 from throughput_profile import thread_cpu
 
