@@ -3,8 +3,8 @@ wiring that only a server shows (request parameters, config.json, statuses, /met
 
 The batcher's own behaviour (coalescing, max_queue_delay, splitting, failures, timeouts,
 close, disconnects) is tested in process, with calls the test finishes, in
-test_batcher.py. Here events are ordered by polling the server's metrics, never by
-sleeping.
+test_batcher.py and test_batcher_failures.py. Here events are ordered by polling the
+server's metrics, never by sleeping.
 """
 
 from __future__ import annotations
