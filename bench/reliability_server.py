@@ -32,7 +32,6 @@ REPO_ROOT = Path(__file__).resolve().parent.parent  # `python -m service` runs t
 class Server:
     proc: subprocess.Popen[bytes]
     port: int
-    runtime: Path
     api_key: str
 
     @property
@@ -65,7 +64,7 @@ def serve(repository: Path, runtime: Path, workers: int, api_key: str) -> Iterat
     log = runtime.parent / "server.log"
     with log.open("wb") as fh:
         proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=fh, stderr=fh)
-    server = Server(proc, port, runtime, api_key)
+    server = Server(proc, port, api_key)
     try:
         deadline = time.monotonic() + 120
         while len(acknowledged(runtime)) < workers:
