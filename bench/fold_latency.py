@@ -42,8 +42,8 @@ import torch
 from fold_latency_report import CONTROL, END, RUNTIMES, START, Cell, plot, table, verdicts
 from markdown_section import publish
 
+from foldserve.latency_stats import paired_speedup
 from service.latency import LatencyParams, measure_model, random_feeds, time_interleaved
-from service.latency_stats import paired_speedup
 from service.machine import machine_facts, usable_cpus
 from service.metrics import ServiceMetrics
 from service.repository import ModelRepository
@@ -310,7 +310,7 @@ def main() -> None:
         "## Folded vs unfolded latency",
         "",
         "Speedup = unfolded p50 / folded p50 of interleaved runs on the same random batch; "
-        "the interval is a 95% bootstrap over the paired runs (`service/latency_stats.py`). "
+        "the interval is a 95% bootstrap over the paired runs (`foldserve/latency_stats.py`). "
         f"`{CONTROL}` is the control: `model.onnx` against itself in two sessions, so its "
         "distance from 1.000 is the method's own bias on this machine. "
         "Targets and the reasons behind misses: `docs/latency.md`.",

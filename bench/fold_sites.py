@@ -156,7 +156,7 @@ def table(rows: list[Row]) -> list[str]:
 
 
 class Kept(Protocol):
-    """A BN a fold left in place: ``service.model_format.KeptBatchNorm``, from either folder."""
+    """A BN a fold left in place: ``foldserve.model_format.KeptBatchNorm``, from either folder."""
 
     @property
     def bn(self) -> str: ...

@@ -22,7 +22,7 @@ calibrated on 256 samples of their training split and scored on their test split
 Two public architectures that fold fully (random weights, randomized BN
 statistics; nothing downloaded) at a small input size are exported with their BN
 nodes (``bench/onnx_fold_networks.py``'s exporter) and folded by
-``service.onnx_fold``; they are calibrated on 256 seeded normal inputs and scored by
+``foldserve.onnx_fold``; they are calibrated on 256 seeded normal inputs and scored by
 argmax agreement with FP32 folded on 256 other ones. Latency: p50 per
 ``session.run`` at batch 1 and 8, with 1 thread and with the default (every usable
 CPU), the six files interleaved round by round. Writes the tables into
@@ -47,10 +47,10 @@ import torch
 from markdown_section import publish
 from onnx_fold_networks import export as export_bn_kept  # a sibling script
 
-from service.latency_stats import paired_speedup
+from foldserve.latency_stats import paired_speedup
+from foldserve.model_graph import batchnorm_nodes
+from foldserve.onnx_fold import fold_model
 from service.machine import usable_cpus
-from service.model_graph import batchnorm_nodes
-from service.onnx_fold import fold_model
 from service.sessions import SessionFactory
 from training.batchnorm import randomize_batchnorm
 from training.export import build_version, run_dataset

@@ -6,7 +6,7 @@ The models of ``bench/fold_sites.py`` (efficientnet_pytorch, geffnet, pytorchcv;
 weights, randomized BN statistics, eval mode, 224x224 RGB) are exported with their
 BatchNormalization nodes kept: TorchScript ``torch.onnx.export(..., dynamo=False,
 do_constant_folding=False)`` as older exporters did, or, where that exporter fails,
-``training.onnx_graph.export_onnx`` (dynamo, BN kept). ``service.onnx_fold.fold_model``
+``training.onnx_graph.export_onnx`` (dynamo, BN kept). ``foldserve.onnx_fold.fold_model``
 folds each; the table gives BN nodes before and after, what was kept and why (grouped
 below it), the self-check's max abs diff against its tolerance, the folded ONNX against
 eager PyTorch (max relative error, batch 2), and the fold's wall time. Written into
@@ -33,7 +33,7 @@ from fold_sites import INPUT, MODELS, chosen_models, kept_reasons  # siblings, a
 from markdown_section import publish
 from torch import nn
 
-from service.onnx_fold import OnnxFoldReport, fold_model
+from foldserve.onnx_fold import OnnxFoldReport, fold_model
 from training.batchnorm import randomize_batchnorm
 from training.onnx_graph import export_onnx
 

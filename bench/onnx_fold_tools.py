@@ -37,7 +37,7 @@ import onnx
 import onnxruntime as ort
 from markdown_section import publish  # a sibling script, as fold_sites.py does
 
-from service.onnx_fold import FoldCheckFailed, default_tolerance, fold_model
+from foldserve.onnx_fold import FoldCheckFailed, default_tolerance, fold_model
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent / "tests"))

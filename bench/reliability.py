@@ -54,8 +54,8 @@ import onnxruntime as ort
 from reliability_server import LoadClients, Outcome, Server, serve
 from tqdm import tqdm
 
+from foldserve.model_format import FOLDED_FILE, VersionMetadata
 from service.machine import machine_facts, vm_rss_kib
-from service.model_format import FOLDED_FILE, VersionMetadata
 from service.sessions import CPU
 
 if TYPE_CHECKING:

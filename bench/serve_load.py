@@ -27,7 +27,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from service.datatypes import NUMPY_DTYPES
+from foldserve.datatypes import NUMPY_DTYPES
 
 
 @dataclass(frozen=True)

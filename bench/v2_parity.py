@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from service.datatypes import NUMPY_DTYPES, V2_DATATYPES
-from service.model_format import FOLDED_FILE, VersionMetadata, version_numbers
+from foldserve.datatypes import NUMPY_DTYPES, V2_DATATYPES
+from foldserve.model_format import FOLDED_FILE, VersionMetadata, version_numbers
 
 
 def infer_v2(url: str, model: str, version: int, inputs: dict[str, np.ndarray]) -> dict[str, Any]:

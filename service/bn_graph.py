@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from service.model_graph import BATCHNORM, batchnorm_nodes
+from foldserve.model_graph import BATCHNORM, batchnorm_nodes
 from service.sessions import session_options
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from service.datatypes import NUMPY_DTYPES
+from foldserve.datatypes import NUMPY_DTYPES
 from service.errors import BadRequest
 from service.json_data import decode_json_data, tensor_dtype
 

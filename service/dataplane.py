@@ -22,10 +22,11 @@ import time
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
+from foldserve.datatypes import V2_DATATYPES
+from foldserve.onnx_fold.version import derived_from
 from service.admission import AdmissionGates
 from service.batching import Receive
 from service.codecs import DecodedRequest, OutputTensor
-from service.datatypes import V2_DATATYPES
 from service.drain import Drain
 from service.errors import LoadFailed, QueueFull, RequestTimeout
 from service.inference import (
@@ -37,7 +38,6 @@ from service.inference import (
     select_outputs,
 )
 from service.metrics import RequestRecord, ServiceMetrics
-from service.onnx_fold.version import derived_from
 from service.protocol import (
     PLATFORM,
     FoldReportSummary,

@@ -4,7 +4,7 @@ A version directory that holds a ``model.onnx`` and neither ``metadata.json`` no
 ``model.unfolded.onnx`` is a user's own ONNX file (an export is renamed into
 place whole, so it is never seen without its metadata). At load the service
 derives what an export would have written
-(:func:`service.onnx_fold.derive_version`: the folded file, specs read off the
+(:func:`foldserve.onnx_fold.derive_version`: the folded file, specs read off the
 graph, the fold report, a reference batch with the user's
 own outputs) and caches it, content-addressed by the sha256 of the user's file:
 
@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from service.files import file_lock, staged_dir, write_synced
-from service.model_format import (
+from foldserve.files import file_lock, staged_dir, write_synced
+from foldserve.model_format import (
     METADATA_FILE,
     UNFOLDED_FILE,
     USER_FILE,
@@ -44,7 +44,7 @@ from service.model_format import (
     sha256_hex,
     verified_bytes,
 )
-from service.onnx_fold.version import DERIVATION, derive_version, derived_from
+from foldserve.onnx_fold.version import DERIVATION, derive_version, derived_from
 from service.runtime_dir import RuntimeDir
 
 log = logging.getLogger(__name__)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from foldserve.model_format import TensorSpec
 from service.batching import Feeds
 from service.codecs import (
     DecodedRequest,
@@ -23,7 +24,6 @@ from service.codecs import (
 )
 from service.errors import BadRequest
 from service.json_data import cast_exact, json_array
-from service.model_format import TensorSpec
 
 
 def _names(items: list[str]) -> str:

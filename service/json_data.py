@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from service.datatypes import NUMPY_DTYPES
+from foldserve.datatypes import NUMPY_DTYPES
 from service.errors import BadRequest
 
 JSON_KINDS = {"b": "booleans", "i": "integers", "u": "integers", "f": "numbers"}

@@ -5,7 +5,7 @@ from the model's own :class:`SessionFactory`), on the same random inputs drawn
 from the model's input spec, interleaved after warm-up: run ``i`` of the folded
 and of the unfolded session are back to back, their order alternating each
 round, so that machine noise hits both variants alike and the pair can be
-resampled together (see :mod:`service.latency_stats`).
+resampled together (see :mod:`foldserve.latency_stats`).
 
 :class:`service.latency_lab.FoldLatencyLab` adds what the HTTP route needs
 around one measurement: one at a time in the whole server, off the event loop,
@@ -27,10 +27,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from foldserve.files import write_atomic
+from foldserve.latency_stats import LatencySummary, Speedup, paired_speedup, summarize
+from foldserve.model_format import TensorSpec
+from foldserve.model_graph import batchnorm_nodes
 from service.bn_graph import batchnorm_after_ort, batchnorm_inputs, batchnorm_share
 from service.errors import NotMeasurable
-from service.files import write_atomic
-from service.latency_stats import LatencySummary, Speedup, paired_speedup, summarize
 from service.latency_words import (
     RUNTIME_ONLY,
     bound_words,
@@ -39,8 +41,6 @@ from service.latency_words import (
     verdict,
 )
 from service.machine import machine_facts
-from service.model_format import TensorSpec
-from service.model_graph import batchnorm_nodes
 from service.served_version import ServedVersion
 
 log = logging.getLogger(__name__)
@@ -300,7 +300,7 @@ def measure_model(
 ) -> FoldLatencyReport:
     """Measure ``model``'s folded against its unfolded file (blocking; call it off the loop).
 
-    Raises :class:`service.model_format.ModelVersionError` when a file is missing or
+    Raises :class:`foldserve.model_format.ModelVersionError` when a file is missing or
     no longer matches its sha256, :class:`NotMeasurable` for inputs it cannot draw.
     """
     meta = model.metadata

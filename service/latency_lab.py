@@ -16,10 +16,10 @@ from typing import Any
 
 import anyio
 
+from foldserve.files import file_lock, write_atomic
+from foldserve.model_format import ModelVersionError
 from service.errors import MeasurementBusy, NoReportYet, NotMeasurable
-from service.files import file_lock, write_atomic
 from service.latency import FoldLatencyReport, LatencyParams, Progress, measure_model
-from service.model_format import ModelVersionError
 from service.runtime_dir import RuntimeDir
 from service.served_version import ServedVersion
 

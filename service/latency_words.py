@@ -3,7 +3,7 @@ and the bound folding can reach (:mod:`service.latency` measures)."""
 
 from __future__ import annotations
 
-from service.latency_stats import Speedup
+from foldserve.latency_stats import Speedup
 
 # The ops after which ONNX Runtime fuses a BatchNormalization node by itself (ConvBNFusion).
 ORT_FUSES_AFTER = frozenset({"Conv"})

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from service.model_format import ModelVersionError
+from foldserve.model_format import ModelVersionError
 from service.settings import Settings
 
 CONFIG_FILE = "config.json"

@@ -11,8 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from service.model_format import KeptBatchNorm
-from service.onnx_fold.version import DerivedFrom
+from foldserve.model_format import KeptBatchNorm
+from foldserve.onnx_fold.version import DerivedFrom
 
 PLATFORM = "onnxruntime_onnx"
 SERVER_EXTENSIONS = ["binary_tensor_data", "classification", "model_repository"]

@@ -19,6 +19,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from foldserve.model_format import (
+    VERSION_DIR,
+    ModelVersionError,
+    valid_model_name,
+    version_numbers,
+)
 from service.derived import DerivedVersions, open_version
 from service.errors import ModelNotFound, ModelNotReady, ModelUnavailable
 from service.model_config import (
@@ -27,12 +33,6 @@ from service.model_config import (
     ServedVariant,
     VersionPolicy,
     read_model_config,
-)
-from service.model_format import (
-    VERSION_DIR,
-    ModelVersionError,
-    valid_model_name,
-    version_numbers,
 )
 from service.protocol import ModelState
 from service.runtime_dir import RuntimeDir

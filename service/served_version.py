@@ -20,17 +20,17 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
-from service.batching import DynamicBatcher, Feeds, Outputs
-from service.codecs import RequestedOutput
-from service.metrics import ServiceMetrics
-from service.model_config import BatchingConfig, BatchingOverrides, ServedVariant
-from service.model_format import (
+from foldserve.model_format import (
     ModelVersionError,
     TensorData,
     TensorSpec,
     VersionMetadata,
     verified_bytes,
 )
+from service.batching import DynamicBatcher, Feeds, Outputs
+from service.codecs import RequestedOutput
+from service.metrics import ServiceMetrics
+from service.model_config import BatchingConfig, BatchingOverrides, ServedVariant
 from service.sessions import CUDA, SessionFactory
 from service.settings import Settings
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from service.datatypes import ORT_DATATYPES
-from service.model_format import ModelVersionError
+from foldserve.datatypes import ORT_DATATYPES
+from foldserve.model_format import ModelVersionError
 from service.served_version import ServedVersion
 
 

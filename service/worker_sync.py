@@ -27,8 +27,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from foldserve.files import file_lock, write_atomic
 from service.errors import ModelNotReady, ServiceError, WorkersOutOfStep
-from service.files import file_lock, write_atomic
 from service.repository import ModelEntry, ModelRepository
 from service.runtime_dir import RuntimeDir
 

@@ -18,7 +18,7 @@ import httpx
 import pytest
 from polling import poll
 
-from service.files import file_lock
+from foldserve.files import file_lock
 from service.machine import server_worker_pids
 
 # One thread of math per process: pytest-xdist runs a test process per CPU already, and

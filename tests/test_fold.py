@@ -17,7 +17,7 @@ from torch.fx.experimental.optimization import fuse as fx_fuse
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
-from service.model_format import FoldedBatchNorm, KeptBatchNorm
+from foldserve.model_format import FoldedBatchNorm, KeptBatchNorm
 from training.batchnorm import randomize_batchnorm
 from training.fold import FoldError, FoldReport, fold_batchnorm
 from training.fold.weights import round_to_dtype

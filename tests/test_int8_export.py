@@ -14,7 +14,7 @@ import onnxruntime as ort
 import pytest
 from typer.testing import CliRunner
 
-from service.model_format import VersionMetadata
+from foldserve.model_format import VersionMetadata
 from training import export as export_mod
 from training.__main__ import app
 from training.data import load_dataset

@@ -13,8 +13,8 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx_graphs import PATTERNS, REFUSALS, SHARED_WEIGHT, Builder, build, build_refusal, op_count
 from typer.testing import CliRunner
 
-from service.onnx_fold import FoldCheckFailed, OnnxFoldReport, fold_model
-from service.onnx_fold.check import widened
+from foldserve.onnx_fold import FoldCheckFailed, OnnxFoldReport, fold_model
+from foldserve.onnx_fold.check import widened
 
 
 def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

@@ -15,7 +15,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from service.onnx_fold import fold_model
+from foldserve.onnx_fold import fold_model
 from training.batchnorm import randomize_batchnorm
 
 WHY = "installed by `make setup` (--no-deps, not in pyproject): pip install --no-deps {}"

@@ -20,7 +20,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from service.model_format import FOLDED_FILE, UNFOLDED_FILE, VersionMetadata, write_version
+from foldserve.model_format import FOLDED_FILE, UNFOLDED_FILE, VersionMetadata, write_version
 from training.__main__ import app
 from training.data import load_dataset
 from training.export import export_run

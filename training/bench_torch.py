@@ -1,7 +1,7 @@
 """Eager PyTorch folded-vs-unfolded latency, interleaved so noise hits both alike.
 
 The speedup and its interval are the service's fold-latency statistic
-(:func:`service.latency_stats.paired_speedup`: a paired percentile bootstrap of
+(:func:`foldserve.latency_stats.paired_speedup`: a paired percentile bootstrap of
 the ratio of medians), so eager PyTorch and ONNX Runtime numbers compare.
 """
 
@@ -16,7 +16,7 @@ import torch
 from rich.table import Table
 from torch import nn
 
-from service.latency_stats import Speedup, paired_speedup
+from foldserve.latency_stats import Speedup, paired_speedup
 from training.fold import fold_batchnorm
 
 

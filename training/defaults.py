@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from service.model_format import version_numbers
+from foldserve.model_format import version_numbers
 from training.export import ExportResult, export_run
 from training.train import DatasetSpec, TrainConfig, load_run, save_run, train
 from training.zoo import NetworkConfig

@@ -24,8 +24,8 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from service.datatypes import REFERENCE_ATOL, V2_DATATYPES
-from service.model_format import (
+from foldserve.datatypes import REFERENCE_ATOL, V2_DATATYPES
+from foldserve.model_format import (
     FOLDED_FILE,
     INT8_FILE,
     UNFOLDED_FILE,
@@ -38,7 +38,7 @@ from service.model_format import (
     valid_model_name,
     write_version,
 )
-from service.model_graph import batchnorm_nodes
+from foldserve.model_graph import batchnorm_nodes
 from training.data import Dataset, load_dataset
 from training.fold import FoldReport, fold_batchnorm
 from training.onnx_graph import export_onnx

@@ -4,7 +4,7 @@ The version is what an export writes: ``model.onnx`` (folded), ``model.unfolded.
 (the user's file, byte for byte) and ``metadata.json`` with the fold report, the
 BatchNormalization counts of both files, their sha256, parity and a reference
 batch (random inputs of the declared shapes, the user's file's outputs). The
-derivation is the service's own (:func:`service.onnx_fold.derive_version`), the
+derivation is the service's own (:func:`foldserve.onnx_fold.derive_version`), the
 one a server runs for a bare ``model.onnx`` dropped into the repository.
 """
 
@@ -17,7 +17,7 @@ from typing import Annotated
 import numpy as np
 import typer
 
-from service.model_format import (
+from foldserve.model_format import (
     FOLDED_FILE,
     INT8_FILE,
     UNFOLDED_FILE,
@@ -26,7 +26,7 @@ from service.model_format import (
     valid_model_name,
     write_version,
 )
-from service.onnx_fold import OnnxFoldReport, derive_version
+from foldserve.onnx_fold import OnnxFoldReport, derive_version
 from training import int8_cli as q
 from training.quantize import Int8Error, Int8Options, Samples, build_int8
 from training.terminal import console, fail

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from service.model_format import Int8Record
+from foldserve.model_format import Int8Record
 from training.quantize import CALIBRATION_SAMPLES, METHODS, Int8Error, Int8Options, parse_methods
 from training.terminal import console, fail
 

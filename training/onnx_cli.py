@@ -1,4 +1,4 @@
-"""``python -m training fold-onnx``: fold BN in any ONNX file with :mod:`service.onnx_fold`
+"""``python -m training fold-onnx``: fold BN in any ONNX file with :mod:`foldserve.onnx_fold`
 (torch-free), say what folded, what was kept and why, and whether the self-check passed."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from google.protobuf.message import DecodeError
 
-from service.onnx_fold import FoldCheckFailed, OnnxFoldReport, fold_file
+from foldserve.onnx_fold import FoldCheckFailed, OnnxFoldReport, fold_file
 from training.terminal import console, fail
 
 

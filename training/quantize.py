@@ -7,7 +7,7 @@ quantizes a folded FP32 model with each calibration method asked for, keeps the
 one that does best on the selection data (accuracy, then agreement with FP32),
 measures it on the evaluation data beside the FP32 model, and refuses it
 (:class:`Int8Error`) when it loses more than the tolerance. The record it returns
-is ``metadata.json``'s ``int8`` (:class:`service.model_format.Int8Record`).
+is ``metadata.json``'s ``int8`` (:class:`foldserve.model_format.Int8Record`).
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from service.model_format import Calibration, Int8Record, TensorData
-from service.model_graph import QDQ_OPS, op_counts
+from foldserve.model_format import Calibration, Int8Record, TensorData
+from foldserve.model_graph import QDQ_OPS, op_counts
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from service.datatypes import NUMPY_DTYPES
-from service.model_format import ModelVersionError, VersionMetadata, version_numbers
+from foldserve.datatypes import NUMPY_DTYPES
+from foldserve.model_format import ModelVersionError, VersionMetadata, version_numbers
 from training.export import EXPORT_DTYPES
 from training.int8_cli import options_of
 from training.quantize import Int8Options

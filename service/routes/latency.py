@@ -7,9 +7,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, Field
 
+from foldserve.latency_stats import histogram_quantile
 from service.latency import LatencyParams
 from service.latency_lab import FoldLatencyLab
-from service.latency_stats import histogram_quantile
 from service.latency_words import scale
 from service.metrics import ServiceMetrics
 from service.protocol import error_responses

@@ -21,7 +21,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from servers import LiveServer, live_server, server_settings
 
-from service.model_format import (
+from foldserve.model_format import (
     FOLDED_FILE,
     UNFOLDED_FILE,
     FoldRecord,
@@ -33,7 +33,7 @@ from service.model_format import (
     commit_version,
     sha256_hex,
 )
-from service.model_format import write_version as write_version_files
+from foldserve.model_format import write_version as write_version_files
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -1,4 +1,4 @@
-"""service.files across processes: atomic replacement never shows a torn file, and the
+"""foldserve.files across processes: atomic replacement never shows a torn file, and the
 file lock excludes other processes (what every worker relies on)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from service.files import file_lock, staged_dir, write_atomic
+from foldserve.files import file_lock, staged_dir, write_atomic
 
 SIZE = 1 << 16  # large enough that a plain write would be seen half-done
 WRITERS = 4

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from service.model_format import (
+from foldserve.model_format import (
     ModelVersionError,
     ReferenceBatch,
     TensorData,

@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from service.files import file_lock, write_atomic
+from foldserve.files import file_lock, write_atomic
 from service.runtime_dir import RuntimeDir, open_runtime_dir
 
 WORKERS = 6

@@ -24,8 +24,8 @@ import pytest
 from polling import poll
 from servers import HOLD_US, parse_metrics, scrape, serving_options, v2_body, value
 
+from foldserve.model_format import ModelVersionError
 from service.model_config import BatchingOverrides, read_model_config
-from service.model_format import ModelVersionError
 from service.repository import ModelRepository
 
 SAMPLE = {"digits_cnn": (1, 8, 8), "breast_cancer_mlp": (30,), "linear": (4,)}

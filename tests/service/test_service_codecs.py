@@ -9,13 +9,13 @@ import pytest
 from tritonclient.http import InferResult
 from tritonclient.utils import deserialize_bytes_tensor
 
+from foldserve.datatypes import NUMPY_DTYPES
 from service.codecs import (
     OutputTensor,
     decode_infer_request,
     encode_infer_response,
     serialize_bytes_tensor,
 )
-from service.datatypes import NUMPY_DTYPES
 from service.errors import BadRequest
 from service.inference import classify
 from service.json_data import cast_exact, decode_json_data

@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from foldserve.model_format import ModelVersionError, VersionMetadata
 from service.model_config import read_model_config
-from service.model_format import ModelVersionError, VersionMetadata
 
 WORKERS = 2
 REQUESTS = 16  # per check: both workers answer some

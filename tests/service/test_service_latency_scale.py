@@ -11,7 +11,7 @@ import pytest
 
 
 def test_histogram_quantile_interpolates_as_prometheus_does() -> None:
-    from service.latency_stats import histogram_quantile
+    from foldserve.latency_stats import histogram_quantile
 
     buckets = [(0.001, 0.0), (0.002, 10.0), (0.005, 30.0), (math.inf, 40.0)]
     assert histogram_quantile(0.5, buckets) == pytest.approx(0.002 + 0.003 * 10 / 20)

@@ -18,8 +18,8 @@ import pytest
 from polling import poll
 from servers import serving_options
 
+from foldserve.model_format import ModelVersionError
 from service.errors import ModelNotFound, ModelNotReady, ModelUnavailable
-from service.model_format import ModelVersionError
 from service.repository import ModelRepository
 from service.sessions import CPU
 

@@ -32,9 +32,9 @@ from user_onnx import (
     write_bare,
 )
 
+from foldserve.model_format import VersionMetadata, sha256_hex
+from foldserve.onnx_fold import derive_version
 from service.derived import CACHE_DIR, DERIVED_FILE
-from service.model_format import VersionMetadata, sha256_hex
-from service.onnx_fold import derive_version
 from service.repository import ModelRepository
 from service.runtime_dir import RuntimeDir
 

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from service.model_format import KeptBatchNorm
+from foldserve.model_format import KeptBatchNorm
 from training.fold.graph import fold_graph, trace_for_folding
 from training.fold.probe import FoldError, probe_model
 from training.fold.report import FoldReport

@@ -18,7 +18,7 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
-from service.model_format import KeptBatchNorm
+from foldserve.model_format import KeptBatchNorm
 from training.fold.layer_forward import base_layer
 from training.fold.rules import BatchNormFolder, Concat, Neighbour, layer_kind, qualified_name
 

@@ -10,7 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 from torch import nn
 
-from service.model_format import FoldedBatchNorm, FoldRecord, KeptBatchNorm
+from foldserve.model_format import FoldedBatchNorm, FoldRecord, KeptBatchNorm
 
 Direction = Literal["backward", "forward"]
 

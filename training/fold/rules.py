@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
-from service.model_format import FoldedBatchNorm, KeptBatchNorm
+from foldserve.model_format import FoldedBatchNorm, KeptBatchNorm
 from training.batchnorm import batch_norm_affine
 from training.fold.layer_forward import WEIGHT_LAYERS, has_own_forward
 from training.fold.probe import Probe

@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
-from service.model_format import KeptBatchNorm
+from foldserve.model_format import KeptBatchNorm
 from training.fold.layer_forward import base_layer
 from training.fold.rules import BatchNormFolder, Neighbour, qualified_name
 

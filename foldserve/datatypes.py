@@ -1,7 +1,7 @@
 """The KServe V2 tensor datatypes: their numpy dtypes, ONNX and ONNX Runtime type names,
 and the float rounding two runs of one network may differ by in each.
 
-The one table of datatypes: the repository contract (:mod:`service.model_format`),
+The one table of datatypes: the repository contract (:mod:`foldserve.model_format`),
 the codecs, the ONNX folder and training all import it from here."""
 
 from __future__ import annotations

@@ -11,9 +11,9 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from service.onnx_fold import weights
-from service.onnx_fold.edits import Editor, Fold, fold, readers, same
-from service.onnx_fold.graph import (
+from foldserve.onnx_fold import weights
+from foldserve.onnx_fold.edits import Editor, Fold, fold, readers, same
+from foldserve.onnx_fold.graph import (
     Scope,
     float_attribute,
     int_attribute,
@@ -21,7 +21,7 @@ from service.onnx_fold.graph import (
     set_attribute,
     tensor_like,
 )
-from service.onnx_fold.sites import Site
+from foldserve.onnx_fold.sites import Site
 
 CONVS = ("Conv", "ConvTranspose")
 

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import onnx
 
-from service.model_format import FoldedBatchNorm, KeptBatchNorm
-from service.model_graph import BATCHNORM
-from service.onnx_fold.backward import fold_backward
-from service.onnx_fold.edits import Editor, Fold
-from service.onnx_fold.forward import fold_forward
-from service.onnx_fold.graph import Scope, all_names, drop_unused_constants, node_label, scopes
-from service.onnx_fold.sites import Site, affine_run, batchnorm_site
+from foldserve.model_format import FoldedBatchNorm, KeptBatchNorm
+from foldserve.model_graph import BATCHNORM
+from foldserve.onnx_fold.backward import fold_backward
+from foldserve.onnx_fold.edits import Editor, Fold
+from foldserve.onnx_fold.forward import fold_forward
+from foldserve.onnx_fold.graph import Scope, all_names, drop_unused_constants, node_label, scopes
+from foldserve.onnx_fold.sites import Site, affine_run, batchnorm_site
 
 
 def _site(scope: Scope, node: onnx.NodeProto) -> Site | str | None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import onnx
 from pydantic import BaseModel
 
-from service.model_format import FoldedBatchNorm, FoldRecord, KeptBatchNorm
+from foldserve.model_format import FoldedBatchNorm, FoldRecord, KeptBatchNorm
 
 
 class OnnxFoldReport(BaseModel):

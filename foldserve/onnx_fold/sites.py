@@ -9,9 +9,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from service.model_graph import BATCHNORM
-from service.onnx_fold.graph import Scope, float_attribute, int_attribute, node_label
-from service.onnx_fold.weights import batchnorm_affine
+from foldserve.model_graph import BATCHNORM
+from foldserve.onnx_fold.graph import Scope, float_attribute, int_attribute, node_label
+from foldserve.onnx_fold.weights import batchnorm_affine
 
 
 @dataclass

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from service.model_graph import all_graphs, subgraphs
+from foldserve.model_graph import all_graphs, subgraphs
 
 FLOAT_TYPES = {
     onnx.TensorProto.FLOAT,

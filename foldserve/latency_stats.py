@@ -1,4 +1,4 @@
-"""Latency statistics shared by the service and the benchmarks (numpy only).
+"""Latency statistics shared by the service, the torch benchmark and bench/ (numpy only).
 
 Folded and unfolded variants are timed interleaved (A B A B ...), so sample
 ``i`` of each forms a pair that saw the same machine noise; the speedup's

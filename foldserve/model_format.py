@@ -24,8 +24,8 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from service.datatypes import NUMPY_DTYPES, V2_DATATYPES, Datatype
-from service.files import staged_dir, write_synced
+from foldserve.datatypes import NUMPY_DTYPES, V2_DATATYPES, Datatype
+from foldserve.files import staged_dir, write_synced
 
 FORMAT = "foldserve-model/1"
 FOLDED_FILE = "model.onnx"

@@ -17,7 +17,7 @@ import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
 
-from service.model_graph import all_graphs
+from foldserve.model_graph import all_graphs
 
 SYMBOLIC_DIM = 2  # the leading (batch) dim, and every other one when the graph runs so
 OTHER_DIMS = (2, 32, 224)  # else tried in turn for the others (a CNN's dynamic H, W)

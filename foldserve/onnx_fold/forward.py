@@ -8,10 +8,10 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from service.onnx_fold import weights
-from service.onnx_fold.backward import matmul_bias, per_feature
-from service.onnx_fold.edits import Editor, Fold, fold, readers
-from service.onnx_fold.graph import (
+from foldserve.onnx_fold import weights
+from foldserve.onnx_fold.backward import matmul_bias, per_feature
+from foldserve.onnx_fold.edits import Editor, Fold, fold, readers
+from foldserve.onnx_fold.graph import (
     Scope,
     attribute,
     float_attribute,
@@ -20,7 +20,7 @@ from service.onnx_fold.graph import (
     set_attribute,
     tensor_like,
 )
-from service.onnx_fold.sites import Site
+from foldserve.onnx_fold.sites import Site
 
 
 def _constant(scope: Scope, layer: onnx.NodeProto, index: int) -> tuple[np.ndarray, int] | str:

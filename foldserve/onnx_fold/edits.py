@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from service.onnx_fold.graph import Scope, fresh_name, node_label, tensor_like
-from service.onnx_fold.sites import Site
+from foldserve.onnx_fold.graph import Scope, fresh_name, node_label, tensor_like
+from foldserve.onnx_fold.sites import Site
 
 
 @dataclass

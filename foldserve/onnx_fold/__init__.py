@@ -14,11 +14,11 @@ from pathlib import Path
 
 import onnx
 
-from service.files import write_atomic
-from service.model_graph import batchnorm_nodes
-from service.onnx_fold.check import RELATIVE_TOLERANCE, CheckError, compare, weight_type
-from service.onnx_fold.report import FoldCheckFailed, FoldOutcome, OnnxFoldReport
-from service.onnx_fold.rewrite import fold_graphs
+from foldserve.files import write_atomic
+from foldserve.model_graph import batchnorm_nodes
+from foldserve.onnx_fold.check import RELATIVE_TOLERANCE, CheckError, compare, weight_type
+from foldserve.onnx_fold.report import FoldCheckFailed, FoldOutcome, OnnxFoldReport
+from foldserve.onnx_fold.rewrite import fold_graphs
 
 __all__ = [
     "FoldCheckFailed",
@@ -97,4 +97,4 @@ def fold_file(
     return outcome.report
 
 
-from service.onnx_fold.version import derive_version as derive_version  # noqa: E402
+from foldserve.onnx_fold.version import derive_version as derive_version  # noqa: E402

@@ -31,8 +31,8 @@ from google.protobuf.message import DecodeError
 from onnx import TensorProto
 from pydantic import BaseModel
 
-from service.datatypes import ONNX_DATATYPES, REFERENCE_ATOL
-from service.model_format import (
+from foldserve.datatypes import ONNX_DATATYPES, REFERENCE_ATOL
+from foldserve.model_format import (
     USER_FILE,
     ModelVersionError,
     Parity,
@@ -43,9 +43,9 @@ from service.model_format import (
     VersionMetadata,
     sha256_hex,
 )
-from service.model_graph import batchnorm_nodes
-from service.onnx_fold import FoldCheckFailed, OnnxFoldReport, fold_model
-from service.onnx_fold.check import OTHER_DIMS  # the self-check's sizes for symbolic axes
+from foldserve.model_graph import batchnorm_nodes
+from foldserve.onnx_fold import FoldCheckFailed, OnnxFoldReport, fold_model
+from foldserve.onnx_fold.check import OTHER_DIMS  # the self-check's sizes for symbolic axes
 
 log = logging.getLogger(__name__)
 
