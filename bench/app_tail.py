@@ -36,15 +36,15 @@ ROOT = Path(__file__).resolve().parent.parent
 def measure(args: argparse.Namespace) -> dict[str, float]:
     """One round in this process: latency percentiles, stalls, full collections."""
     from service.app import create_app, load_and_poll
-    from service.logs import configure_logging
+    from service.observability.logs import configure_logging
+    from service.process.worker_sync import WorkerSync
     from service.settings import Settings
-    from service.worker_sync import WorkerSync
 
     try:
-        from service.runtime_dir import open_runtime_dir
+        from service.process.runtime_dir import open_runtime_dir
 
         runtime: Any = open_runtime_dir(None)
-    except ImportError:  # a checkout from before service/runtime_dir.py
+    except ImportError:  # a checkout from before service/process/runtime_dir.py
         runtime = Path(tempfile.mkdtemp())
 
     # Log lines go to a file, as a server's stderr would (a checkout whose configure_logging

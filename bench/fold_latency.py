@@ -13,7 +13,7 @@ batch size, times the folded against the unfolded network, interleaved, in:
 - ``ORT CUDA``: as ``ORT default`` on the CUDA provider, where it really starts.
 
 The ORT cells go through the service's own code (``ModelRepository`` ->
-``service.latency.measure_model``), so they measure what ``/fold-latency`` reports.
+``service.fold_latency.measure.measure_model``), so they measure what ``/fold-latency`` reports.
 Iterations per cell are sized from a short pilot so each cell takes about
 ``--seconds-per-cell``. Prints the table with its conditions (command, machine,
 date, load average) and writes it, with a plot, into ``docs/benchmarks.md``
@@ -43,12 +43,17 @@ from fold_latency_report import CONTROL, END, RUNTIMES, START, Cell, plot, table
 from markdown_section import publish
 
 from foldserve.latency_stats import paired_speedup
-from service.latency import LatencyParams, measure_model, random_feeds, time_interleaved
-from service.machine import machine_facts, usable_cpus
-from service.metrics import ServiceMetrics
-from service.repository import ModelRepository
-from service.served_version import ServedVersion, ServingOptions
-from service.sessions import CUDA, SessionFactory
+from service.fold_latency.measure import (
+    LatencyParams,
+    measure_model,
+    random_feeds,
+    time_interleaved,
+)
+from service.models.repository import ModelRepository
+from service.models.served_version import ServedVersion, ServingOptions
+from service.models.sessions import CUDA, SessionFactory
+from service.observability.metrics import ServiceMetrics
+from service.process.machine import machine_facts, usable_cpus
 from service.settings import ProviderChoice, Settings
 from training.bench_torch import bench_folding
 from training.defaults import DEFAULT_MODELS

@@ -40,8 +40,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm import tqdm
 
-from service.machine import machine_facts
-from service.sessions import CPU
+from service.models.sessions import CPU
+from service.process.machine import machine_facts
 from training.batchnorm import randomize_batchnorm
 from training.bench_torch import bench_folding
 from training.fold import FoldReport, fold_batchnorm

@@ -50,8 +50,8 @@ from onnx_fold_networks import export as export_bn_kept  # a sibling script
 from foldserve.latency_stats import paired_speedup
 from foldserve.model_graph import batchnorm_nodes
 from foldserve.onnx_fold import fold_model
-from service.machine import usable_cpus
-from service.sessions import SessionFactory
+from service.models.sessions import SessionFactory
+from service.process.machine import usable_cpus
 from training.batchnorm import randomize_batchnorm
 from training.export import build_version, run_dataset
 from training.quantize import (

@@ -29,7 +29,7 @@ from int8 import cpu_flags  # a sibling script
 from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
 from foldserve.latency_stats import paired_speedup
-from service.sessions import SessionFactory
+from service.models.sessions import SessionFactory
 from training.export import build_version, run_dataset
 from training.quantize import CalibrationBatches, calibration_sample, run_model
 from training.train import load_run

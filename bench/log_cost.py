@@ -11,7 +11,7 @@ work to another thread does not hide it:
   caller's thread, uuid4 request ids;
 - ``stdlib-queue``: the standard library's ``QueueHandler`` +
   ``QueueListener`` in front of the same handler, uuid4 ids;
-- ``writer-text`` / ``writer-json``: ``service.logs`` (a deque and one writer
+- ``writer-text`` / ``writer-json``: ``service.observability.logs`` (a deque and one writer
   thread, batched writes), per-process prefix + counter ids.
 """
 
@@ -37,7 +37,7 @@ ARGS = ("POST", "/v2/models/digits_cnn/infer", 200, 1.234)
 
 def child(variant: str, lines: int, out_path: str) -> float:
     sys.path.insert(0, str(ROOT))
-    from service import logs
+    from service.observability import logs
 
     out = open(out_path, "w")  # noqa: SIM115
     root = logging.getLogger()

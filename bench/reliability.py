@@ -55,8 +55,8 @@ from reliability_server import LoadClients, Outcome, Server, serve
 from tqdm import tqdm
 
 from foldserve.model_format import FOLDED_FILE, VersionMetadata
-from service.machine import machine_facts, vm_rss_kib
-from service.sessions import CPU
+from service.models.sessions import CPU
+from service.process.machine import machine_facts, vm_rss_kib
 
 if TYPE_CHECKING:
     from training.train import Run

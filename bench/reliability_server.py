@@ -23,7 +23,7 @@ import httpx
 import numpy as np
 from throughput_servers import free_port
 
-from service.machine import server_worker_pids
+from service.process.machine import server_worker_pids
 
 REPO_ROOT = Path(__file__).resolve().parent.parent  # `python -m service` runs this checkout
 

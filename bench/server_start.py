@@ -25,13 +25,13 @@ from pathlib import Path
 
 from throughput_servers import ROOT, ServerSpec, start, stop, wait_ready
 
-from service.machine import (
+from service.models.sessions import CPU
+from service.process.machine import (
     machine_facts,
     process_tree_cpu_seconds,
     server_worker_pids,
     vm_rss_kib,
 )
-from service.sessions import CPU
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ import throughput_load as load
 import throughput_servers as servers
 from markdown_section import publish
 
-from service.machine import server_worker_pids
+from service.process.machine import server_worker_pids
 
 START, END = "<!-- slow-clients:start -->", "<!-- slow-clients:end -->"
 FIRST = {

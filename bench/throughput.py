@@ -50,7 +50,7 @@ import throughput_servers as servers
 from markdown_section import write_section
 from throughput_report import END, START, Cell, Row, bound_for, model_table, targets
 
-from service.machine import usable_cpus
+from service.process.machine import usable_cpus
 
 QUIET_CORES = 0.25  # a cell measured while other processes took more CPU than this is redone
 

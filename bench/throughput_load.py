@@ -194,12 +194,12 @@ def raw_ort_rate(
 
 def decode_cpu_us(payload: Payload, root: Path, iterations: int = 300) -> float:
     """CPU microseconds FoldServe (the checkout at ``root``) spends decoding ``payload``
-    (``service.codecs.decode_infer_request``, best of 5 rounds)."""
+    (``service.rest.codec.decode_infer_request``, best of 5 rounds)."""
     import sys
 
     sys.path.insert(0, str(root))
     try:
-        from service.codecs import decode_infer_request
+        from service.rest.codec import decode_infer_request
     finally:
         sys.path.remove(str(root))
     length = payload.headers.get("Inference-Header-Content-Length")

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from service.machine import process_tree_cpu_seconds
+from service.process.machine import process_tree_cpu_seconds
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent

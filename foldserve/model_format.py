@@ -31,7 +31,7 @@ FORMAT = "foldserve-model/1"
 FOLDED_FILE = "model.onnx"
 # A bare version's one file (no metadata.json): the user's own ONNX model, unfolded. It has
 # the name an export gives its folded file (Triton's model file name); the service derives
-# the folded twin (service.derived).
+# the folded twin (service.models.derived).
 USER_FILE = "model.onnx"
 UNFOLDED_FILE = "model.unfolded.onnx"
 INT8_FILE = "model.int8.onnx"  # optional: static INT8 (QDQ) of the folded model

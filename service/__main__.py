@@ -24,11 +24,11 @@ import uvicorn
 from pydantic import ValidationError
 from uvicorn.supervisors.multiprocess import Multiprocess
 
-from service.connections import GuardedHttpProtocol
-from service.listeners import WorkerListeners, reserve_port, reuse_port_supported
-from service.logs import configure_logging
-from service.machine import usable_cpus
-from service.runtime_dir import open_runtime_dir
+from service.observability.logs import configure_logging
+from service.process.listeners import WorkerListeners, reserve_port, reuse_port_supported
+from service.process.machine import usable_cpus
+from service.process.runtime_dir import open_runtime_dir
+from service.rest.connections import GuardedHttpProtocol
 from service.settings import Settings, describe_management, get_settings
 
 if TYPE_CHECKING:
@@ -139,7 +139,7 @@ def _event_loop() -> tuple[str, str]:
 
 
 def _http_protocol(http: str) -> str | type[asyncio.Protocol]:
-    """The httptools protocol with the connection limits (service.connections); h11 without
+    """The httptools protocol with the connection limits (service.rest.connections); h11 without
     them, said in the log."""
     if http != "httptools":
         log.warning(
@@ -229,7 +229,7 @@ def serve_workers(
         )
         Multiprocess(config, sockets=[config.bind_socket()]).run()
         return
-    # Each worker listens with a socket of its own (service.listeners); this one holds the
+    # Each worker listens with a socket of its own (service.process.listeners); this one holds the
     # port while the supervisor runs.
     try:
         held = reserve_port(config.host, config.port)

@@ -18,28 +18,29 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
-from service.connections import (
+from service.dataplane.plane import DataPlane
+from service.errors import install_error_handlers
+from service.fold_latency import page, route
+from service.fold_latency.lab import FoldLatencyLab
+from service.grpc.server import start_grpc
+from service.models.repository import ModelRepository
+from service.models.served_version import ServingOptions
+from service.observability.logs import flush_logs
+from service.observability.metrics import ServiceMetrics, leave_multiprocess
+from service.process.drain import Drain
+from service.process.runtime_dir import RuntimeDir, open_runtime_dir
+from service.process.worker_sync import WorkerSync
+from service.rest.connections import (
     GUARD_STATE_KEY,
     REASONS,
     ConnectionGuard,
     default_max_connections,
     describe,
 )
-from service.dataplane import DataPlane
-from service.drain import Drain
-from service.errors import install_error_handlers
-from service.grpc_server import start_grpc
-from service.latency_lab import FoldLatencyLab
-from service.logs import flush_logs
-from service.metrics import ServiceMetrics, leave_multiprocess
-from service.middleware import RequestContextMiddleware
-from service.repository import ModelRepository
-from service.routes import docs, health, infer, latency, models, repository, ui
-from service.routes.models import server_version
-from service.runtime_dir import RuntimeDir, open_runtime_dir
-from service.served_version import ServingOptions
+from service.rest.middleware import RequestContextMiddleware
+from service.rest.routes import docs, health, infer, models, repository
+from service.rest.routes.models import server_version
 from service.settings import Settings, get_settings
-from service.worker_sync import WorkerSync
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ async def load_and_poll(repo: ModelRepository, sync: WorkerSync, interval: float
 
 # Allocations between young collections (CPython's default: 700). Each request's objects die
 # young; the ones that live on are those of the requests in progress or waiting in line
-# (service.admission), which the older generations' scans walk again and again: with
+# (service.dataplane.admission), which the older generations' scans walk again and again: with
 # thousands of clients in line, at 700 those scans took a tenth of a worker's time.
 YOUNG_COLLECTION_THRESHOLD = 10_000
 
@@ -96,7 +97,7 @@ def freeze_startup_objects() -> None:
 
 
 def connection_guard(settings: Settings, metrics: ServiceMetrics) -> ConnectionGuard:
-    """This worker's limits on what one client can hold (``service.connections``)."""
+    """This worker's limits on what one client can hold (``service.rest.connections``)."""
     guard = ConnectionGuard(
         settings.header_timeout,
         settings.body_timeout,
@@ -168,6 +169,6 @@ def create_app(settings: Settings | None = None, repo: ModelRepository | None = 
     app.mount(docs.SWAGGER_STATIC, StaticFiles(directory=docs.SWAGGER_ASSETS), name="swagger-ui")
     for router in (health.router, models.router, repository.router, docs.router):
         app.include_router(router)
-    app.include_router(latency.router)
-    app.include_router(ui.router)
+    app.include_router(route.router)
+    app.include_router(page.router)
     return app

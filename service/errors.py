@@ -5,9 +5,9 @@ on. :func:`install_error_handlers` turns them (and the framework's own errors)
 into ``{"error": "..."}`` bodies, the shape Triton and KServe clients read;
 :func:`error_response` and :func:`service_error_response` build the same body
 where an answer is written outside an exception handler (the middleware, the
-infer route). Two transports map the status themselves: ``service.connections``
+infer route). Two transports map the status themselves: ``service.rest.connections``
 writes the body as raw HTTP for refusals before a request reaches the app, and
-``service.grpc_server`` turns the status into a gRPC code.
+``service.grpc.server`` turns the status into a gRPC code.
 """
 
 from __future__ import annotations

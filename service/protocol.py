@@ -1,7 +1,7 @@
 """Open Inference Protocol (KServe V2) types: datatypes and the HTTP bodies.
 
 Responses and metadata are pydantic models. Inference requests are decoded by
-hand in :mod:`service.codecs` (big tensors must go straight to numpy), so the
+hand in :mod:`service.rest.codec` (big tensors must go straight to numpy), so the
 request models here exist to document the API in OpenAPI only.
 """
 

@@ -19,7 +19,7 @@ import pytest
 from polling import poll
 
 from foldserve.files import file_lock
-from service.machine import server_worker_pids
+from service.process.machine import server_worker_pids
 
 # One thread of math per process: pytest-xdist runs a test process per CPU already, and
 # the servers and torchrun processes the tests start are more; torch's (OpenMP), OpenBLAS's

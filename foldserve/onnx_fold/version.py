@@ -3,7 +3,7 @@
 The one derivation behind both ways a user's own ONNX file enters the repository:
 ``python -m training import-onnx`` writes its result as a new version, and the
 service derives it at load time for a version directory that holds only a
-``model.onnx`` (:mod:`service.derived`, which caches it). Torch-free.
+``model.onnx`` (:mod:`service.models.derived`, which caches it). Torch-free.
 
 What it promises: the folded graph comes from :func:`fold_model` (which checks
 itself in ONNX Runtime and refuses a result beyond its tolerance); inputs,

@@ -18,9 +18,9 @@ from collections.abc import Awaitable, Callable, Mapping
 
 import numpy as np
 
-from service.batching import DynamicBatcher
-from service.metrics import ServiceMetrics
-from service.model_config import BatchingConfig
+from service.models.batcher import DynamicBatcher
+from service.models.config import BatchingConfig
+from service.observability.metrics import ServiceMetrics
 
 Feeds = dict[str, np.ndarray]
 LABELS = {"model": "m", "version": "1"}

@@ -21,8 +21,8 @@ from polling import poll
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.app import create_app
-from service.metrics import ServiceMetrics
-from service.served_version import ServingOptions
+from service.models.served_version import ServingOptions
+from service.observability.metrics import ServiceMetrics
 from service.settings import Settings
 
 API_KEY = "test-key"

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from foldserve.files import file_lock, write_atomic
-from service.runtime_dir import RuntimeDir, open_runtime_dir
+from service.process.runtime_dir import RuntimeDir, open_runtime_dir
 
 WORKERS = 6
 CTX = mp.get_context("spawn")

@@ -13,7 +13,7 @@ import pytest
 from polling import until
 from prometheus_client import CollectorRegistry, Gauge
 
-from service.admission import AdmissionGate, AdmissionGates
+from service.dataplane.admission import AdmissionGate, AdmissionGates
 from service.errors import QueueFull, RequestTimeout
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from service.__main__ import parse_args
 from service.app import create_app
-from service.logs import JsonFormatter, RequestIdFilter, request_id_var
+from service.observability.logs import JsonFormatter, RequestIdFilter, request_id_var
 from service.settings import Settings
 
 
@@ -199,7 +199,7 @@ def test_each_inference_route_is_documented_once(client: httpx.Client) -> None:
 PROBE = """
 import onnx, numpy as np
 from onnx import helper, TensorProto, numpy_helper
-from service.sessions import SessionFactory
+from service.models.sessions import SessionFactory
 g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
     [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
     [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])

@@ -25,8 +25,8 @@ from polling import poll
 from servers import HOLD_US, parse_metrics, scrape, serving_options, v2_body, value
 
 from foldserve.model_format import ModelVersionError
-from service.model_config import BatchingOverrides, read_model_config
-from service.repository import ModelRepository
+from service.models.config import BatchingOverrides, read_model_config
+from service.models.repository import ModelRepository
 
 SAMPLE = {"digits_cnn": (1, 8, 8), "breast_cancer_mlp": (30,), "linear": (4,)}
 INPUT = {"digits_cnn": "input", "breast_cancer_mlp": "input", "linear": "x"}

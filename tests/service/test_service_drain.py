@@ -87,7 +87,7 @@ def test_sigterm_drains_without_losing_a_request(
 # SIGTERM comes at once, and whatever prints last tells whether the drain ran and ended.
 NO_SERVER_HANDLER = """
 import asyncio, signal, sys
-from service.drain import Drain
+from service.process.drain import Drain
 
 if sys.argv[1] == "ignored":
     signal.signal(signal.SIGTERM, signal.SIG_IGN)

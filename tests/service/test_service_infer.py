@@ -15,7 +15,7 @@ import pytest
 import tritonclient.http as triton
 from servers import v2_body
 
-from service.logs import RequestIdFilter, new_request_id
+from service.observability.logs import RequestIdFilter, new_request_id
 
 MODELS = {"digits_cnn": (1, 8, 8), "breast_cancer_mlp": (30,)}
 

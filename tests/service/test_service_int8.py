@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from foldserve.model_format import ModelVersionError, VersionMetadata
-from service.model_config import read_model_config
+from service.models.config import read_model_config
 
 WORKERS = 2
 REQUESTS = 16  # per check: both workers answer some

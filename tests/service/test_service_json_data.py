@@ -10,9 +10,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from service import json_data
-from service.codecs import decode_infer_request
 from service.errors import BadRequest
+from service.rest import json_data
+from service.rest.codec import decode_infer_request
 
 
 def number_text(rng: random.Random) -> str:

@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 from polling import poll
 
-from service import logs
-from service.logs import LogWriter, configure_logging, new_request_id
+from service.observability import logs
+from service.observability.logs import LogWriter, configure_logging, new_request_id
 
 GENERATED_ID = re.compile(r"[0-9a-f]{16}-[0-9a-f]+")
 TEXT_ACCESS = re.compile(
@@ -158,7 +158,7 @@ def test_generated_request_ids_are_unique_and_valid(server: Any) -> None:
 
 
 def test_each_process_draws_its_own_prefix() -> None:
-    code = "from service.logs import new_request_id; print(new_request_id())"
+    code = "from service.observability.logs import new_request_id; print(new_request_id())"
     spawned = {
         subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
         .stdout.strip()

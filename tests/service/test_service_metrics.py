@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 from servers import scrape, value
 
-from service.metrics import ServiceMetrics
+from service.observability.metrics import ServiceMetrics
 
 
 def test_counters_and_histograms_move_by_the_requests_made(client: httpx.Client) -> None:

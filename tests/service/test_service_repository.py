@@ -20,8 +20,8 @@ from servers import serving_options
 
 from foldserve.model_format import ModelVersionError
 from service.errors import ModelNotFound, ModelNotReady, ModelUnavailable
-from service.repository import ModelRepository
-from service.sessions import CPU
+from service.models.repository import ModelRepository
+from service.models.sessions import CPU
 
 
 def repository(root: Path, io_binding: str = "off", providers: str = "cpu") -> ModelRepository:
@@ -66,7 +66,7 @@ def test_failing_version_is_skipped_with_its_reason(
 ) -> None:
     build.write_version(tmp_path, "m", 1, build.linear_model(4, 3))
     build.write_version(tmp_path, "m", 2, build.linear_model(4, 3, seed=1), edit=edit)
-    with caplog.at_level(logging.WARNING, logger="service.repository"):
+    with caplog.at_level(logging.WARNING, logger="service.models.repository"):
         repo = repository(tmp_path)
     assert states(repo, "m")[1] == ("READY", "")
     state, why = states(repo, "m")[2]

@@ -34,9 +34,9 @@ from user_onnx import (
 
 from foldserve.model_format import VersionMetadata, sha256_hex
 from foldserve.onnx_fold import derive_version
-from service.derived import CACHE_DIR, DERIVED_FILE
-from service.repository import ModelRepository
-from service.runtime_dir import RuntimeDir
+from service.models.derived import CACHE_DIR, DERIVED_FILE
+from service.models.repository import ModelRepository
+from service.process.runtime_dir import RuntimeDir
 
 KEY = {"Authorization": f"Bearer {API_KEY}"}
 ATOL = 1e-4

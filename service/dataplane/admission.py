@@ -1,0 +1,117 @@
+"""Admission at the entry: how many of one model's requests a worker works on at once.
+
+A request that finds ``room`` requests of its model already admitted or in line
+in this worker is refused at once with 503 and Retry-After, *before its body is
+read*, so under overload a refusal costs a small fraction of an answer (Google
+SRE's "Handling Overload"; Triton's ``max_queue_size``). The others read their
+body at their own pace (the connection's body time limit bounds it,
+:mod:`service.rest.connections`), then wait for a turn in a first-come line: a
+worker works on up to ``limit`` requests of a model at a time (decoding, queued
+for or in an ONNX Runtime call, encoding), as Envoy's and Netflix's concurrency
+limits do at the point of entry.
+
+Why a line and not a refusal past the limit: closed-loop clients that are
+refused send again at once, and the event loop then spends its time refusing
+while the admitted requests wait for it (measured in docs/throughput.md). A
+request in line holds its connection and its body, not yet decoded, and costs
+the event loop nothing. Why the body is read before the line: a turn held
+while a slow client trickles its body would hold up everyone behind it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+
+from prometheus_client import Gauge
+
+from service.errors import QueueFull, RequestTimeout
+
+
+class AdmissionGate:
+    """The entry of one model in one worker (event loop only; no locks)."""
+
+    __slots__ = ("label", "admitted", "waiting", "_line", "_gauge")
+
+    def __init__(self, label: str, gauge: Gauge | None = None) -> None:
+        self.label = label  # "model 'name'", for messages
+        self.admitted = 0  # requests past the gate and not yet answered
+        self.waiting = 0  # requests in the line
+        self._gauge = gauge  # of ``waiting``: touched only by requests that wait
+        # A waiter's future; done ones (timed out, cancelled) are skipped when a slot frees.
+        self._line: deque[asyncio.Future[None]] = deque()
+
+    def check_room(self, room: int) -> None:
+        """Raise :class:`QueueFull` (503, Retry-After) when ``room`` requests of the model
+        are already admitted or waiting: the cheap refusal, before the body is read."""
+        if self.admitted + self.waiting >= room:
+            raise QueueFull(
+                f"{self.label} is overloaded: {self.admitted} requests are in progress and "
+                f"{self.waiting} waiting in this worker (max_queue_size {room}); retry later",
+                headers={"Retry-After": "1"},
+            )
+
+    async def enter(self, limit: int, room: int, timeout_s: float | None = None) -> None:
+        """Return once the request may go on (call :meth:`leave` when it is answered).
+
+        Raises :class:`QueueFull` (503, Retry-After) when ``room`` requests are already
+        admitted or waiting, :class:`RequestTimeout` (504) when ``timeout_s`` passes in
+        the line; in both cases the request holds no slot.
+        """
+        if self.admitted < limit and not self.waiting:
+            self.admitted += 1
+            return
+        self.check_room(room)
+        loop = asyncio.get_running_loop()
+        turn: asyncio.Future[None] = loop.create_future()
+        self._line.append(turn)
+        self.waiting += 1
+        if self._gauge is not None:
+            self._gauge.inc()
+        timer = None if timeout_s is None else loop.call_later(timeout_s, _expire, turn, self)
+        try:
+            await turn
+        except BaseException:
+            # Granted just before it was cancelled: the slot was handed over, give it back.
+            if turn.done() and not turn.cancelled() and turn.exception() is None:
+                self.leave()
+            raise
+        finally:
+            self.waiting -= 1
+            if self._gauge is not None:
+                self._gauge.dec()
+            if timer is not None:
+                timer.cancel()
+
+    def leave(self) -> None:
+        """An admitted request is answered: its slot goes to the first one still waiting."""
+        line = self._line
+        while line:
+            turn = line.popleft()
+            if not turn.done():  # the slot passes straight on: ``admitted`` stays
+                turn.set_result(None)
+                return
+        self.admitted -= 1
+
+
+def _expire(turn: asyncio.Future[None], gate: AdmissionGate) -> None:
+    if not turn.done():
+        turn.set_exception(
+            RequestTimeout(f"{gate.label}: no turn within the request timeout (waited in line)")
+        )
+
+
+class AdmissionGates:
+    """The entries of one worker's models, one per model name (created on first use), so
+    that requests in line go on to whichever version serves when their turn comes."""
+
+    def __init__(self, waiting: Gauge) -> None:
+        self._waiting = waiting  # labelled by model
+        self._gates: dict[str, AdmissionGate] = {}
+
+    def __call__(self, name: str) -> AdmissionGate:
+        found = self._gates.get(name)
+        if found is None:
+            gauge = self._waiting.labels(name)
+            found = self._gates[name] = AdmissionGate(f"model '{name}'", gauge)
+        return found

@@ -1,0 +1,314 @@
+"""The data plane: what every transport (REST, gRPC) asks of the server, in one place.
+
+A transport decodes its wire form, calls the data plane, encodes the answer and
+maps the data plane's errors (:mod:`service.errors`, each with its HTTP status;
+:mod:`service.grpc.server` maps them to gRPC codes). The data plane owns model
+resolution, admission (:mod:`service.dataplane.admission`), request validation
+(:mod:`service.dataplane.validation`), the hand-off to a version's batcher, classification,
+metrics and statistics, and repository management through the workers' shared
+record (:mod:`service.process.worker_sync`). KServe's ``protocol/dataplane.py`` and
+MLServer's ``handlers/dataplane.py`` split their servers the same way.
+
+An inference request reaches it as an :class:`Exchange`: the transport's way to
+read the payload (at the client's pace, after the cheap overload refusal) and to
+decode and encode it. Small payloads are decoded and encoded on the event loop,
+large ones in a worker thread (``INLINE_*`` in :mod:`service.dataplane.validation`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+from foldserve.datatypes import V2_DATATYPES
+from foldserve.onnx_fold.version import derived_from
+from service.dataplane.admission import AdmissionGates
+from service.dataplane.validation import (
+    INLINE_BODY_BYTES,
+    INLINE_OUTPUT_ELEMENTS,
+    classify,
+    output_elements,
+    prepare_feeds,
+    select_outputs,
+)
+from service.errors import LoadFailed, QueueFull, RequestTimeout
+from service.models.batcher import Receive
+from service.models.repository import NOT_SELECTED, ModelEntry, ModelRepository
+from service.models.served_version import ServedVersion
+from service.observability.metrics import RequestRecord, ServiceMetrics
+from service.observability.statistics import model_statistics, triton_model_config
+from service.process.drain import Drain
+from service.process.worker_sync import WorkerSync
+from service.protocol import (
+    PLATFORM,
+    FoldReportSummary,
+    LoadResult,
+    ModelMetadata,
+    ModelReady,
+    RepositoryEntry,
+    TensorMetadata,
+)
+from service.rest.codec import DecodedRequest, OutputTensor
+
+Answer = TypeVar("Answer", covariant=True)
+
+
+class Exchange(Protocol[Answer]):
+    """One inference request as a transport hands it over."""
+
+    @property
+    def receive(self) -> Receive | None:
+        """REST: the request's ASGI receive, so that a client that leaves is noticed."""
+
+    async def read(self, max_bytes: int) -> int:
+        """Read the payload (REST: the body, at the client's pace); its size in bytes."""
+
+    def decode(self, served: ServedVersion) -> DecodedRequest:
+        """The payload as a request for ``served``; raises :class:`BadRequest`."""
+
+    def encode(self, result: Inferred) -> Answer:
+        """The answer in the transport's form."""
+
+
+@dataclass(slots=True)
+class Inferred:
+    """A request's result: the version that ran it, the request and its outputs."""
+
+    served: ServedVersion
+    request: DecodedRequest
+    outputs: list[OutputTensor]
+
+
+T = TypeVar("T")
+
+
+class DataPlane:
+    """One worker's data plane over its repository, metrics, entry gates and worker record."""
+
+    def __init__(
+        self,
+        repository: ModelRepository,
+        metrics: ServiceMetrics,
+        sync: WorkerSync,
+        drain: Drain,
+        max_request_bytes: int,
+    ) -> None:
+        self.repository = repository
+        self.metrics = metrics
+        self.sync = sync
+        self.drain = drain
+        self.max_request_bytes = max_request_bytes
+        self.admission = AdmissionGates(metrics.admission_waiting)
+
+    # -- health -----------------------------------------------------------------------
+
+    def server_ready(self) -> bool:
+        """Every model loaded (or skipped with its reason) and not draining."""
+        return self.repository.ready and not self.drain.draining
+
+    # -- models -----------------------------------------------------------------------
+
+    def served(self, name: str, version: str | None = None) -> ServedVersion:
+        """The version a request for ``name`` (and ``version``) runs on, or the error why none."""
+        return self.repository.get(name, version)
+
+    def metadata(self, name: str, version: str | None = None) -> ModelMetadata:
+        model = self.repository.get(name, version)
+        entry = self.repository.entry(name)
+        meta = model.metadata
+        return ModelMetadata(
+            name=name,
+            versions=[str(v) for v in entry.ready_versions()],
+            platform=PLATFORM,
+            inputs=[
+                TensorMetadata(name=s.name, datatype=s.datatype, shape=list(s.shape))
+                for s in model.inputs
+            ],
+            outputs=[
+                TensorMetadata(name=s.name, datatype=s.datatype, shape=list(s.shape))
+                for s in model.outputs
+            ],
+            version=str(model.version),
+            provider=model.provider,
+            variant=model.variant,
+            io_binding=model.io_binding,
+            bn_nodes=meta.bn_nodes,
+            fold_report=FoldReportSummary(
+                folded=len(meta.fold_report.folded),
+                kept=meta.fold_report.kept,
+            ),
+            labels=model.labels,
+            derived_from=derived_from(meta),
+            features=meta.features,
+        )
+
+    def model_ready(self, name: str, version: str | None = None) -> ModelReady:
+        """Whether the model (version) can serve, and why not. Raises :class:`ModelNotFound`
+        for an unknown one and :class:`ModelNotReady` while the repository loads."""
+        entry, status = self.repository.resolve(name, version)
+        if status is not None and status.model is not None:
+            return ModelReady(name=name, version=str(status.version), ready=True)
+        reason = status.reason if status is not None else entry.why_not_ready()
+        return ModelReady(name=name, version=version, ready=False, reason=reason)
+
+    def config(self, name: str, version: str | None = None) -> dict[str, Any]:
+        """Triton's model configuration (JSON form) of the version a request would get."""
+        served = self.repository.get(name, version)
+        return triton_model_config(served, self.repository.entry(name).config.policy)
+
+    def statistics(self, name: str | None = None, version: str | None = None) -> dict[str, Any]:
+        """Triton's statistics of every ready version of ``name`` (or of every model), or of
+        ``version``: sums over all workers."""
+        if version is not None:
+            assert name is not None
+            self.repository.resolve(name, version)  # ModelNotFound for an unknown one
+            keys = [(name, str(int(version)))]
+        else:
+            entries = (
+                [self.repository.entry(name)] if name is not None else self.repository.entries()
+            )
+            keys = [(e.name, str(v)) for e in entries for v in e.ready_versions()]
+        return model_statistics(self.metrics.collect_registry(), keys)
+
+    # -- repository -------------------------------------------------------------------
+
+    def index(self, ready_only: bool = False) -> list[RepositoryEntry]:
+        """Every model version, its state (READY or UNAVAILABLE) and why."""
+        entries = [e for entry in self.repository.entries() for e in index_entries(entry)]
+        return [e for e in entries if e.state == "READY"] if ready_only else entries
+
+    async def load(self, name: str) -> LoadResult:
+        """Rescan the model's directory in every worker; :class:`LoadFailed` when a version
+        failed validation or none is ready (versions that served keep serving)."""
+        entry, states = await self.sync.change(name, "load")
+        versions = index_entries(entry)
+        failures = _failures(entry)
+        if failures or entry.default() is None:
+            raise LoadFailed(
+                f"model '{name}' did not load cleanly: "
+                + "; ".join(failures or ["no ready version"]),
+                details={"name": name, "versions": [v.model_dump() for v in versions]},
+            )
+        return LoadResult(name=name, versions=versions, workers=len(states))
+
+    async def unload(self, name: str) -> LoadResult:
+        """Stop serving every version of the model, in every worker, until it is loaded."""
+        entry, states = await self.sync.change(name, "unload")
+        return LoadResult(name=name, versions=index_entries(entry), workers=len(states))
+
+    # -- inference --------------------------------------------------------------------
+
+    async def infer(
+        self, name: str, version: str | None, exchange: Exchange[T], protocol: str
+    ) -> T:
+        """One inference request, from resolution to its encoded answer.
+
+        Unknown or unavailable models are refused before anything is read; then the
+        entry's cheap overload refusal; then the payload is read and the request
+        waits for its turn (:mod:`service.dataplane.admission`), is decoded, checked, batched,
+        run and encoded. Raises the :mod:`service.errors` of each step.
+        """
+        repository = self.repository
+        with self.metrics.track_request(repository.metric_label(name), protocol) as record:
+            served = repository.get(name, version)
+            record.version = str(served.version)
+            gate = self.admission(name)  # known models only: resolved just above
+            arrived = time.perf_counter()
+            config = served.batcher.config
+            timeout = served.default_timeout_s
+            try:
+                gate.check_room(config.max_queue_size)  # refused before the payload is read
+                size = await exchange.read(self.max_request_bytes)
+                await gate.enter(config.admission_limit, config.max_queue_size, timeout)
+            except QueueFull:
+                served.batcher.metrics.dropped["queue_full"].inc()
+                raise
+            except RequestTimeout:  # in line past the server's default timeout
+                served.batcher.metrics.dropped["timeout"].inc()
+                raise
+            try:
+                if served.batcher.closed:  # swapped out or unloaded while it waited in line
+                    served = repository.get(name, version)
+                    record.version = str(served.version)
+                return await self._admitted(exchange, served, size, record, arrived)
+            finally:
+                gate.leave()
+
+    async def _admitted(
+        self,
+        exchange: Exchange[T],
+        served: ServedVersion,
+        size: int,
+        record: RequestRecord,
+        arrived: float,
+    ) -> T:
+        start = time.perf_counter()
+        if size > INLINE_BODY_BYTES:  # a thread hop costs more than a small decode
+            request = await asyncio.to_thread(exchange.decode, served)
+        else:
+            request = exchange.decode(served)
+        decoded = time.perf_counter()
+        record.decode_s = decoded - start
+        outputs = await self.run(served, request, exchange.receive, decoded - arrived)
+        start = time.perf_counter()
+        result = Inferred(served, request, outputs)
+        if output_elements(outputs) > INLINE_OUTPUT_ELEMENTS:
+            answer = await asyncio.to_thread(exchange.encode, result)
+        else:
+            answer = exchange.encode(result)
+        record.encode_s = time.perf_counter() - start
+        return answer
+
+    async def run(
+        self,
+        served: ServedVersion,
+        request: DecodedRequest,
+        receive: Receive | None = None,
+        waited_s: float = 0.0,
+    ) -> list[OutputTensor]:
+        """The outputs ``request`` asks for (all when it names none), checked and batched.
+
+        ``receive`` lets a client that disconnects take its queued request with it;
+        ``waited_s`` (seconds in line at the entry) counts against the request's timeout.
+        """
+        feeds = prepare_feeds(served.name, served.input_specs, served.inputs, request.inputs)
+        wanted = select_outputs(
+            served.name, served.output_names, request.outputs, served.every_output
+        )
+        timeout = request.timeout_us / 1e6 if request.timeout_us else served.default_timeout_s
+        results = await served.batcher.run(
+            feeds, [w.name for w in wanted], timeout_s=timeout, waited_s=waited_s, receive=receive
+        )
+        outputs = []
+        for w in wanted:
+            binary = request.binary_output if w.binary is None else w.binary
+            array = results[w.name]
+            if w.classification:
+                top = classify(array, w.classification, served.labels)
+                outputs.append(OutputTensor(w.name, "BYTES", top, binary))
+            else:
+                outputs.append(OutputTensor(w.name, V2_DATATYPES[array.dtype], array, binary))
+        return outputs
+
+
+def index_entries(entry: ModelEntry) -> list[RepositoryEntry]:
+    if not entry.versions:
+        return [RepositoryEntry(name=entry.name, state="UNAVAILABLE", reason=entry.why_not_ready())]
+    return [
+        RepositoryEntry(name=entry.name, version=str(v), state=s.state, reason=s.reason)
+        for v, s in sorted(entry.versions.items())
+    ]
+
+
+def _failures(entry: ModelEntry) -> list[str]:
+    """Why versions of ``entry`` cannot serve (or cannot serve the variant its config.json
+    asks for: a READY version with a reason), where that is a failure (not a policy)."""
+    if not entry.versions:
+        return [entry.why_not_ready()]
+    return [
+        f"version {v}: {s.reason}"
+        for v, s in sorted(entry.versions.items())
+        if s.reason and not s.reason.startswith(NOT_SELECTED)
+    ]

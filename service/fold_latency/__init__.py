@@ -1,0 +1,1 @@
+"""The folded-vs-unfolded latency lab: its measurement, report, route and ``/ui`` page."""

@@ -1,0 +1,369 @@
+"""The dynamic batcher: concurrent requests to one model version, run as one ONNX Runtime call.
+
+Each served model version has a FIFO queue and at most one inference call in
+flight. When the model is free, the dispatcher takes the oldest request and
+every queued request with the same input signature (input names, datatypes,
+shapes past the batch axis, requested outputs), up to ``max_batch_size``
+samples, concatenates them along the batch axis, runs them as one call in a
+worker thread (ONNX Runtime releases the GIL, so the event loop keeps reading
+requests meanwhile) and hands each request its own rows of the outputs.
+Requests that arrive while a call runs batch up by themselves;
+``max_queue_delay_us`` > 0 also holds a partial batch that long for more
+requests when the model is idle (Triton's ``max_queue_delay_microseconds``).
+With batching off each request is its own call, through the same queue.
+
+ONNX Runtime computes each sample of a batch independently, so a request gets
+the same bits batched or alone (tested). A request over ``max_batch_size``
+samples runs alone, whole.
+
+Back-pressure is the entry's (:mod:`service.dataplane.admission`): at most ``max_queue_size``
+requests of a model are admitted or waiting in a worker, so the queue here never
+holds more. A request that times out (:class:`RequestTimeout`, 504) leaves
+the queue at once and never runs. So does one whose client disconnects, once
+it has waited ``WATCH_AFTER_S`` (its connection is watched from then on: most
+requests are answered sooner, and watching each from the start would cost a
+task per request). A request already running finishes and its rows are dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Hashable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
+
+from service.errors import (
+    BadRequest,
+    ClientDisconnected,
+    ModelNotReady,
+    RequestTimeout,
+    ServiceError,
+)
+from service.models.config import BatchingConfig
+from service.observability.metrics import BatcherMetrics
+
+Receive = Callable[[], Awaitable[Mapping[str, Any]]]
+WATCH_AFTER_S = 0.05  # a queued request's connection is watched once it has waited this long
+Outputs = dict[str, np.ndarray]
+Feeds = dict[str, np.ndarray]
+Runner = Callable[[Feeds, list[str]], Outputs]  # one ONNX Runtime call: feeds, output names
+
+
+@dataclass(eq=False, slots=True)
+class _Pending:
+    """A queued request: its checked inputs and the future its handler awaits."""
+
+    feeds: dict[str, np.ndarray]
+    names: list[str]  # outputs to compute
+    rows: int  # samples (the batch axis), 1 for a model without one
+    key: Hashable | None  # requests with equal keys can share a call; None: never
+    enqueued: float
+    future: asyncio.Future[Outputs] = field(repr=False)
+    watcher: asyncio.Task[None] | None = field(default=None, repr=False)
+
+
+def _signature(feeds: dict[str, np.ndarray], names: list[str]) -> Hashable:
+    """Requests with equal signatures can be concatenated along the batch axis."""
+    if len(feeds) == 1:
+        [(name, array)] = feeds.items()
+        return name, array.dtype, array.shape[1:], *names
+    inputs = tuple(sorted((n, a.dtype.str, a.shape[1:]) for n, a in feeds.items()))
+    return inputs, tuple(names)
+
+
+def _run_one(run: Runner, feeds: Feeds, names: list[str]) -> Outputs:
+    try:
+        return run(feeds, names)
+    except InvalidArgument as err:  # e.g. a shape the graph cannot take: the client's error
+        raise BadRequest(f"the model rejected the inputs: {str(err).splitlines()[0]}") from err
+
+
+def _run_batch(run: Runner, batch: list[_Pending]) -> tuple[list[Outputs | BaseException], float]:
+    """One call for the whole batch (in a worker thread); each request's rows, and seconds.
+
+    When a batch of several is rejected, each request runs alone so that only
+    the request at fault gets the error.
+    """
+    head = batch[0]
+    start = time.perf_counter()
+    if len(batch) == 1:
+        try:
+            return [_run_one(run, head.feeds, head.names)], time.perf_counter() - start
+        except Exception as err:
+            return [err], time.perf_counter() - start
+    feeds = {n: np.concatenate([p.feeds[n] for p in batch]) for n in head.feeds}  # (B, ...)
+    try:
+        outputs = _run_one(run, feeds, head.names)
+    except BadRequest:
+        return [_run_batch(run, [p])[0][0] for p in batch], time.perf_counter() - start
+    except Exception as err:
+        return [err] * len(batch), time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    answers: list[Outputs | BaseException] = []
+    offset = 0
+    for p in batch:
+        answers.append({n: array[offset : offset + p.rows] for n, array in outputs.items()})
+        offset += p.rows
+    return answers, seconds
+
+
+def _retired(feeds: Feeds, names: list[str]) -> Outputs:
+    """The runner of a closed, drained batcher (it queues nothing more, so nothing calls it)."""
+    raise ModelNotReady("the model version was unloaded or replaced; retry")
+
+
+class DynamicBatcher:
+    """The queue and dispatcher of one model version (lives on the event loop).
+
+    ``config`` may be replaced at any time (a new ``config.json``); :meth:`close`
+    (from any thread) refuses new requests and stops the worker thread once the
+    queue has drained.
+    """
+
+    def __init__(
+        self,
+        label: str,
+        run: Runner,
+        batchable: bool,
+        config: BatchingConfig,
+        metrics: BatcherMetrics,
+    ) -> None:
+        self.label = label  # "model 'name' version N", for messages
+        self.batchable = batchable  # every input and output has the batch axis first
+        self.config = config
+        self.metrics = metrics
+        self._run = run
+        self._closed = False
+        self._running = False  # an ONNX Runtime call is in flight
+        self._lock = threading.Lock()  # closing vs starting the dispatcher
+        self._queue: deque[_Pending] = deque()
+        self._rows = 0  # samples queued
+        self._dispatcher: asyncio.Task[None] | None = None
+        self._wakeup: asyncio.Future[None] | None = None  # set while holding a partial batch
+        # Its own thread: a shared pool would queue the model's calls behind other work
+        # (large bodies decoded off the loop) while the model idles. The thread ends with
+        # the batcher.
+        self._runner = ThreadPoolExecutor(1, thread_name_prefix="foldserve-ort")
+
+    @property
+    def closed(self) -> bool:
+        """Swapped out or unloaded: new requests go to the version that serves now."""
+        return self._closed
+
+    @property
+    def depth(self) -> int:
+        """Requests waiting (not yet in a running call)."""
+        return len(self._queue)
+
+    async def run(
+        self,
+        feeds: Feeds,
+        names: list[str],
+        *,
+        timeout_s: float | None = None,
+        waited_s: float = 0.0,
+        receive: Receive | None = None,
+    ) -> Outputs:
+        """The outputs ``names`` for checked ``feeds``, batched with others.
+
+        Raises :class:`ModelNotReady` once closed, :class:`RequestTimeout` after
+        ``timeout_s`` seconds (of which ``waited_s`` have passed before it got here),
+        :class:`ClientDisconnected` when ``receive`` (the request's
+        ASGI receive, body already read) reports a disconnect.
+        """
+        item = self._enqueue(feeds, names)
+        loop = asyncio.get_running_loop()
+        timer = (
+            None
+            if timeout_s is None
+            else loop.call_later(max(0.0, timeout_s - waited_s), self._expire, item, timeout_s)
+        )
+        # Most requests are answered before the watch starts: a task per request would cost
+        # the event loop more than the rest of the batching does.
+        watch = (
+            None
+            if receive is None
+            else loop.call_later(WATCH_AFTER_S, self._start_watch, item, receive)
+        )
+        try:
+            return await item.future
+        except asyncio.CancelledError:
+            self._abandon(item, None, "")
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+            if watch is not None:
+                watch.cancel()
+            if item.watcher is not None:
+                item.watcher.cancel()
+
+    # -- queue ------------------------------------------------------------------
+
+    def close(self) -> None:
+        """No new requests; the worker thread ends once the queued ones have run."""
+        with self._lock:
+            self._closed = True
+            if self._dispatcher is None:
+                self._retire()
+
+    def _retire(self) -> None:
+        """Closed and drained (caller holds ``_lock``): end the worker thread, drop the runner.
+
+        The runner is a bound method of the served version that owns this batcher: kept,
+        that reference cycle would hold the closed version and its ONNX Runtime sessions
+        until the cyclic garbage collector ran, so memory piled up over hot swaps.
+        """
+        self._runner.shutdown(wait=False)
+        self._run = _retired
+
+    def _enqueue(self, feeds: Feeds, names: list[str]) -> _Pending:
+        config = self.config
+        first = next(iter(feeds.values()))
+        rows = int(first.shape[0]) if first.ndim else 1
+        key = _signature(feeds, names) if self.batchable and config.enabled else None
+        loop = asyncio.get_running_loop()
+        item = _Pending(feeds, names, rows, key, time.perf_counter(), loop.create_future())
+        with self._lock:
+            if self._closed:  # resolved just before a swap or unload: the retry finds the new one
+                raise ModelNotReady(
+                    f"{self.label} was unloaded or replaced; retry", headers={"Retry-After": "0"}
+                )
+            self._queue.append(item)
+            self._rows += rows
+            if not self._running:  # while a call runs, the next batch taken updates it
+                self.metrics.queue_depth.set(len(self._queue))
+            if self._dispatcher is None:
+                self._dispatcher = loop.create_task(self._dispatch())
+                return item
+        if self._wakeup is not None and self._rows >= config.max_batch_size:
+            if not self._wakeup.done():
+                self._wakeup.set_result(None)
+        return item
+
+    def _remove(self, item: _Pending) -> bool:
+        """Take ``item`` out of the queue; False when it was not there (running or done)."""
+        try:
+            self._queue.remove(item)
+        except ValueError:
+            return False
+        self._rows -= item.rows
+        self.metrics.queue_depth.set(len(self._queue))
+        return True
+
+    def _abandon(self, item: _Pending, error: ServiceError | None, reason: str) -> None:
+        """The request's waiter is gone or gave up: it must not run (if it has not yet)."""
+        if self._remove(item) and reason:
+            self.metrics.dropped[reason].inc()
+        if error is not None and not item.future.done():
+            item.future.set_exception(error)
+
+    def _expire(self, item: _Pending, timeout_s: float) -> None:
+        where = "in the queue" if item in self._queue else "while running"
+        error = RequestTimeout(
+            f"{self.label}: no result within the timeout of {timeout_s * 1e3:g} ms "
+            f"(timed out {where})"
+        )
+        self._abandon(item, error, "timeout")
+
+    def _start_watch(self, item: _Pending, receive: Receive) -> None:
+        if not item.future.done():
+            item.watcher = asyncio.get_running_loop().create_task(self._watch(receive, item))
+
+    async def _watch(self, receive: Receive, item: _Pending) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self._abandon(item, ClientDisconnected("the client disconnected"), "disconnect")
+
+    # -- dispatch ---------------------------------------------------------------
+
+    async def _dispatch(self) -> None:
+        """Run batches while requests wait; ends when the queue is empty (restarted on demand)."""
+        try:
+            await asyncio.sleep(0)  # requests read in this same loop pass join the first batch
+            while self._queue:
+                await self._hold_partial_batch()
+                if self._queue:  # requests may leave while it holds (timeouts, disconnects)
+                    await self._execute(self._take_batch())
+        finally:
+            with self._lock:
+                self._dispatcher = None
+                if self._closed:
+                    self._retire()
+
+    async def _hold_partial_batch(self) -> None:
+        """Wait up to ``max_queue_delay_us`` after the oldest request for a full batch."""
+        config = self.config
+        if not (config.enabled and self.batchable and config.max_queue_delay_us > 0):
+            return
+        loop = asyncio.get_running_loop()
+        while self._queue and self._rows < config.max_batch_size:
+            remaining = self._queue[0].enqueued + config.max_queue_delay_us / 1e6
+            remaining -= time.perf_counter()
+            if remaining <= 0:
+                return
+            self._wakeup = loop.create_future()
+            timer = loop.call_later(remaining, _resolve, self._wakeup)
+            try:
+                await self._wakeup
+            finally:
+                timer.cancel()
+                self._wakeup = None
+
+    def _take_batch(self) -> list[_Pending]:
+        """The oldest request and, in queue order, the compatible ones that fit beside it."""
+        head = self._queue.popleft()
+        batch, rows = [head], head.rows
+        limit = self.config.max_batch_size
+        if head.key is not None and rows < limit:
+            kept: deque[_Pending] = deque()
+            while self._queue and rows < limit:
+                item = self._queue.popleft()
+                if item.key == head.key and rows + item.rows <= limit:
+                    batch.append(item)
+                    rows += item.rows
+                else:
+                    kept.append(item)
+            kept.extend(self._queue)
+            self._queue = kept
+        self._rows -= rows
+        self.metrics.queue_depth.set(len(self._queue))
+        return batch
+
+    async def _execute(self, batch: list[_Pending]) -> None:
+        """Run one batch off the loop and resolve each request's future (never raises)."""
+        now = time.perf_counter()
+        for item in batch:
+            self.metrics.queue_wait.observe(now - item.enqueued)
+        loop = asyncio.get_running_loop()
+        self._running = True
+        try:
+            answers, seconds = await loop.run_in_executor(
+                self._runner, _run_batch, self._run, batch
+            )
+        except asyncio.CancelledError:  # shutdown: nobody may wait forever
+            for item in batch:
+                item.future.cancel()
+            raise
+        finally:
+            self._running = False
+        self.metrics.executed(sum(item.rows for item in batch), len(batch), seconds)
+        for item, answer in zip(batch, answers, strict=True):
+            if item.future.done():  # timed out or disconnected while running
+                continue
+            if isinstance(answer, BaseException):
+                item.future.set_exception(answer)
+            else:
+                item.future.set_result(answer)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

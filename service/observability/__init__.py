@@ -1,0 +1,1 @@
+"""Observability: Prometheus metrics, logs, and Triton's statistics extension."""

@@ -1,0 +1,346 @@
+"""Prometheus collectors of one app, in the app's own registry (tests build many apps).
+
+With several worker processes, prometheus-client's multiprocess mode sums every
+worker's counters and histograms (and live gauges) at each scrape, so
+``/metrics`` reports the whole server whichever worker answers.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from types import TracebackType
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+
+from service.errors import ServiceError
+from service.process.runtime_dir import PROMETHEUS_DIR_ENV
+
+LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+QUEUE_BUCKETS = (
+    0.00005,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    5.0,
+)
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    """What an inference request resolved to; filled in while it is handled."""
+
+    model: str
+    protocol: str = "rest"  # the transport: rest or grpc
+    version: str = ""
+    decode_s: float = 0.0  # request body to checked tensors
+    encode_s: float = 0.0  # outputs to response body
+
+
+@dataclass(frozen=True)
+class BatcherMetrics:
+    """One model version's queue collectors, label lookups done once (they run per batch)."""
+
+    queue_depth: Gauge
+    queue_wait: Histogram
+    batch_size: Histogram
+    batch_requests: Histogram
+    inference_seconds: Histogram
+    request_compute: Counter  # seconds x requests of each call: each request's compute time
+    last_inference: Gauge
+    dropped: dict[str, Counter]  # by reason: queue_full, timeout, disconnect
+    executions: Counter  # the families, labelled (model, version, batch size) on first use
+    execution_seconds: Counter
+    labels: tuple[str, str]  # (model, version)
+    by_batch_size: dict[int, tuple[Counter, Counter]] = field(default_factory=dict)
+
+    def executed(self, samples: int, requests: int, seconds: float) -> None:
+        """One ONNX Runtime call of ``samples`` rows for ``requests`` requests took ``seconds``."""
+        self.inference_seconds.observe(seconds)
+        self.batch_size.observe(samples)
+        self.batch_requests.observe(requests)
+        self.request_compute.inc(seconds * requests)
+        found = self.by_batch_size.get(samples)
+        if found is None:
+            labels = (*self.labels, str(samples))
+            found = self.executions.labels(*labels), self.execution_seconds.labels(*labels)
+            self.by_batch_size[samples] = found
+        found[0].inc()
+        found[1].inc(seconds)
+        self.last_inference.set(time.time())
+
+
+class RequestTracker:
+    """``with metrics.track_request(model) as record``: a class, not a generator (it runs
+    per request)."""
+
+    __slots__ = ("_metrics", "_record", "_start")
+
+    def __init__(self, metrics: ServiceMetrics, record: RequestRecord) -> None:
+        self._metrics = metrics
+        self._record = record
+        self._start = 0.0
+
+    def __enter__(self) -> RequestRecord:
+        self._start = time.perf_counter()
+        return self._record
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if kind is None:
+            status = 200
+        elif isinstance(error, ServiceError):
+            status = error.status_code
+        else:
+            status = 500
+        self._metrics.count_request(self._record, status, time.perf_counter() - self._start)
+
+
+class ServiceMetrics:
+    """Requests by model/version/status, request and inference latency, batch sizes, queues."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "foldserve_inference_requests",
+            "Inference requests by model, version, HTTP status code (gRPC: the HTTP status "
+            "of the same error) and protocol (rest, grpc)",
+            ["model", "version", "status", "protocol"],
+            registry=self.registry,
+        )
+        self.request_seconds = Histogram(
+            "foldserve_request_duration_seconds",
+            "Inference request time from first byte read to response built",
+            ["model", "version", "status", "protocol"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.inference_seconds = Histogram(
+            "foldserve_inference_duration_seconds",
+            "ONNX Runtime time per inference call",
+            ["model", "version"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "foldserve_batch_size",
+            "Samples per inference call",
+            ["model", "version"],
+            buckets=BATCH_BUCKETS,
+            registry=self.registry,
+        )
+        self.batch_requests = Histogram(
+            "foldserve_batch_requests",
+            "Requests gathered into one inference call by the dynamic batcher",
+            ["model", "version"],
+            buckets=BATCH_BUCKETS,
+            registry=self.registry,
+        )
+        self.queue_depth = Gauge(
+            "foldserve_queue_depth",
+            "Requests waiting in a model version's batching queue (all workers)",
+            ["model", "version"],
+            registry=self.registry,
+            multiprocess_mode="livesum",
+        )
+        self.queue_wait_seconds = Histogram(
+            "foldserve_queue_wait_seconds",
+            "Time a request waited in the batching queue before its inference call started",
+            ["model", "version"],
+            buckets=QUEUE_BUCKETS,
+            registry=self.registry,
+        )
+        self.dropped = Counter(
+            "foldserve_requests_dropped",
+            "Requests that left the queue without running: queue_full (503), "
+            "timeout (504), disconnect (client gone)",
+            ["model", "version", "reason"],
+            registry=self.registry,
+        )
+        self.codec_seconds = Counter(
+            "foldserve_request_codec_seconds",
+            "Time spent decoding requests (stage=decode) and encoding answers (stage=encode)",
+            ["model", "version", "stage"],
+            registry=self.registry,
+        )
+        self.request_compute_seconds = Counter(
+            "foldserve_request_compute_seconds",
+            "ONNX Runtime time as the requests saw it: each call's time once per request in it",
+            ["model", "version"],
+            registry=self.registry,
+        )
+        self.batch_executions = Counter(
+            "foldserve_batch_executions",
+            "ONNX Runtime calls by batch size (samples)",
+            ["model", "version", "batch_size"],
+            registry=self.registry,
+        )
+        self.batch_execution_seconds = Counter(
+            "foldserve_batch_execution_seconds",
+            "ONNX Runtime time by batch size (samples)",
+            ["model", "version", "batch_size"],
+            registry=self.registry,
+        )
+        self.last_inference = Gauge(
+            "foldserve_last_inference_timestamp_seconds",
+            "When the model version last ran (Unix time)",
+            ["model", "version"],
+            registry=self.registry,
+            multiprocess_mode="max",
+        )
+        self.admission_waiting = Gauge(
+            "foldserve_admission_waiting",
+            "Requests waiting in line at a model's entry, body read, not decoded (all workers)",
+            ["model"],
+            registry=self.registry,
+            multiprocess_mode="livesum",
+        )
+        self.connections_closed = Counter(
+            "foldserve_connections_closed",
+            "Connections the server closed: header_timeout and body_timeout (408), "
+            "idle_for_new (an idle keep-alive one, for a new one past max_connections), "
+            "refused_at_cap (a new one, 503, none idle)",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.open_connections = Gauge(
+            "foldserve_open_connections",
+            "Open HTTP connections (all workers)",
+            registry=self.registry,
+            multiprocess_mode="livesum",
+        )
+        self._request_counters: dict[tuple[str, str, int, str], tuple[Counter, Histogram]] = {}
+        self._codec_counters: dict[tuple[str, str], tuple[Counter, Counter]] = {}
+        self.models_ready = Gauge(
+            "foldserve_model_versions_ready",
+            "Model versions currently ready to serve",
+            registry=self.registry,
+            multiprocess_mode="livemax",  # every worker serves the same versions
+        )
+
+    def track_request(self, model: str, protocol: str = "rest") -> RequestTracker:
+        """Count and time one inference request (``with``): the status comes from the error
+        raised, if any."""
+        return RequestTracker(self, RequestRecord(model, protocol))
+
+    def count_request(self, record: RequestRecord, status: int, seconds: float) -> None:
+        # Labelled children are cached: labels() costs more than the update itself.
+        key = (record.model, record.version, status, record.protocol)
+        found = self._request_counters.get(key)
+        if found is None:
+            labels = (record.model, record.version, str(status), record.protocol)
+            found = self.requests.labels(*labels), self.request_seconds.labels(*labels)
+            self._request_counters[key] = found
+        counter, timer = found
+        counter.inc()
+        timer.observe(seconds)
+        if record.decode_s or record.encode_s:
+            codec = self._codec_counters.get(key[:2])
+            if codec is None:
+                codec = (
+                    self.codec_seconds.labels(record.model, record.version, "decode"),
+                    self.codec_seconds.labels(record.model, record.version, "encode"),
+                )
+                self._codec_counters[key[:2]] = codec
+            codec[0].inc(record.decode_s)
+            codec[1].inc(record.encode_s)
+
+    def observe_inference(self, model: str, version: str, seconds: float, batch: int) -> None:
+        self.inference_seconds.labels(model, version).observe(seconds)
+        self.batch_size.labels(model, version).observe(batch)
+
+    def batcher(self, model: str, version: str) -> BatcherMetrics:
+        """The collectors of one model version's batching queue."""
+        return BatcherMetrics(
+            queue_depth=self.queue_depth.labels(model, version),
+            queue_wait=self.queue_wait_seconds.labels(model, version),
+            batch_size=self.batch_size.labels(model, version),
+            batch_requests=self.batch_requests.labels(model, version),
+            inference_seconds=self.inference_seconds.labels(model, version),
+            request_compute=self.request_compute_seconds.labels(model, version),
+            last_inference=self.last_inference.labels(model, version),
+            dropped={
+                reason: self.dropped.labels(model, version, reason)
+                for reason in ("queue_full", "timeout", "disconnect")
+            },
+            executions=self.batch_executions,
+            execution_seconds=self.batch_execution_seconds,
+            labels=(model, version),
+        )
+
+    def request_buckets(self, model: str, version: str) -> list[tuple[float, float]]:
+        """Cumulative ``(upper bound s, count)`` buckets of the answered (200) requests of a
+        model version, end to end, over every worker (see :meth:`collect_registry`)."""
+        wanted = {"model": model, "version": version, "status": "200"}
+        found: dict[float, float] = {}
+        for family in self.collect_registry().collect():
+            if family.name != "foldserve_request_duration_seconds":
+                continue
+            for sample in family.samples:
+                labels = sample.labels
+                if sample.name.endswith("_bucket") and all(
+                    labels.get(k) == v for k, v in wanted.items()
+                ):
+                    bound = float(labels["le"])
+                    found[bound] = found.get(bound, 0.0) + sample.value
+        return sorted(found.items())
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition: of every worker process of this server when
+        prometheus-client's multiprocess mode is on (``PROMETHEUS_MULTIPROC_DIR``, set by
+        ``python -m service`` for several workers), else of this app's registry."""
+        return generate_latest(self.collect_registry())
+
+    def collect_registry(self) -> CollectorRegistry:
+        """Where the current values are read from (see :meth:`render`)."""
+        if multiprocess_dir() is None:
+            return self.registry
+        merged = CollectorRegistry()
+        MultiProcessCollector(merged)  # type: ignore[no-untyped-call]
+        return merged
+
+
+def multiprocess_dir() -> str | None:
+    """prometheus-client's multiprocess directory, when this process writes its values there.
+
+    The library reads ``PROMETHEUS_MULTIPROC_DIR`` when it is imported; this is the one
+    place the service looks at it (``RuntimeDir.start_metrics`` sets it)."""
+    return os.environ.get(PROMETHEUS_DIR_ENV) or None
+
+
+def leave_multiprocess() -> None:
+    """This worker exits: drop its live gauges (its counters keep counting in the sums)."""
+    if multiprocess_dir() is not None:
+        mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
