@@ -12,7 +12,7 @@ MLServer's ``handlers/dataplane.py`` split their servers the same way.
 An inference request reaches it as an :class:`Exchange`: the transport's way to
 read the payload (at the client's pace, after the cheap overload refusal) and to
 decode and encode it. Small payloads are decoded and encoded on the event loop,
-large ones in a worker thread (``INLINE_*`` in :mod:`service.dataplane.validation`).
+large ones in a worker thread (``INLINE_*`` below).
 """
 
 from __future__ import annotations
@@ -25,14 +25,9 @@ from typing import Any, Protocol, TypeVar
 from foldserve.datatypes import V2_DATATYPES
 from foldserve.onnx_fold.version import derived_from
 from service.dataplane.admission import AdmissionGates
-from service.dataplane.validation import (
-    INLINE_BODY_BYTES,
-    INLINE_OUTPUT_ELEMENTS,
-    classify,
-    output_elements,
-    prepare_feeds,
-    select_outputs,
-)
+from service.dataplane.classification import classify
+from service.dataplane.tensors import DecodedRequest, OutputTensor
+from service.dataplane.validation import prepare_feeds, select_outputs
 from service.errors import LoadFailed, QueueFull, RequestTimeout
 from service.models.batcher import Receive
 from service.models.repository import NOT_SELECTED, ModelEntry, ModelRepository
@@ -50,9 +45,19 @@ from service.protocol import (
     RepositoryEntry,
     TensorMetadata,
 )
-from service.rest.codec import DecodedRequest, OutputTensor
 
 Answer = TypeVar("Answer", covariant=True)
+
+# Bodies (bytes) and outputs (elements) up to these sizes are handled on the event loop.
+INLINE_BODY_BYTES = 64 * 1024
+INLINE_OUTPUT_ELEMENTS = 16 * 1024
+
+
+def output_elements(outputs: list[OutputTensor]) -> int:
+    total = 0
+    for tensor in outputs:
+        total += tensor.array.size
+    return total
 
 
 class Exchange(Protocol[Answer]):

@@ -18,16 +18,16 @@ from typing import Any
 import numpy as np
 from tritonclient.grpc import service_pb2 as pb
 
-from service.errors import BadRequest
-from service.rest.codec import (
+from service.dataplane.tensors import (
     DecodedRequest,
     InputTensor,
     OutputTensor,
     RequestedOutput,
     decode_binary_data,
     tensor_bytes,
+    tensor_dtype,
 )
-from service.rest.json_data import tensor_dtype
+from service.errors import BadRequest
 
 # The typed contents field of each datatype (Triton's InferTensorContents); FP16 and BF16
 # have none: they travel raw only.

@@ -28,6 +28,7 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from service.auth import check_management, presented_key
 from service.dataplane.plane import DataPlane, Inferred
+from service.dataplane.tensors import DecodedRequest
 from service.errors import (
     BadRequest,
     ClientDisconnected,
@@ -39,7 +40,6 @@ from service.errors import (
 from service.grpc.codec import decode_grpc_request, encode_grpc_response
 from service.models.served_version import ServedVersion
 from service.protocol import PLATFORM, SERVER_EXTENSIONS
-from service.rest.codec import DecodedRequest
 from service.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -27,11 +27,11 @@ from foldserve.model_format import (
     VersionMetadata,
     verified_bytes,
 )
+from service.dataplane.tensors import RequestedOutput
 from service.models.batcher import DynamicBatcher, Feeds, Outputs
 from service.models.config import BatchingConfig, BatchingOverrides, ServedVariant
 from service.models.sessions import CUDA, SessionFactory
 from service.observability.metrics import ServiceMetrics
-from service.rest.codec import RequestedOutput
 from service.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,6 @@ was expected.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -22,39 +21,16 @@ import numpy as np
 import orjson
 
 from foldserve.datatypes import NUMPY_DTYPES
+from service.dataplane.tensors import (
+    DecodedRequest,
+    InputTensor,
+    OutputTensor,
+    RequestedOutput,
+    decode_binary_data,
+    tensor_bytes,
+)
 from service.errors import BadRequest
-from service.rest.json_data import decode_json_data, tensor_dtype
-
-
-@dataclass(slots=True)
-class InputTensor:
-    name: str
-    datatype: str  # as sent (V2 name)
-    array: np.ndarray  # reshaped to the sent shape, dtype of ``datatype``
-
-
-@dataclass(slots=True)
-class RequestedOutput:
-    name: str
-    binary: bool | None  # None: follow the request-level binary_data_output
-    classification: int  # top-K; 0 means the raw tensor
-
-
-@dataclass(slots=True)
-class DecodedRequest:
-    id: str | None
-    inputs: list[InputTensor]
-    outputs: list[RequestedOutput] | None  # None: every model output
-    binary_output: bool
-    timeout_us: int | None = None  # parameters.timeout (Triton's): deadline in microseconds
-
-
-@dataclass(slots=True)
-class OutputTensor:
-    name: str
-    datatype: str
-    array: np.ndarray  # BYTES: object array of ``bytes``
-    binary: bool
+from service.rest.json_data import decode_json_data
 
 
 @dataclass(slots=True)
@@ -90,20 +66,6 @@ def _parameters(value: Any, where: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise BadRequest(f"{where}: 'parameters' must be a JSON object")
     return value
-
-
-def decode_binary_data(
-    name: str, datatype: str, shape: tuple[int, ...], raw: memoryview
-) -> np.ndarray:
-    """Raw little-endian bytes as a (read-only, zero-copy) array of ``shape``."""
-    dtype = tensor_dtype(datatype, f"input '{name}'").newbyteorder("<")
-    needed = math.prod(shape) * dtype.itemsize
-    if len(raw) != needed:
-        raise BadRequest(
-            f"input '{name}': binary data has {len(raw)} bytes, "
-            f"shape {list(shape)} of {datatype} needs {needed}"
-        )
-    return np.frombuffer(raw, dtype=dtype).reshape(shape)
 
 
 def _requested_outputs(value: Any) -> list[RequestedOutput] | None:
@@ -213,23 +175,6 @@ def decode_infer_request(body: bytes, header_length: str | None) -> DecodedReque
         binary_output,
         timeout or None,
     )
-
-
-def serialize_bytes_tensor(array: np.ndarray) -> bytes:
-    """BYTES on the wire: each element as a 4-byte little-endian length, then its bytes."""
-    parts = []
-    for item in array.ravel():
-        raw = item if isinstance(item, bytes) else str(item).encode()
-        parts.append(len(raw).to_bytes(4, "little"))
-        parts.append(raw)
-    return b"".join(parts)
-
-
-def tensor_bytes(tensor: OutputTensor) -> bytes:
-    if tensor.datatype == "BYTES":
-        return serialize_bytes_tensor(tensor.array)
-    little = tensor.array.dtype.newbyteorder("<")
-    return np.ascontiguousarray(tensor.array, dtype=little).tobytes()
 
 
 def _json_data(tensor: OutputTensor) -> list[Any] | np.ndarray:

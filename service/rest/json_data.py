@@ -23,24 +23,13 @@ from typing import Any
 import numpy as np
 import orjson
 
-from foldserve.datatypes import NUMPY_DTYPES
+from service.dataplane.tensors import cast_exact, tensor_dtype
 from service.errors import BadRequest
 
 JSON_KINDS = {"b": "booleans", "i": "integers", "u": "integers", "f": "numbers"}
 JSON_ACCEPTS = {"b": "b", "i": "iu", "u": "iu", "f": "iuf"}  # parsed kinds by tensor kind
 FLOAT_MAX = {size: float(np.finfo(f"f{size}").max) for size in (2, 4, 8)}  # by itemsize
 EXACT_INTEGERS = float(2**53)  # a float64 holds every integer up to this one exactly
-
-
-def tensor_dtype(datatype: Any, where: str) -> np.dtype[Any]:
-    """The numpy dtype of a V2 datatype name, or BadRequest saying what to send."""
-    if datatype == "BYTES":
-        raise BadRequest(f"{where}: datatype BYTES is not supported; these models take numbers")
-    if not isinstance(datatype, str) or datatype not in NUMPY_DTYPES:
-        raise BadRequest(
-            f"{where}: unknown datatype {datatype!r}; use one of {', '.join(NUMPY_DTYPES)}"
-        )
-    return NUMPY_DTYPES[datatype]
 
 
 def _flat_floats(data: list[Any], dtype: np.dtype[Any]) -> np.ndarray | None:
@@ -148,14 +137,3 @@ def decode_json_data(name: str, datatype: str, shape: tuple[int, ...], data: Any
             f"input '{name}': shape {list(shape)} needs {size} values, got {array_.size}"
         )
     return array_.reshape(shape)
-
-
-def cast_exact(values: np.ndarray, dtype: np.dtype[Any]) -> np.ndarray | None:
-    """``values`` as ``dtype`` when every value survives the round trip, else None."""
-    if values.dtype == dtype:
-        return values
-    with np.errstate(all="ignore"):
-        out = values.astype(dtype)
-        back = out.astype(values.dtype)
-    same = np.array_equal(back, values, equal_nan=values.dtype.kind == "f")
-    return out if same else None

@@ -10,15 +10,11 @@ from tritonclient.http import InferResult
 from tritonclient.utils import deserialize_bytes_tensor
 
 from foldserve.datatypes import NUMPY_DTYPES
-from service.dataplane.validation import classify
+from service.dataplane.classification import classify
+from service.dataplane.tensors import OutputTensor, cast_exact, serialize_bytes_tensor
 from service.errors import BadRequest
-from service.rest.codec import (
-    OutputTensor,
-    decode_infer_request,
-    encode_infer_response,
-    serialize_bytes_tensor,
-)
-from service.rest.json_data import cast_exact, decode_json_data
+from service.rest.codec import decode_infer_request, encode_infer_response
+from service.rest.json_data import decode_json_data
 
 
 def binary_body(header: dict, *tensors: np.ndarray) -> tuple[bytes, str]:

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from tritonclient.grpc import service_pb2 as pb
 
+from service.dataplane.tensors import OutputTensor
 from service.errors import BadRequest
 from service.grpc.codec import decode_grpc_request, encode_grpc_response
-from service.rest.codec import OutputTensor
 
 
 def request_with(datatype: str, shape: list[int]) -> tuple[pb.ModelInferRequest, object]:

@@ -20,7 +20,7 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.dataplane.plane import DataPlane, Inferred
-from service.dataplane.validation import encode_v1, v1_request
+from service.dataplane.tensors import DecodedRequest
 from service.errors import ServiceError, service_error_response
 from service.models.served_version import ServedVersion
 from service.protocol import (
@@ -31,8 +31,9 @@ from service.protocol import (
     error_responses,
     request_body_openapi,
 )
-from service.rest.codec import DecodedRequest, decode_infer_request, encode_infer_response
+from service.rest.codec import decode_infer_request, encode_infer_response
 from service.rest.middleware import header, read_body, request_id
+from service.rest.v1_codec import encode_v1, v1_request
 
 
 class PlainRoute(APIRoute):
