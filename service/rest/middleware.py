@@ -1,4 +1,4 @@
-"""HTTP plumbing around every request: request id, size limit, access log, body reading.
+"""HTTP plumbing around every request: request id, size limit, access log.
 
 :class:`RequestContextMiddleware` is plain ASGI (no per-request task or body
 copy, unlike ``BaseHTTPMiddleware``): it accepts or generates ``X-Request-ID``
@@ -12,17 +12,11 @@ from __future__ import annotations
 
 import re
 import time
-import zlib
 
 from fastapi import Request
-from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import (
-    BadRequest,
-    ClientDisconnected,
-    PayloadTooLarge,
-    UnsupportedMediaType,
     error_response,
 )
 from service.observability.logs import log_access, new_request_id, request_id_var
@@ -103,39 +97,3 @@ class RequestContextMiddleware:
 def request_id(request: Request) -> str:
     """The id the middleware gave this request."""
     return str(request.scope.get("state", {}).get("request_id", ""))
-
-
-async def read_body(request: Request, max_bytes: int) -> bytes:
-    """The raw body (whatever its Content-Type), decompressed, at most ``max_bytes``.
-
-    Raises 413 past the limit (also for chunked bodies and after decompression),
-    415 for an unknown Content-Encoding, 400 for a corrupt compressed body, 499
-    (:class:`ClientDisconnected`) when the client has gone.
-    """
-    chunks, size = [], 0
-    try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > max_bytes:
-                raise PayloadTooLarge(f"request body exceeds the limit of {max_bytes} bytes")
-            chunks.append(chunk)
-    except ClientDisconnect as err:  # e.g. it gave up while its request waited for a turn
-        raise ClientDisconnected("the client disconnected before its body was read") from err
-    body = b"".join(chunks)
-    encoding = (header(request.scope, b"content-encoding") or "identity").strip().lower()
-    if encoding in ("", "identity"):
-        return body
-    if encoding not in ("gzip", "deflate"):
-        raise UnsupportedMediaType(
-            f"Content-Encoding {encoding!r} is not supported (gzip, deflate)"
-        )
-    decoder = zlib.decompressobj(16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
-    try:
-        plain = decoder.decompress(body, max_bytes + 1)
-    except zlib.error as err:
-        raise BadRequest(f"request body is not valid {encoding}: {err}") from err
-    if len(plain) > max_bytes or decoder.unconsumed_tail:
-        raise PayloadTooLarge(f"decompressed request body exceeds the limit of {max_bytes} bytes")
-    if not decoder.eof:
-        raise BadRequest(f"request body is truncated {encoding} data")
-    return plain

@@ -4,7 +4,7 @@ Each route is registered once, as a :class:`PlainRoute`, and OpenAPI documents
 it from that declaration. FastAPI's per-request dependency solving and the
 depth of its middleware stack cost more than decoding, batching and encoding a
 small model's request together, and these routes need neither (their
-parameters are path strings, their bodies are read by hand), so
+parameters are path strings, their bodies are read by :mod:`service.rest.exchange`), so
 :class:`PlainRouteDispatch` hands a matching request straight to its route.
 """
 
@@ -19,10 +19,8 @@ from fastapi.routing import APIRoute
 from starlette.routing import Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.dataplane.plane import DataPlane, Inferred
-from service.dataplane.tensors import DecodedRequest
+from service.dataplane.plane import DataPlane
 from service.errors import ServiceError, service_error_response
-from service.models.served_version import ServedVersion
 from service.protocol import (
     InferRequest,
     InferResponse,
@@ -31,9 +29,7 @@ from service.protocol import (
     error_responses,
     request_body_openapi,
 )
-from service.rest.codec import decode_infer_request, encode_infer_response
-from service.rest.middleware import header, read_body, request_id
-from service.rest.v1_codec import encode_v1, v1_request
+from service.rest.exchange import RestExchange
 
 
 class PlainRoute(APIRoute):
@@ -90,53 +86,6 @@ INFER_DOCS: dict[str, Any] = {
     "responses": error_responses(400, 404, 413, 415, 503, 504),
     "openapi_extra": request_body_openapi(InferRequest, binary=True),
 }
-
-
-class TensorResponse(Response):
-    """A 200 answer with its raw headers written once (these run per request, and Starlette's
-    generic header building is a measurable share of a small request)."""
-
-    def __init__(self, body: bytes, header_length: int | None = None) -> None:
-        self.status_code = 200
-        self.body = body
-        self.background = None
-        kind = b"application/json" if header_length is None else b"application/octet-stream"
-        self.raw_headers = [(b"content-type", kind), (b"content-length", b"%d" % len(body))]
-        if header_length is not None:
-            self.raw_headers.append((b"inference-header-content-length", b"%d" % header_length))
-
-
-class RestExchange:
-    """An inference request over HTTP for the data plane
-    (:class:`service.dataplane.plane.Exchange`):
-    a V2 body (JSON, or binary tensors after a JSON header) or a V1 ``instances`` body."""
-
-    __slots__ = ("request", "receive", "v1", "body")
-
-    def __init__(self, request: Request, v1: bool) -> None:
-        self.request = request
-        self.receive: Receive | None = request.receive
-        self.v1 = v1
-        self.body = b""
-
-    async def read(self, max_bytes: int) -> int:
-        self.body = await read_body(self.request, max_bytes)
-        return len(self.body)
-
-    def decode(self, served: ServedVersion) -> DecodedRequest:
-        if self.v1:
-            return v1_request(self.body, served.name, served.inputs)
-        header_length = header(self.request.scope, b"inference-header-content-length")
-        return decode_infer_request(self.body, header_length)
-
-    def encode(self, result: Inferred) -> Response:
-        outputs = result.outputs
-        if self.v1:
-            return TensorResponse(encode_v1(outputs, result.served.labels))
-        served = result.served
-        answer_id = result.request.id or request_id(self.request)
-        encoded = encode_infer_response(served.name, str(served.version), answer_id, outputs)
-        return TensorResponse(encoded.body, encoded.header_length)
 
 
 async def _answer(request: Request, name: str, version: str | None, v1: bool) -> Response:
