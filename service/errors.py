@@ -7,7 +7,7 @@ into ``{"error": "..."}`` bodies, the shape Triton and KServe clients read;
 where an answer is written outside an exception handler (the middleware, the
 infer route). Two transports map the status themselves: ``service.rest.connections``
 writes the body as raw HTTP for refusals before a request reaches the app, and
-``service.grpc.server`` turns the status into a gRPC code.
+``service.grpc.status`` turns the status into a gRPC code.
 """
 
 from __future__ import annotations

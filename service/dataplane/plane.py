@@ -2,7 +2,7 @@
 
 A transport decodes its wire form, calls the data plane, encodes the answer and
 maps the data plane's errors (:mod:`service.errors`, each with its HTTP status;
-:mod:`service.grpc.server` maps them to gRPC codes). The data plane owns model
+:mod:`service.grpc.status` maps them to gRPC codes). The data plane owns model
 resolution, admission (:mod:`service.dataplane.admission`), request validation
 (:mod:`service.dataplane.validation`), the hand-off to a version's batcher, classification,
 metrics and statistics, and repository management through the workers' shared
