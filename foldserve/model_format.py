@@ -130,6 +130,11 @@ class ReferenceBatch(BaseModel):
     atol: float = Field(ge=0)
 
 
+# The files of a version, by the name the service and the reports give them (VersionFiles'
+# fields): model.onnx, model.unfolded.onnx, model.int8.onnx.
+Variant = Literal["folded", "unfolded", "int8"]
+
+
 class VersionFiles(BaseModel):
     folded: str = FOLDED_FILE
     unfolded: str = UNFOLDED_FILE  # "" when the version has no unfolded twin

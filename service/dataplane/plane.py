@@ -32,8 +32,9 @@ from service.errors import LoadFailed, QueueFull, RequestTimeout
 from service.models.batcher import Receive
 from service.models.repository import NOT_SELECTED, ModelEntry, ModelRepository
 from service.models.served_version import ServedVersion
+from service.models.triton_config import triton_model_config
 from service.observability.metrics import RequestRecord, ServiceMetrics
-from service.observability.statistics import model_statistics, triton_model_config
+from service.observability.statistics import model_statistics
 from service.process.drain import Drain
 from service.process.worker_sync import WorkerSync
 from service.protocol import (
@@ -114,10 +115,6 @@ class DataPlane:
         return self.repository.ready and not self.drain.draining
 
     # -- models -----------------------------------------------------------------------
-
-    def served(self, name: str, version: str | None = None) -> ServedVersion:
-        """The version a request for ``name`` (and ``version``) runs on, or the error why none."""
-        return self.repository.get(name, version)
 
     def metadata(self, name: str, version: str | None = None) -> ModelMetadata:
         model = self.repository.get(name, version)

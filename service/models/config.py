@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from foldserve.model_format import ModelVersionError
+from foldserve.model_format import ModelVersionError, Variant
 from service.settings import Settings
 
 CONFIG_FILE = "config.json"
@@ -86,8 +86,8 @@ class BatchingConfig:
         )
 
 
-ServedVariant = Literal["folded", "int8"]
-SERVED_VARIANTS: tuple[ServedVariant, ...] = ("folded", "int8")
+# The variants config.json may serve: the unfolded file is for comparison, never served.
+SERVED_VARIANTS: tuple[Variant, ...] = ("folded", "int8")
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,7 @@ class ModelSettings:
 
     policy: VersionPolicy = VersionPolicy()
     batching: BatchingOverrides = BatchingOverrides()
-    variant: ServedVariant = "folded"
+    variant: Variant = "folded"
 
 
 def _require(condition: bool, message: str) -> None:
@@ -153,7 +153,7 @@ def _batching(config: dict[str, Any]) -> BatchingOverrides:
     )
 
 
-def _variant(value: Any) -> ServedVariant:
+def _variant(value: Any) -> Variant:
     if value is None:
         return "folded"
     for known in SERVED_VARIANTS:

@@ -22,6 +22,7 @@ from pathlib import Path
 from foldserve.model_format import (
     VERSION_DIR,
     ModelVersionError,
+    Variant,
     valid_model_name,
     version_numbers,
 )
@@ -29,7 +30,6 @@ from service.errors import ModelNotFound, ModelNotReady, ModelUnavailable
 from service.models.config import (
     BatchingOverrides,
     ModelSettings,
-    ServedVariant,
     VersionPolicy,
     read_model_config,
 )
@@ -52,7 +52,7 @@ class VersionStatus:
     reason: str = ""
     model: ServedVersion | None = None
     fingerprint: Fingerprint | None = None  # the files this status was computed from
-    variant: ServedVariant = "folded"  # the variant config.json asked for then
+    variant: Variant = "folded"  # the variant config.json asked for then
 
 
 @dataclass(frozen=True)
@@ -318,7 +318,7 @@ class ModelRepository:
         version_dir: Path,
         fingerprint: Fingerprint,
         batching: BatchingOverrides,
-        variant: ServedVariant,
+        variant: Variant,
     ) -> VersionStatus:
         name, number = version_dir.parent.name, int(version_dir.name)
         try:

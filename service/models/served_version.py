@@ -14,7 +14,7 @@ import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -24,19 +24,18 @@ from foldserve.model_format import (
     ModelVersionError,
     TensorData,
     TensorSpec,
+    Variant,
     VersionMetadata,
     verified_bytes,
 )
 from service.dataplane.tensors import RequestedOutput
 from service.models.batcher import DynamicBatcher, Feeds, Outputs
-from service.models.config import BatchingConfig, BatchingOverrides, ServedVariant
+from service.models.config import BatchingConfig, BatchingOverrides
 from service.models.sessions import CUDA, SessionFactory
 from service.observability.metrics import ServiceMetrics
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
-
-Variant = Literal["folded", "unfolded", "int8"]
 
 
 @dataclass(frozen=True)
@@ -91,10 +90,10 @@ class ServedVersion:
         options: ServingOptions,
         batching: BatchingOverrides,
         folded_dir: Path | None = None,
-        variant: ServedVariant = "folded",
+        variant: Variant = "folded",
     ) -> None:
         self.metadata = metadata
-        self.variant: ServedVariant = variant  # the file ``session`` runs: model.onnx or int8
+        self.variant: Variant = variant  # the file ``session`` runs: model.onnx or int8
         self.name = version_dir.parent.name
         self.version = int(version_dir.name)
         self.version_dir = version_dir

@@ -277,10 +277,6 @@ class ServiceMetrics:
             codec[0].inc(record.decode_s)
             codec[1].inc(record.encode_s)
 
-    def observe_inference(self, model: str, version: str, seconds: float, batch: int) -> None:
-        self.inference_seconds.labels(model, version).observe(seconds)
-        self.batch_size.labels(model, version).observe(batch)
-
     def batcher(self, model: str, version: str) -> BatcherMetrics:
         """The collectors of one model version's batching queue."""
         return BatcherMetrics(

@@ -1,10 +1,9 @@
-"""Triton's model configuration and statistics extensions, built from what the service keeps.
+"""Triton's statistics extension, read from what the service measures.
 
-The configuration comes from a served version (its specs, its batching) and its
-model's ``config.json`` version policy. The statistics are read from the
-Prometheus metrics (:mod:`service.observability.metrics`), so with several worker processes
-they are the sums over all of them, like ``/metrics``. Durations are integer
-nanoseconds, as Triton reports them.
+The statistics are read from the Prometheus metrics
+(:mod:`service.observability.metrics`), so with several worker processes they are the
+sums over all of them, like ``/metrics``. Durations are integer nanoseconds, as Triton
+reports them.
 """
 
 from __future__ import annotations
@@ -13,10 +12,6 @@ from collections import defaultdict
 from typing import Any
 
 from prometheus_client import CollectorRegistry
-
-from service.models.config import VersionPolicy
-from service.models.served_version import ServedVersion
-from service.models.sessions import CUDA
 
 Key = tuple[str, str]  # (model, version)
 LAST_INFERENCE = "foldserve_last_inference_timestamp_seconds"
@@ -30,50 +25,6 @@ SUMMED = frozenset(
         "foldserve_inference_duration_seconds_count",
     }
 )
-
-
-def triton_model_config(served: ServedVersion, policy: VersionPolicy) -> dict[str, Any]:
-    """Triton's ``GET /v2/models/{name}/config`` body for a served version."""
-    batching = served.batcher.config
-    batchable = served.batcher.batchable
-    max_batch = batching.max_batch_size if batchable else 0
-
-    def tensors(specs: Any) -> list[dict[str, Any]]:
-        return [
-            {
-                "name": s.name,
-                "data_type": f"TYPE_{s.datatype}",
-                "dims": list(s.shape[1:] if max_batch else s.shape),
-            }
-            for s in specs
-        ]
-
-    config: dict[str, Any] = {
-        "name": served.name,
-        "platform": "onnxruntime_onnx",
-        "backend": "onnxruntime",
-        "version_policy": _policy(policy),
-        "max_batch_size": max_batch,
-        "input": tensors(served.inputs),
-        "output": tensors(served.outputs),
-        "instance_group": [
-            {"count": 1, "kind": "KIND_GPU" if served.provider == CUDA else "KIND_CPU"}
-        ],
-    }
-    if batchable and batching.enabled:
-        config["dynamic_batching"] = {
-            "max_queue_delay_microseconds": batching.max_queue_delay_us,
-            "default_queue_policy": {"max_queue_size": batching.max_queue_size},
-        }
-    return config
-
-
-def _policy(policy: VersionPolicy) -> dict[str, Any]:
-    if policy.kind == "latest":
-        return {"latest": {"num_versions": policy.latest}}
-    if policy.kind == "specific":
-        return {"specific": {"versions": list(policy.versions)}}
-    return {"all": {}}
 
 
 def _ns(seconds: float) -> int:

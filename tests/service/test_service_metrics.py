@@ -51,6 +51,6 @@ def test_v1_predict_is_counted_too(client: httpx.Client) -> None:
 
 def test_each_app_has_its_own_registry() -> None:
     first, second = ServiceMetrics(), ServiceMetrics()
-    first.observe_inference("m", "1", 0.01, 4)
+    first.batcher("m", "1").batch_size.observe(4)
     assert b'foldserve_batch_size_count{model="m",version="1"} 1.0' in first.render()
     assert b'model="m"' not in second.render()
