@@ -106,18 +106,18 @@ def iterations_for(per_call_s: float, seconds: float) -> int:
 
 def ort_cell(model: ServedVersion, runtime: str, batch: int, isolate: bool, seconds: float) -> Cell:
     pilot = measure_model(model, LatencyParams(batch, iterations=5, warmup=3, isolate=isolate))
-    per_call = (pilot.folded.latency.mean_ms + pilot.unfolded.latency.mean_ms) / 2e3
+    per_call = (pilot.folded.mean_ms + pilot.unfolded.mean_ms) / 2e3
     params = LatencyParams(batch, iterations_for(per_call, seconds), warmup=20, isolate=isolate)
     r = measure_model(model, params)
     return Cell(
         model.name,
         batch,
         runtime,
-        r.unfolded.latency.p50_ms,
-        r.folded.latency.p50_ms,
+        r.unfolded.p50_ms,
+        r.folded.p50_ms,
         r.speedup.ratio,
-        r.speedup.ci_low,
-        r.speedup.ci_high,
+        r.speedup.ci95[0],
+        r.speedup.ci95[1],
         params.iterations,
         r.max_abs_diff,
     )

@@ -9,17 +9,16 @@ worker to read (:mod:`service.fold_latency.measure` measures).
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 from dataclasses import replace
-from typing import Any
 
 import anyio
 
 from foldserve.files import file_lock, write_atomic
 from foldserve.model_format import ModelVersionError
 from service.errors import MeasurementBusy, NoReportYet, NotMeasurable
-from service.fold_latency.measure import FoldLatencyReport, LatencyParams, Progress, measure_model
+from service.fold_latency.measure import LatencyParams, Progress, measure_model
+from service.fold_latency.report import FoldLatencyReport
 from service.models.served_version import ServedVersion
 from service.process.runtime_dir import RuntimeDir
 
@@ -37,11 +36,13 @@ class FoldLatencyLab:
         # A limiter of its own: a measurement never takes a thread token from inference.
         self._limiter = anyio.CapacityLimiter(1)
 
-    def last(self, name: str) -> dict[str, Any]:
-        """The last report of model ``name`` (JSON-ready, with samples), measured by any
-        worker; :class:`NoReportYet` when there is none."""
+    def last(self, name: str) -> FoldLatencyReport:
+        """The last report of model ``name`` (with samples), measured by any worker;
+        :class:`NoReportYet` when there is none."""
         try:
-            found: dict[str, Any] = json.loads(self._runtime.latency_report(name).read_bytes())
+            found = FoldLatencyReport.model_validate_json(
+                self._runtime.latency_report(name).read_bytes()
+            )
         except FileNotFoundError:
             raise NoReportYet(
                 f"no fold-latency report for model '{name}' yet: "
@@ -72,6 +73,5 @@ class FoldLatencyLab:
                 raise NotMeasurable(
                     f"model '{model.name}' version {model.version} cannot be measured: {err}"
                 ) from err
-        body = json.dumps(report.to_dict(samples=True)).encode()
-        write_atomic(self._runtime.latency_report(model.name), body)
+        write_atomic(self._runtime.latency_report(model.name), report.model_dump_json().encode())
         return report

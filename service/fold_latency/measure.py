@@ -18,7 +18,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -28,18 +28,19 @@ import onnx
 import onnxruntime as ort
 
 from foldserve.files import write_atomic
-from foldserve.latency_stats import LatencySummary, Speedup, paired_speedup, summarize
+from foldserve.latency_stats import paired_speedup, summarize
 from foldserve.model_format import TensorSpec
 from foldserve.model_graph import batchnorm_nodes
 from service.errors import NotMeasurable
 from service.fold_latency.bn_graph import batchnorm_after_ort, batchnorm_inputs, batchnorm_share
-from service.fold_latency.words import (
-    RUNTIME_ONLY,
-    bound_words,
-    describe_case,
-    int8_verdict,
-    verdict,
+from service.fold_latency.report import (
+    FoldBound,
+    FoldLatencyReport,
+    Int8Speedup,
+    SpeedupInterval,
+    VariantLatency,
 )
+from service.fold_latency.words import RUNTIME_ONLY, describe_case, int8_verdict, verdict
 from service.models.served_version import ServedVersion
 from service.process.machine import machine_facts
 
@@ -115,88 +116,6 @@ class Timings:
     time_limited: bool
     int8_s: np.ndarray | None = None  # run i of the INT8 model, when timed
     int8_max_abs_diff: float | None = None  # INT8 against folded FP32 outputs
-
-
-@dataclass(frozen=True)
-class VariantReport:
-    file: str
-    bn_nodes: int
-    latency: LatencySummary
-
-
-@dataclass(frozen=True)
-class Bound:
-    """The most folding can buy on this model: BN kernels' share of the unfolded model's
-    kernel time (ORT's profiler, same optimization level and threads), and
-    ``1 / (1 - share)``, the speedup of removing them entirely."""
-
-    bn_share: float | None
-    max_speedup: float | None
-    description: str
-
-    @classmethod
-    def of(cls, share: float | None, isolate: bool) -> Bound:
-        top = None if share is None or share >= 1 else 1 / (1 - share)
-        return cls(share, top, bound_words(share, isolate))
-
-
-@dataclass(frozen=True)
-class FoldLatencyReport:
-    """The body of ``GET /v2/models/{name}/fold-latency`` (see ``docs/latency.md``)."""
-
-    model_name: str
-    model_version: str
-    measured_at: str
-    case: str
-    case_description: str
-    isolate: bool
-    graph_optimization_level: str
-    provider: str
-    providers: list[str]
-    threads: int
-    batch_size: int
-    iterations: int
-    iterations_completed: int
-    warmup: int
-    seed: int
-    seconds: float
-    time_limited: bool
-    folded: VariantReport
-    unfolded: VariantReport
-    speedup: Speedup
-    verdict: str
-    saving_us_per_call: float  # unfolded p50 - folded p50, microseconds per session.run
-    saving_us_per_sample: float  # the same divided by batch_size
-    scope: str  # that these are ONNX Runtime times only
-    max_abs_diff: float | None
-    bn_nodes: dict[str, int]
-    unfolded_bn_inputs: dict[str, int]
-    unfolded_bn_nodes_after_ort: int | None
-    machine: dict[str, Any]
-    bound: Bound
-    samples_ms: dict[str, list[float]] = field(default_factory=dict)
-    int8: VariantReport | None = None
-    int8_speedup: Speedup | None = None  # folded p50 / int8 p50
-    int8_verdict: str | None = None
-    int8_max_abs_diff: float | None = None
-
-    def to_dict(self, *, samples: bool = False) -> dict[str, Any]:
-        """JSON-ready; ``samples`` adds the per-run latencies (ms) of every variant."""
-        body = {f.name: getattr(self, f.name) for f in fields(self)}
-        body["speedup"] = self.speedup.to_dict()
-        body["bound"] = asdict(self.bound)
-        body["int8_speedup"] = self.int8_speedup.to_dict() if self.int8_speedup else None
-        for name in ("folded", "unfolded", "int8"):
-            variant: VariantReport | None = body[name]
-            if variant is None:
-                continue
-            body[name] = {
-                "file": variant.file,
-                "bn_nodes": variant.bn_nodes,
-                **variant.latency.to_dict(),
-            }
-        body["samples_ms"] = self.samples_ms if samples else None
-        return body
 
 
 # -- inputs, graphs, machine ----------------------------------------------------
@@ -335,9 +254,12 @@ def measure_model(
     if tq is not None:
         int8_bytes = model.file_bytes("int8")
         int8_bn = batchnorm_nodes(onnx.load_model_from_string(int8_bytes))
-        int8_report = VariantReport(meta.files.int8, int8_bn, summarize(tq, batch))
+        int8_report = VariantLatency.of(meta.files.int8, int8_bn, summarize(tq, batch))
     return FoldLatencyReport(
         model_name=model.name,
+        cached=False,
+        end_to_end=None,  # the route reads them from the metrics when it answers
+        scale="",
         model_version=str(model.version),
         measured_at=datetime.now(UTC).isoformat(timespec="seconds"),
         case="isolated" if params.isolate else "ort_default",
@@ -354,9 +276,9 @@ def measure_model(
         seed=params.seed,
         seconds=timings.seconds,
         time_limited=timings.time_limited,
-        folded=VariantReport(meta.files.folded, bn["folded"], summarize(tf, batch)),
-        unfolded=VariantReport(meta.files.unfolded, bn["unfolded"], summarize(tu, batch)),
-        speedup=speedup,
+        folded=VariantLatency.of(meta.files.folded, bn["folded"], summarize(tf, batch)),
+        unfolded=VariantLatency.of(meta.files.unfolded, bn["unfolded"], summarize(tu, batch)),
+        speedup=SpeedupInterval.of(speedup),
         verdict=verdict(speedup),
         saving_us_per_call=saving,
         saving_us_per_sample=saving / batch,
@@ -366,14 +288,14 @@ def measure_model(
         unfolded_bn_inputs=bn_inputs,
         unfolded_bn_nodes_after_ort=after_ort,
         machine=machine_facts(provider),
-        bound=Bound.of(share, params.isolate),
+        bound=FoldBound.of(share, params.isolate),
         samples_ms={
             name: (times * 1e3).round(6).tolist()
             for name, times in (("folded", tf), ("unfolded", tu), ("int8", tq))
             if times is not None
         },
         int8=int8_report,
-        int8_speedup=int8_speedup,
+        int8_speedup=None if int8_speedup is None else Int8Speedup.of(int8_speedup),
         int8_verdict=None if int8_speedup is None else int8_verdict(int8_speedup),
         int8_max_abs_diff=timings.int8_max_abs_diff,
     )
