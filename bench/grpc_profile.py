@@ -27,6 +27,7 @@ import grpc_load
 import throughput_load as load
 import throughput_servers as servers
 from grpc_cells import CONNECTIONS, wait_grpc
+from processes import free_port
 from throughput_profile import categorize as profile_categories
 from throughput_profile import thread_cpu
 
@@ -89,7 +90,7 @@ def main() -> None:
         raise SystemExit("bench/grpc_profile.py needs py-spy: pip install py-spy")
     name, sample = load.model_input(args.repository, args.model)
     payload = grpc_load.make_payload(args.model, name, sample, args.batch)
-    grpc_port = servers.free_port()
+    grpc_port = free_port()
     spec = server_spec(args, grpc_port)
     with tempfile.TemporaryDirectory(prefix="grpc-profile-") as tmp:
         server = servers.start(spec, Path(tmp))

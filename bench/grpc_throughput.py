@@ -38,6 +38,7 @@ import throughput_servers as servers
 from grpc_cells import CONNECTIONS, GrpcLoad, RestLoad, Run, Server
 from grpc_report import cell_line, ratios, tables
 from markdown_section import publish
+from processes import free_port
 
 START, END = "<!-- grpc-throughput:start -->", "<!-- grpc-throughput:end -->"
 MODELS = ("digits_cnn", "resnet_bench")
@@ -56,18 +57,18 @@ def server_list(args: argparse.Namespace, log: Path) -> list[Server]:
             command = [sys.executable, str(servers.PEERS / "grpc_floor.py"), *workers]
             found.append(Server(servers.ServerSpec("grpc-floor", "gRPC floor", command), None))
         if "fold" in wanted:
-            port = servers.free_port()
+            port = free_port()
             command = [sys.executable, "-m", "service", "--repository", repo]
             command += ["--providers", "cpu", *workers, "--grpc-port", str(port)]
             found.append(Server(servers.ServerSpec("fold", "FoldServe", command), port, True))
         if "mlserver" in wanted:
-            port = servers.free_port()
+            port = free_port()
             python = servers.peer_python(servers.MLSERVER_VENV, servers.MLSERVER_PACKAGES, out)
             command = [str(python), str(servers.PEERS / "mlserver_onnx.py"), "--repository", repo]
             command += ["--grpc-port", str(port), *workers]
             found.append(Server(servers.ServerSpec("mlserver", "MLServer", command), port))
         if "kserve" in wanted:
-            port = servers.free_port()
+            port = free_port()
             python = servers.peer_python(servers.KSERVE_VENV, servers.KSERVE_PACKAGES, out)
             command = [str(python), str(servers.PEERS / "kserve_onnx.py"), "--repository", repo]
             command += ["--enable_grpc", "true", "--grpc_port", str(port), "--workers", "1"]

@@ -34,8 +34,7 @@ from pathlib import Path
 import throughput_load as load
 import throughput_servers as servers
 from markdown_section import publish
-
-from service.process.machine import vm_rss_kib
+from processes import vm_rss_kib
 
 START, END = "<!-- overload:start -->", "<!-- overload:end -->"
 PROBE_EVERY_S = 0.05

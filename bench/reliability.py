@@ -51,12 +51,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import onnxruntime as ort
+from processes import vm_rss_kib
 from reliability_server import LoadClients, Outcome, Server, serve
 from tqdm import tqdm
 
 from foldserve.model_format import FOLDED_FILE, VersionMetadata
 from service.models.sessions import CPU
-from service.process.machine import machine_facts, vm_rss_kib
+from service.process.machine import machine_facts
 
 if TYPE_CHECKING:
     from training.train import Run

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -21,9 +20,8 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from throughput_servers import free_port
-
-from service.process.machine import server_worker_pids
+from processes import server_worker_pids, workers_scanned
+from throughput_servers import ServerSpec, start, stop
 
 REPO_ROOT = Path(__file__).resolve().parent.parent  # `python -m service` runs this checkout
 
@@ -53,47 +51,28 @@ class Server:
 
 @contextmanager
 def serve(repository: Path, runtime: Path, workers: int, api_key: str) -> Iterator[Server]:
-    """``python -m service`` on 127.0.0.1, from when every worker has finished its first
-    scan; its log goes to ``server.log`` beside ``runtime``."""
-    port = free_port()
+    """``python -m service`` on 127.0.0.1 (started as every benchmark starts its servers:
+    ``throughput_servers.start``), from when every worker has finished its first scan; its
+    log goes to ``server.log`` beside ``runtime``."""
     command = [sys.executable, "-m", "service", "--repository", str(repository)]
-    command += ["--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)]
+    command += ["--host", "127.0.0.1", "--workers", str(workers)]
     command += ["--providers", "cpu", "--threads", "1", "--runtime-dir", str(runtime)]
     command += ["--log-level", "warning", "--no-access-log"]
-    env = {**os.environ, "FOLDSERVE_API_KEY": api_key}  # a key in argv would show in ps
-    log = runtime.parent / "server.log"
-    with log.open("wb") as fh:
-        proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=fh, stderr=fh)
-    server = Server(proc, port, api_key)
+    env = {"FOLDSERVE_API_KEY": api_key}  # a key in argv would show in ps
+    running = start(ServerSpec("server", "FoldServe", command, env, REPO_ROOT), runtime.parent)
+    server = Server(running.process, running.port, api_key)
     try:
         deadline = time.monotonic() + 120
-        while len(acknowledged(runtime)) < workers:
-            if proc.poll() is not None:
-                tail = log.read_text(errors="replace")[-3000:]
-                raise RuntimeError(f"the server exited with {proc.returncode}:\n{tail}")
+        while len(workers_scanned(runtime)) < workers:
+            if running.process.poll() is not None:
+                tail = running.log_path.read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"the server exited with {running.process.returncode}:\n{tail}")
             if time.monotonic() > deadline:
                 raise RuntimeError("the server's workers did not start within 120 s")
             time.sleep(0.1)
         yield server
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def acknowledged(runtime: Path) -> list[int]:
-    """Pids of the workers that have applied their first scan (generation >= 0)."""
-    pids = []
-    for path in (runtime / "workers").glob("*.json"):
-        try:
-            if json.loads(path.read_text())["generation"] >= 0:
-                pids.append(int(path.stem))
-        except (OSError, ValueError, KeyError):
-            continue  # being replaced
-    return pids
+        stop(running)
 
 
 @dataclass(frozen=True)

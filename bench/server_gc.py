@@ -28,6 +28,7 @@ from pathlib import Path
 
 import throughput_load as load
 import throughput_servers as servers
+from processes import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -63,7 +64,7 @@ def run(checkout: Path, args: argparse.Namespace, workdir: Path) -> list[str]:
     payload = load.make_payload(name, sample, 1, "json")
     body = payload.write(workdir, args.model)
     path = f"/v2/models/{args.model}/infer"
-    port = servers.free_port()
+    port = free_port()
     command = [sys.executable, "-m", "service", "--repository", str(args.repository)]
     command += ["--providers", "cpu", "--port", str(port)]
     env = {

@@ -23,15 +23,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from processes import process_tree_cpu_seconds, server_worker_pids, vm_rss_kib
 from throughput_servers import ROOT, ServerSpec, start, stop, wait_ready
 
 from service.models.sessions import CPU
-from service.process.machine import (
-    machine_facts,
-    process_tree_cpu_seconds,
-    server_worker_pids,
-    vm_rss_kib,
-)
+from service.process.machine import machine_facts
 
 
 @dataclass(frozen=True)

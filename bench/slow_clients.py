@@ -34,8 +34,7 @@ from pathlib import Path
 import throughput_load as load
 import throughput_servers as servers
 from markdown_section import publish
-
-from service.process.machine import server_worker_pids
+from processes import server_worker_pids
 
 START, END = "<!-- slow-clients:start -->", "<!-- slow-clients:end -->"
 FIRST = {

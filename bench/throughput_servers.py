@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from service.process.machine import process_tree_cpu_seconds
+from processes import free_port, process_tree_cpu_seconds
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -60,12 +59,6 @@ class RunningServer:
     def cpu_seconds(self) -> float:
         """User+system CPU of the server process and its children (workers) so far."""
         return process_tree_cpu_seconds(self.process.pid)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def peer_python(directory: Path, packages: list[str], log: IO[str]) -> Path:

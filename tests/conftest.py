@@ -18,8 +18,8 @@ import httpx
 import pytest
 from polling import poll
 
+from bench.processes import server_worker_pids
 from foldserve.files import file_lock
-from service.process.machine import server_worker_pids
 
 # One thread of math per process: pytest-xdist runs a test process per CPU already, and
 # the servers and torchrun processes the tests start are more; torch's (OpenMP), OpenBLAS's

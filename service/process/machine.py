@@ -74,39 +74,3 @@ def machine_facts(provider: str) -> dict[str, Any]:
     facts = dict(_static_machine_facts(provider == CUDA))
     facts["load_average"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     return facts
-
-
-def server_worker_pids(pid: int) -> list[int]:
-    """The worker processes of the ``python -m service`` supervisor ``pid``: the children
-    multiprocessing spawned (not its resource tracker)."""
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    return [int(c) for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
-
-
-def vm_rss_kib(pid: int) -> int:
-    """Process ``pid``'s resident memory (VmRSS) in KiB; 0 once it is gone."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-def process_tree_cpu_seconds(pid: int) -> float:
-    """User + system CPU time that process ``pid`` and its children (a server's workers)
-    have used so far, from /proc (0 for a process that is gone)."""
-    pids = [pid]
-    try:
-        pids += [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        pass
-    total = 0
-    for p in pids:
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
-    return total / os.sysconf("SC_CLK_TCK")

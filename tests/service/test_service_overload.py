@@ -24,7 +24,7 @@ import pytest
 from polling import poll
 from servers import HOLD_US, read_response, scrape, v2_body, value
 
-from service.process.machine import process_tree_cpu_seconds
+from bench.processes import process_tree_cpu_seconds
 
 ROOT = Path(__file__).resolve().parents[2]
 DIGITS_BODY = json.dumps(v2_body(np.full((1, 1, 8, 8), 0.5, np.float32))).encode()
