@@ -35,7 +35,7 @@ ENTRYPOINT ["python", "-m", "training"]
 CMD ["defaults", "--repository", "/models", "--runs", "/tmp/runs"]
 
 # serve-gpu and serve differ in their base and Python only: keep the rest the same
-# (tests/test_deploy.py compares them).
+# (tests/deploy/test_deploy.py compares them).
 FROM ${CUDA_BASE} AS serve-gpu
 ARG PIP_INDEX_URL=https://pypi.org/simple
 RUN apt-get update \

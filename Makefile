@@ -31,7 +31,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m pip --python $(BIN)/python install -q uv
 	$(UV) $(foreach links,$(FIND_LINKS),--find-links $(links)) torch==2.13.0
 	$(UV) -e '.[serve,train,dev]' pip
-	# Public architectures for the fold tests (tests/test_onnx_fold_networks.py) and
+	# Public architectures for the fold tests (tests/foldserve/test_onnx_fold_networks.py) and
 	# bench/fold_sites.py: --no-deps, as geffnet declares torchvision, whose PyPI build
 	# pulls another torch; these models import neither.
 	$(UV) --no-deps efficientnet_pytorch==0.7.1 geffnet==1.0.2 pytorchcv==0.0.74

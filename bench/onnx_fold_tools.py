@@ -1,6 +1,6 @@
 """Which tool folds which BN pattern: FoldServe's ONNX folder, onnxoptimizer's
 ``fuse_bn_into_conv``, ONNX Runtime's own graph fusion, and onnxsim, on the hand-built
-graphs of ``tests/onnx_graphs.py`` (float32 and float16).
+graphs of ``tests/foldserve/onnx_graphs.py`` (float32 and float16).
 
     python bench/onnx_fold_tools.py [--dtypes float32,float16] [--no-write]
 
@@ -40,8 +40,8 @@ from markdown_section import publish  # a sibling script, as fold_sites.py does
 from foldserve.onnx_fold import FoldCheckFailed, default_tolerance, fold_model
 
 BENCH = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH.parent / "tests"))
-graphs: Any = importlib.import_module("onnx_graphs")  # the test suite's graph builders
+sys.path.insert(0, str(BENCH.parent))
+graphs: Any = importlib.import_module("tests.foldserve.onnx_graphs")  # the tests' graph builders
 
 TOOLS_VENV = BENCH / ".venv-onnx-tools"
 TOOLS_PACKAGES = ["onnxoptimizer", "onnxsim", "onnxruntime", "numpy"]

@@ -1,25 +1,20 @@
-"""Fixtures for every test: a real ``python -m service`` process with several workers."""
+"""Fixtures for every test: a real ``python -m service`` process with several workers
+(:func:`tests.servers.server_process`), a free port, a directory built once per run."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
-import socket
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
-from polling import poll
 
-from bench.processes import server_worker_pids
+from bench.processes import free_port
 from foldserve.files import file_lock
+from tests import ROOT
+from tests.servers import server_process
 
 # One thread of math per process: pytest-xdist runs a test process per CPU already, and
 # the servers and torchrun processes the tests start are more; torch's (OpenMP), OpenBLAS's
@@ -42,40 +37,22 @@ os.environ["FOLDSERVE_DRAIN_SECONDS"] = "0"
 # tests first, which left these one- and few-test files for last, and one worker running the
 # longest of them alone at the end).
 LONGEST_FIRST = (
-    "test_service_workers.py",
-    "test_reliability.py",
-    "test_distributed.py",
-    "test_experiments.py",
-    "test_service_overload.py",
-    "test_export.py",
-    "test_service_connections.py",
-    "test_retrain.py",
-    "test_service_errors.py",
+    "tests/service/process/test_workers.py",
+    "tests/bench/test_reliability.py",
+    "tests/training/test_distributed.py",
+    "tests/training/test_experiments.py",
+    "tests/service/dataplane/test_overload.py",
+    "tests/training/test_export.py",
+    "tests/service/rest/test_connections.py",
+    "tests/training/test_retrain.py",
+    "tests/service/test_errors.py",
 )
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The files in LONGEST_FIRST first, in that order; the rest keep theirs."""
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
-
-
-@dataclass
-class ServerProcess:
-    """A running ``python -m service``: its address, runtime directory and process."""
-
-    url: str
-    runtime: Path
-    process: subprocess.Popen[str]
-    client: httpx.Client  # a new connection per request: any worker may take it
-    grpc_port: int = 0  # 0: gRPC off (``server_process(..., grpc=True)`` turns it on)
-
-    @property
-    def grpc_url(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
-
-    def worker_pids(self) -> list[int]:
-        return server_worker_pids(self.process.pid)
+    items.sort(key=lambda item: rank.get(item.path.relative_to(ROOT).as_posix(), len(rank)))
 
 
 @pytest.fixture(autouse=True)
@@ -136,83 +113,10 @@ def build_once(
     return once
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def unused_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listened on a moment ago."""
     return free_port()
-
-
-def workers_started(runtime: Path, workers: int) -> bool:
-    """Every worker has finished its first scan: each acknowledges a generation >= 0 in the
-    runtime directory (docs/service.md, "Workers")."""
-    generations = []
-    for path in (runtime / "workers").glob("*.json"):
-        try:
-            generations.append(json.loads(path.read_text())["generation"])
-        except (OSError, ValueError):
-            return False
-    return len(generations) == workers and min(generations) >= 0
-
-
-@contextmanager
-def server_process(
-    repository: Path, workers: int, *args: str, grpc: bool = False, **env: str
-) -> Iterator[ServerProcess]:
-    """``python -m service --workers N`` on 127.0.0.1 (CPU, one thread each, quiet), ready
-    when every worker is; ``args`` are more flags, ``env`` more environment variables;
-    ``grpc``: gRPC on a free port too (off otherwise)."""
-    port = free_port()
-    grpc_port = free_port() if grpc else 0
-    runtime = repository.parent / f"runtime-{port}"
-    command = [sys.executable, "-m", "service", "--repository", str(repository)]
-    command += ["--port", str(port), "--workers", str(workers), "--providers", "cpu"]
-    command += ["--threads", "1", "--log-level", "warning", "--runtime-dir", str(runtime)]
-    command += ["--grpc-port", str(grpc_port), *args]
-    log = repository.parent / f"server-{port}.log"
-    with log.open("w") as stderr:
-        process = subprocess.Popen(
-            command,
-            env={**os.environ, "FOLDSERVE_ACCESS_LOG": "false", **env},
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-            text=True,
-        )
-    url = f"http://127.0.0.1:{port}"
-    client = httpx.Client(
-        base_url=url, timeout=30.0, limits=httpx.Limits(max_keepalive_connections=0)
-    )
-    try:
-
-        def started() -> bool:
-            assert process.poll() is None, log.read_text()[-3000:]
-            return workers_started(runtime, workers)
-
-        def listening() -> bool:
-            # One worker runs without a supervisor: uvicorn binds only after the lifespan
-            # (the first scan) has finished, so the socket may still be missing here.
-            try:
-                return client.get("/v2/health/ready").json() == {"ready": True}
-            except httpx.ConnectError:
-                return False
-
-        poll(started, limit=60)
-        poll(listening, limit=30)
-        yield ServerProcess(url, runtime, process, client, grpc_port)
-    finally:
-        client.close()
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
 
 
 @pytest.fixture(scope="session")

@@ -1,9 +1,4 @@
-"""How tests wait: by polling a condition, never by sleeping for a guessed time.
-
-A module of its own (imported as ``from polling import poll``), not conftest: the two
-conftest.py files share that module name, so ``from conftest import`` finds whichever
-pytest loaded last.
-"""
+"""How tests wait: by polling a condition, never by sleeping for a guessed time."""
 
 from __future__ import annotations
 

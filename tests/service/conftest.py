@@ -19,7 +19,6 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from servers import LiveServer, live_server, server_settings
 
 from foldserve.model_format import (
     FOLDED_FILE,
@@ -34,6 +33,7 @@ from foldserve.model_format import (
     sha256_hex,
 )
 from foldserve.model_format import write_version as write_version_files
+from tests.servers import LiveServer, live_server, server_settings
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
