@@ -96,7 +96,7 @@ def server_settings(repository: Path, **overrides: Any) -> Settings:
         "max_request_bytes": MAX_REQUEST_BYTES,
         "api_key": API_KEY,
         "access_log": True,
-        "grpc_port": 0,  # gRPC is tested against real processes (service/grpc/test_servicer.py)
+        "grpc_port": 0,  # gRPC is tested against real processes (tests/service/grpc/)
         **overrides,
     }
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]
