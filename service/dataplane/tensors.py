@@ -1,10 +1,13 @@
-r"""The tensors every transport decodes a request into and the data plane answers with.
+"""The tensors every transport decodes a request into and the data plane answers with.
 
 A transport (REST's V2 JSON and binary codec, the V1 codec, gRPC's codec) turns its
 wire form into a :class:`DecodedRequest`; the data plane checks it against the model
-(:mod:`service.dataplane.validation`), runs it and hands back :class:`OutputTensor`\ s
-for the transport to encode. :func:`tensor_dtype` is the one check of a wire datatype
-name, :func:`cast_exact` the one lossless conversion.
+(:mod:`service.dataplane.validation`), runs it and hands back :class:`OutputTensor`
+objects for the transport to encode. What the transports share about a tensor is
+defined here once: the check of a wire datatype name (:func:`tensor_dtype`), the
+lossless conversion (:func:`cast_exact`), and raw little-endian tensor bytes, which
+REST's binary extension and gRPC's ``raw_*_contents`` both carry
+(:func:`decode_binary_data`, :func:`tensor_bytes`).
 """
 
 from __future__ import annotations
