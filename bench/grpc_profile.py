@@ -33,7 +33,7 @@ from throughput_profile import thread_cpu
 
 # A sample is charged to the innermost frame that matches; within a frame, the first category.
 CATEGORIES = [
-    ("ONNX Runtime call", ("Session.run", "_run_batch", "LoadedModel.run")),
+    ("ONNX Runtime call", ("Session.run", "run_batch", "LoadedModel.run")),
     ("gRPC decode", ("decode_grpc_request",)),
     ("gRPC encode", ("encode_grpc_response",)),
     ("request checks", ("prepare_feeds", "select_outputs", "decode_infer_request")),

@@ -26,7 +26,7 @@ import throughput_servers as servers
 
 # A sample is charged to the innermost frame that matches; within a frame, the first category.
 CATEGORIES = [
-    ("ONNX Runtime call", ("Session.run", "_run_batch", "LoadedModel.run")),
+    ("ONNX Runtime call", ("Session.run", "run_batch", "LoadedModel.run")),
     ("JSON decode", ("parse_json_object", "json_array", "decode_json_data")),
     ("binary decode", ("decode_binary_data",)),
     ("request checks", ("decode_infer_request", "prepare_feeds", "select_outputs", "_parse_v")),

@@ -13,7 +13,7 @@ from __future__ import annotations
 from foldserve.model_format import TensorSpec
 from service.dataplane.tensors import InputTensor, RequestedOutput, cast_exact
 from service.errors import BadRequest
-from service.models.batcher import Feeds
+from service.models.batch_call import Feeds
 
 
 def _names(items: list[str]) -> str:

@@ -37,23 +37,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
 from service.errors import (
-    BadRequest,
     ClientDisconnected,
     ModelNotReady,
     RequestTimeout,
     ServiceError,
 )
+from service.models.batch_call import Feeds, Outputs, Runner, run_batch
 from service.models.config import BatchingConfig
 from service.observability.metrics import BatcherMetrics
 
 Receive = Callable[[], Awaitable[Mapping[str, Any]]]
 WATCH_AFTER_S = 0.05  # a queued request's connection is watched once it has waited this long
-Outputs = dict[str, np.ndarray]
-Feeds = dict[str, np.ndarray]
-Runner = Callable[[Feeds, list[str]], Outputs]  # one ONNX Runtime call: feeds, output names
 
 
 @dataclass(eq=False, slots=True)
@@ -76,42 +72,6 @@ def _signature(feeds: dict[str, np.ndarray], names: list[str]) -> Hashable:
         return name, array.dtype, array.shape[1:], *names
     inputs = tuple(sorted((n, a.dtype.str, a.shape[1:]) for n, a in feeds.items()))
     return inputs, tuple(names)
-
-
-def _run_one(run: Runner, feeds: Feeds, names: list[str]) -> Outputs:
-    try:
-        return run(feeds, names)
-    except InvalidArgument as err:  # e.g. a shape the graph cannot take: the client's error
-        raise BadRequest(f"the model rejected the inputs: {str(err).splitlines()[0]}") from err
-
-
-def _run_batch(run: Runner, batch: list[_Pending]) -> tuple[list[Outputs | BaseException], float]:
-    """One call for the whole batch (in a worker thread); each request's rows, and seconds.
-
-    When a batch of several is rejected, each request runs alone so that only
-    the request at fault gets the error.
-    """
-    head = batch[0]
-    start = time.perf_counter()
-    if len(batch) == 1:
-        try:
-            return [_run_one(run, head.feeds, head.names)], time.perf_counter() - start
-        except Exception as err:
-            return [err], time.perf_counter() - start
-    feeds = {n: np.concatenate([p.feeds[n] for p in batch]) for n in head.feeds}  # (B, ...)
-    try:
-        outputs = _run_one(run, feeds, head.names)
-    except BadRequest:
-        return [_run_batch(run, [p])[0][0] for p in batch], time.perf_counter() - start
-    except Exception as err:
-        return [err] * len(batch), time.perf_counter() - start
-    seconds = time.perf_counter() - start
-    answers: list[Outputs | BaseException] = []
-    offset = 0
-    for p in batch:
-        answers.append({n: array[offset : offset + p.rows] for n, array in outputs.items()})
-        offset += p.rows
-    return answers, seconds
 
 
 def _retired(feeds: Feeds, names: list[str]) -> Outputs:
@@ -345,9 +305,7 @@ class DynamicBatcher:
         loop = asyncio.get_running_loop()
         self._running = True
         try:
-            answers, seconds = await loop.run_in_executor(
-                self._runner, _run_batch, self._run, batch
-            )
+            answers, seconds = await loop.run_in_executor(self._runner, run_batch, self._run, batch)
         except asyncio.CancelledError:  # shutdown: nobody may wait forever
             for item in batch:
                 item.future.cancel()

@@ -29,7 +29,8 @@ from foldserve.model_format import (
     verified_bytes,
 )
 from service.dataplane.tensors import RequestedOutput
-from service.models.batcher import DynamicBatcher, Feeds, Outputs
+from service.models.batch_call import Feeds, Outputs
+from service.models.batcher import DynamicBatcher
 from service.models.config import BatchingConfig, BatchingOverrides
 from service.models.sessions import CUDA, SessionFactory
 from service.observability.metrics import ServiceMetrics

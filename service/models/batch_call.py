@@ -1,0 +1,70 @@
+"""One ONNX Runtime call for a batch of queued requests, and each request's rows of it.
+
+The requests' inputs are concatenated along the batch axis, run as one call, and the
+outputs split back by each request's rows. A batch the model rejects (a shape the graph
+cannot take) runs again request by request, so only the request at fault gets the error.
+Nothing here touches the event loop: the batcher calls it in its thread.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import numpy as np
+from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
+
+from service.errors import BadRequest
+
+Outputs = dict[str, np.ndarray]
+Feeds = dict[str, np.ndarray]
+Runner = Callable[[Feeds, list[str]], Outputs]  # one ONNX Runtime call: feeds, output names
+
+
+class Queued(Protocol):
+    """A queued request as a call sees it."""
+
+    @property
+    def feeds(self) -> Feeds: ...
+    @property
+    def names(self) -> list[str]: ...  # outputs to compute
+    @property
+    def rows(self) -> int: ...  # samples on the batch axis
+
+
+def _run_one(run: Runner, feeds: Feeds, names: list[str]) -> Outputs:
+    try:
+        return run(feeds, names)
+    except InvalidArgument as err:  # e.g. a shape the graph cannot take: the client's error
+        raise BadRequest(f"the model rejected the inputs: {str(err).splitlines()[0]}") from err
+
+
+def run_batch(run: Runner, batch: Sequence[Queued]) -> tuple[list[Outputs | BaseException], float]:
+    """One call for the whole batch (in the batcher's thread); each request's rows, and the
+    seconds the call took.
+
+    When a batch of several is rejected, each request runs alone so that only
+    the request at fault gets the error.
+    """
+    head = batch[0]
+    start = time.perf_counter()
+    if len(batch) == 1:
+        try:
+            return [_run_one(run, head.feeds, head.names)], time.perf_counter() - start
+        except Exception as err:
+            return [err], time.perf_counter() - start
+    feeds = {n: np.concatenate([p.feeds[n] for p in batch]) for n in head.feeds}  # (B, ...)
+    try:
+        outputs = _run_one(run, feeds, head.names)
+    except BadRequest:
+        return [run_batch(run, [p])[0][0] for p in batch], time.perf_counter() - start
+    except Exception as err:
+        return [err] * len(batch), time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    answers: list[Outputs | BaseException] = []
+    offset = 0
+    for p in batch:
+        answers.append({n: array[offset : offset + p.rows] for n, array in outputs.items()})
+        offset += p.rows
+    return answers, seconds
