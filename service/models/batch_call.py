@@ -3,7 +3,8 @@
 The requests' inputs are concatenated along the batch axis, run as one call, and the
 outputs split back by each request's rows. A batch the model rejects (a shape the graph
 cannot take) runs again request by request, so only the request at fault gets the error.
-Nothing here touches the event loop: the batcher calls it in its thread.
+Nothing here touches the event loop: the batcher calls it in its thread, or on the loop
+for a call measured to be tiny (:mod:`service.models.run_times`).
 """
 
 from __future__ import annotations
@@ -41,8 +42,8 @@ def _run_one(run: Runner, feeds: Feeds, names: list[str]) -> Outputs:
 
 
 def run_batch(run: Runner, batch: Sequence[Queued]) -> tuple[list[Outputs | BaseException], float]:
-    """One call for the whole batch (in the batcher's thread); each request's rows, and the
-    seconds the call took.
+    """One call for the whole batch (in the batcher's thread, or inline); each request's rows,
+    and the seconds the call took.
 
     When a batch of several is rejected, each request runs alone so that only
     the request at fault gets the error.

@@ -6,11 +6,16 @@ every queued request with the same input signature (input names, datatypes,
 shapes past the batch axis, requested outputs), up to ``max_batch_size``
 samples, concatenates them along the batch axis, runs them as one call in a
 worker thread (ONNX Runtime releases the GIL, so the event loop keeps reading
-requests meanwhile) and hands each request its own rows of the outputs.
-Requests that arrive while a call runs batch up by themselves;
-``max_queue_delay_us`` > 0 also holds a partial batch that long for more
-requests when the model is idle (Triton's ``max_queue_delay_microseconds``).
-With batching off each request is its own call, through the same queue.
+requests meanwhile), or on the event loop itself when the calls measured so far say it
+takes at most ``INLINE_LIMIT_S`` (:mod:`service.models.run_times`: cheaper than the hop to
+the thread and back), and hands each request its own rows of the outputs.
+Requests that arrive while a call runs batch up by themselves. Before a call, the
+dispatcher also lets the event loop deliver the requests already on their way
+(:meth:`DynamicBatcher._gather`): grpc.aio hands the server its calls a loop turn or two
+apart, so without it each gRPC call found the model idle and ran alone.
+``max_queue_delay_us`` > 0 also holds a partial batch that long for more requests when
+the model is idle (Triton's ``max_queue_delay_microseconds``). With batching off each
+request is its own call, through the same queue.
 
 ONNX Runtime computes each sample of a batch independently, so a request gets
 the same bits batched or alone (tested). A request over ``max_batch_size``
@@ -46,10 +51,19 @@ from service.errors import (
 )
 from service.models.batch_call import Feeds, Outputs, Runner, run_batch
 from service.models.config import BatchingConfig
+from service.models.run_times import RunTimes
 from service.observability.metrics import BatcherMetrics
 
 Receive = Callable[[], Awaitable[Mapping[str, Any]]]
 WATCH_AFTER_S = 0.05  # a queued request's connection is watched once it has waited this long
+# Before a call, the loop turns the dispatcher gives requests on their way to join it: it
+# stops after this many turns in a row bring none (grpc.aio delivers a call every two or
+# three turns under load; docs/benchmarks.md, "gRPC batching"), at a full batch, or
+# GATHER_MAX_S after it began. A lone request pays the idle turns: microseconds.
+GATHER_IDLE_TURNS = 4
+GATHER_MAX_S = 0.01
+# A call predicted to take at most this long runs on the event loop (service/models/run_times.py).
+INLINE_LIMIT_S = 0.001
 
 
 @dataclass(eq=False, slots=True)
@@ -94,12 +108,15 @@ class DynamicBatcher:
         batchable: bool,
         config: BatchingConfig,
         metrics: BatcherMetrics,
+        inline_limit_s: float = INLINE_LIMIT_S,
     ) -> None:
         self.label = label  # "model 'name' version N", for messages
         self.batchable = batchable  # every input and output has the batch axis first
         self.config = config
         self.metrics = metrics
+        self.run_times = RunTimes(inline_limit_s)  # 0: every call in the thread
         self._run = run
+        self._arrivals = 0  # requests ever queued: the gathering counts the new ones
         self._closed = False
         self._running = False  # an ONNX Runtime call is in flight
         self._lock = threading.Lock()  # closing vs starting the dispatcher
@@ -198,6 +215,7 @@ class DynamicBatcher:
                 )
             self._queue.append(item)
             self._rows += rows
+            self._arrivals += 1
             if not self._running:  # while a call runs, the next batch taken updates it
                 self.metrics.queue_depth.set(len(self._queue))
             if self._dispatcher is None:
@@ -247,7 +265,7 @@ class DynamicBatcher:
     async def _dispatch(self) -> None:
         """Run batches while requests wait; ends when the queue is empty (restarted on demand)."""
         try:
-            await asyncio.sleep(0)  # requests read in this same loop pass join the first batch
+            await self._gather()  # the model was idle: let the requests on their way join
             while self._queue:
                 await self._hold_partial_batch()
                 if self._queue:  # requests may leave while it holds (timeouts, disconnects)
@@ -257,6 +275,24 @@ class DynamicBatcher:
                 self._dispatcher = None
                 if self._closed:
                     self._retire()
+
+    async def _gather(self) -> None:
+        """Give the requests on their way a few loop turns to join the next call: until
+        ``GATHER_IDLE_TURNS`` turns in a row bring none, the batch is full, or
+        ``GATHER_MAX_S`` has passed. Requests read in one loop pass (REST under load)
+        are all here after the first turn; grpc.aio delivers its calls turns apart."""
+        await asyncio.sleep(0)  # requests read in this same loop pass join first
+        config = self.config
+        if not (config.enabled and self.batchable):
+            return
+        deadline = time.perf_counter() + GATHER_MAX_S
+        idle = 0
+        while idle < GATHER_IDLE_TURNS and self._rows < config.max_batch_size:
+            if time.perf_counter() > deadline:
+                return
+            arrived = self._arrivals
+            await asyncio.sleep(0)
+            idle = idle + 1 if self._arrivals == arrived else 0
 
     async def _hold_partial_batch(self) -> None:
         """Wait up to ``max_queue_delay_us`` after the oldest request for a full batch."""
@@ -298,21 +334,28 @@ class DynamicBatcher:
         return batch
 
     async def _execute(self, batch: list[_Pending]) -> None:
-        """Run one batch off the loop and resolve each request's future (never raises)."""
+        """Run one batch (in the thread, or inline when it is predicted to be tiny) and
+        resolve each request's future (never raises)."""
         now = time.perf_counter()
         for item in batch:
             self.metrics.queue_wait.observe(now - item.enqueued)
-        loop = asyncio.get_running_loop()
+        rows = sum(item.rows for item in batch)
         self._running = True
         try:
-            answers, seconds = await loop.run_in_executor(self._runner, run_batch, self._run, batch)
+            if self.run_times.inline(rows):  # cheaper than the hop to the thread and back
+                answers, seconds = run_batch(self._run, batch)
+            else:
+                answers, seconds = await asyncio.get_running_loop().run_in_executor(
+                    self._runner, run_batch, self._run, batch
+                )
         except asyncio.CancelledError:  # shutdown: nobody may wait forever
             for item in batch:
                 item.future.cancel()
             raise
         finally:
             self._running = False
-        self.metrics.executed(sum(item.rows for item in batch), len(batch), seconds)
+        self.run_times.observe(rows, seconds)
+        self.metrics.executed(rows, len(batch), seconds)
         for item, answer in zip(batch, answers, strict=True):
             if item.future.done():  # timed out or disconnected while running
                 continue

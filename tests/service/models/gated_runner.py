@@ -1,6 +1,6 @@
 """A stand-in for ONNX Runtime whose calls the test finishes, and the dynamic batcher around
-it, for the batcher's unit tests (test_batcher.py, test_batcher_failures.py), imported as a
-module (``from gated_runner import ...``) as servers.py is.
+it, for the batcher's unit tests (test_batcher.py, test_batcher_failures.py,
+test_batcher_gathering.py).
 
 No model and no server: :class:`GatedRunner` records each call's feeds and blocks
 it until the test releases it, so the test decides when a batch finishes and what
@@ -76,11 +76,19 @@ def make_batcher(
     max_queue_delay_us: int = 0,
     enabled: bool = True,
     batchable: bool = True,
+    inline_limit_s: float = 0.0,
 ) -> tuple[DynamicBatcher, ServiceMetrics]:
+    """A batcher around ``runner``; by default every call runs in the batcher's thread (a
+    :class:`GatedRunner` call run on the event loop would block the test that releases it)."""
     metrics = ServiceMetrics()
     config = BatchingConfig(enabled, max_batch_size, max_queue_delay_us, max_queue_size=100)
     batcher = DynamicBatcher(
-        "model 'm' version 1", runner, batchable, config, metrics.batcher("m", "1")
+        "model 'm' version 1",
+        runner,
+        batchable,
+        config,
+        metrics.batcher("m", "1"),
+        inline_limit_s=inline_limit_s,
     )
     return batcher, metrics
 
