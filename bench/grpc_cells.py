@@ -24,7 +24,7 @@ from grpc_report import Cell
 
 # calls in flight -> (connections, streams in flight per connection); 16 connections at 64
 # spread over the workers' shared port more evenly than 8 would.
-CONNECTIONS = {1: (1, 1), 8: (8, 1), 64: (16, 4)}
+CONNECTIONS = {1: (1, 1), 8: (8, 1), 64: (16, 4), 256: (32, 8)}
 
 
 @dataclass(frozen=True)
