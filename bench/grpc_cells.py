@@ -132,49 +132,59 @@ def reference(repository: Path, payload: grpc_load.GrpcPayload) -> dict[str, np.
 
 
 class GrpcLoad:
-    """One model and batch through gRPC on one server: warm-up, then a cell per call count."""
+    """One model and batch through gRPC on one server: warm-up, then a cell per call count.
 
-    def __init__(self, run: Run, server: Server, running: servers.RunningServer) -> None:
+    ``messages`` > 1: each call is a ModelStreamInfer stream carrying that many requests
+    (the cell counts requests, answered ones from the DATA bytes; its p50/p99 are per
+    stream)."""
+
+    def __init__(
+        self, run: Run, server: Server, running: servers.RunningServer, messages: int = 1
+    ) -> None:
         self.run, self.server, self.running = run, server, running
         self.target = server.grpc_target(running)
         self.floor = server.grpc_port is None
+        self.messages = messages
+        self.method = grpc_load.STREAM_METHOD if messages > 1 else grpc_load.METHOD
 
     def prepare(self, model: str, batch: int) -> None:
         args = self.run.args
         name, sample = load.model_input(args.repository, model)
         self.payload = grpc_load.make_payload(model, name, sample, batch)
-        self.frame = self.payload.write(self.run.workdir)
+        self.frame = self.payload.write(self.run.workdir, self.messages)
         self.log = self.run.workdir / "h2load.log"
         wait_grpc(self.running, self.target, self.payload)
-        self.answer = grpc_load.answer_frame_bytes(self.target, self.payload)
+        stream = self.messages > 1
+        self.answer = grpc_load.answer_frame_bytes(self.target, self.payload, stream=stream)
         self.expected = None if self.floor else reference(args.repository, self.payload)
-        many = CONNECTIONS[max(args.in_flight)]
-        grpc_load.run_h2load(f"http://{self.target}", self.frame, *many, args.warmup, self.log)
+        self.h2load(CONNECTIONS[max(args.in_flight)], args.warmup)
+
+    def h2load(self, many: tuple[int, int], seconds: float) -> grpc_load.H2Result:
+        url = f"http://{self.target}"
+        return grpc_load.run_h2load(url, self.frame, *many, seconds, self.log, self.method)
 
     def measure(self, in_flight: int) -> Cell:
         payload, running = self.payload, self.running
         counted = self.server.rest  # FoldServe: its own counters beside
         before_counts = ServedCounts.read(running.url, payload.model) if counted else None
         before = CpuSnapshot.take(running)
-        h2 = grpc_load.run_h2load(
-            f"http://{self.target}",
-            self.frame,
-            *CONNECTIONS[in_flight],
-            self.run.args.seconds,
-            self.log,
-        )
+        h2 = self.h2load(CONNECTIONS[in_flight], self.run.args.seconds)
         cpu, other = CpuSnapshot.take(running).since(before, h2.seconds)
         ok, per_call = None, None
         if before_counts is not None:
             ok, per_call = ServedCounts.read(running.url, payload.model).since(before_counts)
         diff = grpc_load.check_answers(self.target, payload, self.expected)
         answered = h2.answered(self.answer)
+        # A stream still open when h2load stops has its answers so far in the DATA bytes:
+        # those requests count as sent too.
+        sent = max(h2.done * self.messages, answered)
+        kind = f"gRPC stream x{self.messages}" if self.messages > 1 else "gRPC"
         cell = Cell(
-            f"{running.spec.label} gRPC",
+            f"{running.spec.label} {kind}",
             payload.model,
             payload.batch,
             in_flight,
-            h2.done,
+            sent,
             answered,
             h2.seconds,
             h2.percentile_ms(0.5),
@@ -185,11 +195,11 @@ class GrpcLoad:
             per_call,
             None if self.floor else diff,
         )
-        if h2.failed or answered != h2.done:
+        if h2.failed or answered != sent:
             self.run.notes.append(
                 f"- {cell.row}, {cell.model} batch {cell.batch} @{in_flight}: "
-                f"{h2.done - answered} of {h2.done} calls got no answer, {h2.failed} failed "
-                "in h2load"
+                f"{sent - answered} of {sent} requests got no answer, {h2.failed} calls "
+                "failed in h2load"
             )
         return cell
 

@@ -32,6 +32,9 @@ import tritonclient.grpc as triton
 from tritonclient.grpc import service_pb2
 
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
+# A stream carrying many requests: one h2load request is a ModelStreamInfer call whose body
+# is that many framed ModelInferRequests, answered by as many ModelStreamInferResponses.
+STREAM_METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
 HEADERS = ["content-type: application/grpc", "te: trailers"]
 # Large tensors (resnet_bench at batch 32 is 384 KiB per request) pass grpcio's 4 MiB default;
 # the answers are small.
@@ -52,9 +55,11 @@ class GrpcPayload:
     def frame(self) -> bytes:
         return b"\x00" + struct.pack(">I", len(self.message)) + self.message
 
-    def write(self, directory: Path) -> Path:
-        path = directory / f"{self.model}-grpc-b{self.batch}.frame"
-        path.write_bytes(self.frame)
+    def write(self, directory: Path, messages: int = 1) -> Path:
+        """The frame file h2load sends: one frame (a unary call), or ``messages`` frames
+        (the body of one ModelStreamInfer call)."""
+        path = directory / f"{self.model}-grpc-b{self.batch}-x{messages}.frame"
+        path.write_bytes(self.frame * messages)
         return path
 
 
@@ -111,7 +116,13 @@ def require_h2load() -> str:
 
 
 def run_h2load(
-    url: str, frame_file: Path, connections: int, streams: int, seconds: float, log_file: Path
+    url: str,
+    frame_file: Path,
+    connections: int,
+    streams: int,
+    seconds: float,
+    log_file: Path,
+    method: str = METHOD,
 ) -> H2Result:
     """One closed-loop h2load run of ``seconds`` against ``url`` (``http://host:port``): one
     thread, ``connections`` connections with ``streams`` calls in flight on each."""
@@ -126,7 +137,7 @@ def run_h2load(
         str(frame_file),
         "--log-file",
         str(log_file),
-        url + METHOD,
+        url + method,
     ]
     log_file.unlink(missing_ok=True)  # h2load appends to it
     done = subprocess.run(command, capture_output=True, text=True, check=True)
@@ -163,10 +174,22 @@ def call_raw(target: str, payload: GrpcPayload, timeout: float = 30.0) -> bytes:
         return answer
 
 
-def answer_frame_bytes(target: str, payload: GrpcPayload, calls: int = 3) -> int:
-    """The framed size of the answer to ``payload``; the same for ``calls`` calls, or an
-    error (the DATA-bytes goodput count needs one size)."""
-    sizes = {len(call_raw(target, payload)) for _ in range(calls)}
+def stream_raw(target: str, payload: GrpcPayload, timeout: float = 30.0) -> bytes:
+    """The serialized ModelStreamInferResponse to ``payload`` sent alone on a stream."""
+    with channel(target) as ch:
+        stream = ch.stream_stream(STREAM_METHOD)  # bytes in, bytes out
+        (answer,) = list(stream(iter([payload.message]), timeout=timeout))
+        return bytes(answer)
+
+
+def answer_frame_bytes(
+    target: str, payload: GrpcPayload, calls: int = 3, stream: bool = False
+) -> int:
+    """The framed size of the answer to ``payload`` (a unary call's, or one stream
+    message's); the same for ``calls`` calls, or an error (the DATA-bytes goodput count
+    needs one size)."""
+    call = stream_raw if stream else call_raw
+    sizes = {len(call(target, payload)) for _ in range(calls)}
     if len(sizes) != 1:
         raise RuntimeError(f"{payload.model}: answers of different sizes {sorted(sizes)}")
     return 5 + sizes.pop()

@@ -42,6 +42,7 @@ from processes import free_port
 
 START, END = "<!-- grpc-throughput:start -->", "<!-- grpc-throughput:end -->"
 MODELS = ("digits_cnn", "resnet_bench")
+STREAM_MESSAGES = 16  # requests per ModelStreamInfer stream in the stream rows
 BATCHES = (1, 32)
 # The cells the targets compare: digits_cnn batch 1 and resnet_bench batch 32.
 QUICK = (("digits_cnn", 1), ("resnet_bench", 32))
@@ -99,7 +100,8 @@ def measure_server(run: Run, server: Server, running: servers.RunningServer) -> 
     """Every model and batch; for each, every call count through each transport in turn, so
     that the cells a ratio compares are measured next to each other."""
     loads: list[GrpcLoad | RestLoad] = [GrpcLoad(run, server, running)]
-    if server.rest:
+    if server.rest:  # FoldServe: a stream of many requests, and REST, beside its unary gRPC
+        loads += [GrpcLoad(run, server, running, STREAM_MESSAGES)]
         loads += [RestLoad(run, running, "json"), RestLoad(run, running, "binary")]
     for model, batch in cells_of(run.args):
         for each in loads:
