@@ -57,9 +57,10 @@ from service.observability.metrics import BatcherMetrics
 Receive = Callable[[], Awaitable[Mapping[str, Any]]]
 WATCH_AFTER_S = 0.05  # a queued request's connection is watched once it has waited this long
 # Before a call, the loop turns the dispatcher gives requests on their way to join it: it
-# stops after this many turns in a row bring none (grpc.aio delivers a call every two or
-# three turns under load; docs/benchmarks.md, "gRPC batching"), at a full batch, or
-# GATHER_MAX_S after it began. A lone request pays the idle turns: microseconds.
+# stops after this many turns in a row bring none, at a full batch, or GATHER_MAX_S after it
+# began. grpc.aio does not deliver a call every turn: stopping after 2 idle turns, 64 gRPC
+# calls in flight still ran about one per ONNX Runtime call; after 4, 12 per call (digits_cnn,
+# 2 workers; docs/benchmarks.md, "gRPC batching"). A lone request pays the idle turns.
 GATHER_IDLE_TURNS = 4
 GATHER_MAX_S = 0.01
 # A call predicted to take at most this long runs on the event loop (service/models/run_times.py).
