@@ -22,5 +22,12 @@ async def until(condition: Callable[[], bool]) -> None:
     for _ in range(10_000):
         if condition():
             return
-        await asyncio.sleep(0)
+        await next_turn()
     raise AssertionError("condition never held")
+
+
+async def next_turn(turns: int = 1) -> None:
+    """Let the event loop run ``turns`` times: an order of events (a request that arrives
+    that many turns later), not a wait for a time."""
+    for _ in range(turns):
+        await asyncio.sleep(0)

@@ -16,6 +16,7 @@ import numpy as np
 
 from service.models.batcher import GATHER_IDLE_TURNS
 from service.models.run_times import RunTimes
+from tests.polling import next_turn
 from tests.service.models.gated_runner import Feeds, GatedRunner, make_batcher, rows_of, run
 
 # The slow model's calls take this long: a probe of the loop that ever waited as long would
@@ -43,11 +44,6 @@ class RecordingRunner:
         return {"double": x * 2}
 
 
-async def after_turns(turns: int) -> None:
-    for _ in range(turns):
-        await asyncio.sleep(0)
-
-
 def test_requests_a_few_loop_turns_apart_share_one_call() -> None:
     """grpc.aio hands the server its calls a turn or two apart: each used to find the model
     idle and run alone. Now they wait for each other while turns keep bringing more."""
@@ -57,7 +53,7 @@ def test_requests_a_few_loop_turns_apart_share_one_call() -> None:
         batcher, _ = make_batcher(runner, max_batch_size=8)
 
         async def arrive(i: int) -> Feeds:
-            await after_turns(2 * i)  # request i arrives 2i loop turns after the first
+            await next_turn(2 * i)  # request i arrives 2i loop turns after the first
             return await batcher.run({"x": rows_of(1, 10 * i)}, ["double"])
 
         tasks = [asyncio.create_task(arrive(i)) for i in range(4)]
@@ -85,7 +81,7 @@ def test_a_lone_request_waits_only_the_idle_turns() -> None:
             nonlocal turns
             while not runner.rows:
                 turns += 1
-                await asyncio.sleep(0)
+                await next_turn()
             started.set()
 
         counter = asyncio.create_task(count())
@@ -105,7 +101,7 @@ def test_a_full_batch_stops_the_gathering_at_once() -> None:
         batcher, _ = make_batcher(runner, max_batch_size=2)
 
         async def late() -> Feeds:
-            await after_turns(2)
+            await next_turn(2)
             return await batcher.run({"x": rows_of(1, 5)}, ["double"])
 
         first = asyncio.create_task(batcher.run({"x": rows_of(2, 0)}, ["double"]))
@@ -149,7 +145,7 @@ def test_a_slow_model_never_runs_on_the_loop_and_a_probe_is_answered_meanwhile()
         async def probe() -> None:  # what a health check needs: the loop, promptly
             while not done.is_set():
                 asked = time.perf_counter()
-                await asyncio.sleep(0)
+                await next_turn()
                 lags.append(time.perf_counter() - asked)
 
         prober = asyncio.create_task(probe())
