@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any
 
 import numpy as np
 
@@ -44,9 +43,6 @@ class Speedup:
     def significant(self) -> bool:
         """True when the interval excludes 1 (a real difference, either way)."""
         return self.ci_low > 1.0 or self.ci_high < 1.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"ratio": self.ratio, "ci95": [self.ci_low, self.ci_high]}
 
 
 def summarize(seconds: np.ndarray, batch_size: int) -> LatencySummary:
