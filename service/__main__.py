@@ -63,6 +63,7 @@ FLAGS: dict[str, dict[str, Any]] = {
     "max_queue_delay_us": {"type": int},
     "max_queue_size": {"type": int},
     "max_concurrency": {"type": int},
+    "latency_target_ms": {"type": float},
     "request_timeout_ms": {"type": float},
     "header_timeout": {"type": float},
     "body_timeout": {"type": float},

@@ -141,10 +141,18 @@ class Settings(BaseSettings):
         "queued, running, encoding); the others wait in line with their body read, not "
         "decoded (0: twice max_batch_size)",
     )
+    latency_target_ms: float = Field(
+        default=0.0,
+        ge=0.0,
+        description="the latency (ms, the p99 from arrival to answer) every model must meet "
+        "unless its config.json sets latency_target_ms: a request's deadline is its arrival "
+        "plus the smaller of this and its own timeout; one that would miss it is refused "
+        "(503) instead of served late (0: none)",
+    )
     request_timeout_ms: float = Field(
         default=0.0,
         ge=0.0,
-        description="default per-request deadline from arrival to result, 504 past it "
+        description="default per-request deadline from arrival to dispatch, 503 past it "
         "(0: none; a request's parameters.timeout in microseconds overrides it)",
     )
 

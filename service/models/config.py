@@ -1,5 +1,6 @@
 """A model directory's optional ``config.json``: version policy and batching (Triton's keys),
-and which variant serves (``"variant": "int8"``: ``model.int8.onnx``).
+the latency the model must meet (``latency_target_ms``) and which variant serves
+(``"variant": "int8"``: ``model.int8.onnx``).
 
 Written by operators, read by the service only; see ``docs/model-repository.md``.
 Everything wrong with it raises :class:`ModelVersionError` with a reason that is
@@ -43,6 +44,7 @@ class BatchingOverrides:
     max_batch_size: int | None = None
     max_queue_delay_us: int | None = None
     max_queue_size: int | None = None
+    latency_target_ms: float | None = None
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,7 @@ class BatchingConfig:
     max_queue_delay_us: int  # how long an idle model holds a partial batch
     max_queue_size: int  # requests in progress or waiting in line, beyond which 503
     max_concurrency: int = 0  # requests past the entry at once (0: twice max_batch_size)
+    latency_target_s: float | None = None  # the p99 the model must meet (None: none)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> BatchingConfig:
@@ -63,6 +66,7 @@ class BatchingConfig:
             settings.max_queue_delay_us,
             settings.max_queue_size,
             settings.max_concurrency,
+            settings.latency_target_ms / 1e3 or None,
         )
 
     @property
@@ -83,6 +87,10 @@ class BatchingConfig:
             pick(self.max_queue_delay_us, overrides.max_queue_delay_us),
             pick(self.max_queue_size, overrides.max_queue_size),
             self.max_concurrency,
+            pick(
+                self.latency_target_s,
+                None if overrides.latency_target_ms is None else overrides.latency_target_ms / 1e3,
+            ),
         )
 
 
@@ -130,11 +138,23 @@ def _count(value: Any, key: str, least: int) -> int | None:
     return int(value)
 
 
+def _target(value: Any) -> float | None:
+    if value is None:
+        return None
+    number = type(value) in (int, float) and value == value  # not a bool, not NaN
+    _require(
+        number and 0 < value <= 3_600_000,
+        f"latency_target_ms must be a number of milliseconds > 0, got {value!r}",
+    )
+    return float(value)
+
+
 def _batching(config: dict[str, Any]) -> BatchingOverrides:
     dynamic = config.get("dynamic_batching")
     size = _count(config.get("max_batch_size"), "max_batch_size", 1)
+    target = _target(config.get("latency_target_ms"))
     if dynamic is None or isinstance(dynamic, bool):
-        return BatchingOverrides(enabled=dynamic, max_batch_size=size)
+        return BatchingOverrides(enabled=dynamic, max_batch_size=size, latency_target_ms=target)
     _require(
         isinstance(dynamic, dict), "dynamic_batching must be true, false or an object of settings"
     )
@@ -150,6 +170,7 @@ def _batching(config: dict[str, Any]) -> BatchingOverrides:
             0,
         ),
         max_queue_size=_count(dynamic.get("max_queue_size"), "dynamic_batching.max_queue_size", 1),
+        latency_target_ms=target,
     )
 
 

@@ -1,6 +1,13 @@
 """Triton's model configuration extension: ``GET /v2/models/{name}/config`` and the
 ``ModelConfig`` RPC, built from a served version (its specs, its batching) and its
-model's ``config.json`` version policy."""
+model's ``config.json`` version policy.
+
+A latency target maps onto Triton's queue policy where the two mean the same: a
+request waits at most the target (``default_timeout_microseconds``), is refused with
+UNAVAILABLE past it (``timeout_action: REJECT``), and may ask for less with its own
+``timeout`` (``allow_timeout_override``: as in Triton, a request's timeout can shorten
+the default, never lengthen it). The target itself, which Triton has no field for, is
+in ``parameters``."""
 
 from __future__ import annotations
 
@@ -39,10 +46,17 @@ def triton_model_config(served: ServedVersion, policy: VersionPolicy) -> dict[st
             {"count": 1, "kind": "KIND_GPU" if served.provider == CUDA else "KIND_CPU"}
         ],
     }
+    target = batching.latency_target_s
+    queue: dict[str, Any] = {"max_queue_size": batching.max_queue_size}
+    if target is not None:
+        config["parameters"] = {"latency_target_ms": {"string_value": f"{target * 1e3:g}"}}
+        queue["timeout_action"] = "REJECT"
+        queue["default_timeout_microseconds"] = round(target * 1e6)
+        queue["allow_timeout_override"] = True
     if batchable and batching.enabled:
         config["dynamic_batching"] = {
             "max_queue_delay_microseconds": batching.max_queue_delay_us,
-            "default_queue_policy": {"max_queue_size": batching.max_queue_size},
+            "default_queue_policy": queue,
         }
     return config
 

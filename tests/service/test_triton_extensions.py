@@ -9,6 +9,8 @@ from typing import Any
 import numpy as np
 import pytest
 import tritonclient.http as triton
+from google.protobuf import json_format
+from tritonclient.grpc import model_config_pb2
 
 
 def infer_linear(client: Any, rows: int) -> None:
@@ -20,7 +22,7 @@ def infer_linear(client: Any, rows: int) -> None:
 def test_model_config_describes_the_served_version(fresh_server: Any) -> None:
     with fresh_server(max_batch_size=16, max_queue_delay_us=250) as live:
         (live.repository / "digits_cnn" / "config.json").write_text(
-            json.dumps({"version_policy": {"latest": {"num_versions": 1}}})
+            json.dumps({"version_policy": {"latest": {"num_versions": 1}}, "latency_target_ms": 20})
         )
         client = triton.InferenceServerClient(f"127.0.0.1:{live.port}")
         with live.client() as http:
@@ -33,6 +35,21 @@ def test_model_config_describes_the_served_version(fresh_server: Any) -> None:
         assert config["input"] == [{"name": "input", "data_type": "TYPE_FP32", "dims": [1, 8, 8]}]
         assert config["output"] == [{"name": "logits", "data_type": "TYPE_FP32", "dims": [10]}]
         assert config["dynamic_batching"]["max_queue_delay_microseconds"] == 250
+        # The target as Triton's queue policy (the request waits at most that, then
+        # UNAVAILABLE; its own timeout may shorten it) and as the model's parameter.
+        assert config["dynamic_batching"]["default_queue_policy"] == {
+            "max_queue_size": 4096,
+            "timeout_action": "REJECT",
+            "default_timeout_microseconds": 20_000,
+            "allow_timeout_override": True,
+        }
+        assert config["parameters"] == {"latency_target_ms": {"string_value": "20"}}
+        # The gRPC ModelConfig is the same body parsed into Triton's message.
+        message = json_format.ParseDict(config, model_config_pb2.ModelConfig())
+        policy = message.dynamic_batching.default_queue_policy
+        assert policy.timeout_action == model_config_pb2.ModelQueuePolicy.REJECT
+        assert policy.default_timeout_microseconds == 20_000 and policy.allow_timeout_override
+        assert message.parameters["latency_target_ms"].string_value == "20"
         assert config["version_policy"] == {"latest": {"num_versions": 1}}
         assert config["instance_group"] == [{"count": 1, "kind": "KIND_CPU"}]
         assert client.get_model_config("digits_cnn", "1") == config

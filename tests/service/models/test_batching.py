@@ -23,8 +23,9 @@ import numpy as np
 import pytest
 
 from foldserve.model_format import ModelVersionError
-from service.models.config import BatchingOverrides, read_model_config
+from service.models.config import BatchingConfig, BatchingOverrides, read_model_config
 from service.models.repository import ModelRepository
+from service.settings import Settings
 from tests.polling import poll
 from tests.servers import HOLD_US, parse_metrics, scrape, serving_options, v2_body, value
 
@@ -273,6 +274,11 @@ def test_a_client_that_disconnects_leaves_no_work_behind(fresh_server: Any) -> N
             {"dynamic_batching": {"max_queue_delay_microseconds": 0, "max_queue_size": 3}},
             BatchingOverrides(enabled=True, max_queue_delay_us=0, max_queue_size=3),
         ),
+        ({"latency_target_ms": 20}, BatchingOverrides(latency_target_ms=20.0)),
+        (
+            {"latency_target_ms": 2.5, "dynamic_batching": {"max_queue_size": 8}},
+            BatchingOverrides(enabled=True, max_queue_size=8, latency_target_ms=2.5),
+        ),
     ],
 )
 def test_config_json_batching(
@@ -292,6 +298,9 @@ def test_config_json_batching(
             "unknown key(s) ['preferred_batch_size']",
         ),
         ({"dynamic_batching": 3}, "dynamic_batching must be true, false or an object"),
+        ({"latency_target_ms": 0}, "latency_target_ms must be a number of milliseconds > 0"),
+        ({"latency_target_ms": "20"}, "latency_target_ms must be a number of milliseconds > 0"),
+        ({"latency_target_ms": True}, "got True"),
     ],
 )
 def test_bad_batching_config_says_what_is_wrong(
@@ -301,3 +310,12 @@ def test_bad_batching_config_says_what_is_wrong(
     with pytest.raises(ModelVersionError) as err:
         read_model_config(tmp_path)
     assert message in str(err.value)
+
+
+def test_the_server_target_is_every_model_s_unless_its_config_json_sets_one() -> None:
+    server = BatchingConfig.from_settings(Settings(latency_target_ms=50))
+    assert server.latency_target_s == 0.05
+    assert server.merged(BatchingOverrides()).latency_target_s == 0.05
+    assert server.merged(BatchingOverrides(latency_target_ms=20)).latency_target_s == 0.02
+    none = BatchingConfig.from_settings(Settings())
+    assert none.latency_target_s is None  # no target by default: today's behaviour
