@@ -124,9 +124,18 @@ class QueueFull(ServiceError):
 
 
 class RequestTimeout(ServiceError):
-    """The request's deadline passed before its result was ready."""
+    """The request's deadline passed before it was dispatched, or its batch would end past
+    it: answered at once and never computed. 503 (gRPC UNAVAILABLE), "Request timeout
+    expired", as Triton answers a request whose queue timeout passes."""
 
-    status_code = 504
+    status_code = 503
+
+
+class DeadlineUnreachable(ServiceError):
+    """Refused at arrival: the work already ahead of the request, at the run time measured,
+    would carry it past its deadline (503 with Retry-After, before its body is read)."""
+
+    status_code = 503
 
 
 class ClientDisconnected(ServiceError):

@@ -31,3 +31,11 @@ async def next_turn(turns: int = 1) -> None:
     that many turns later), not a wait for a time."""
     for _ in range(turns):
         await asyncio.sleep(0)
+
+
+async def until_clock(moment: float) -> None:
+    """Let the event loop run until ``time.perf_counter()`` has passed ``moment``: for a
+    deadline test, the clock is the event waited for (bounded to 30 s: a bug fails)."""
+    assert moment - time.perf_counter() < 30.0, "a moment over 30 s away"
+    while (left := moment - time.perf_counter()) >= 0:
+        await asyncio.sleep(min(left, 0.001))

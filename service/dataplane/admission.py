@@ -97,7 +97,10 @@ class AdmissionGate:
 def _expire(turn: asyncio.Future[None], gate: AdmissionGate) -> None:
     if not turn.done():
         turn.set_exception(
-            RequestTimeout(f"{gate.label}: no turn within the request timeout (waited in line)")
+            RequestTimeout(
+                f"Request timeout expired: {gate.label}: its deadline passed while it waited "
+                "in line at the entry"
+            )
         )
 
 

@@ -28,8 +28,8 @@ from service.dataplane.admission import AdmissionGates
 from service.dataplane.classification import classify
 from service.dataplane.tensors import DecodedRequest, OutputTensor
 from service.dataplane.validation import prepare_feeds, select_outputs
-from service.errors import LoadFailed, QueueFull, RequestTimeout
-from service.models.batcher import Receive
+from service.errors import DeadlineUnreachable, LoadFailed, QueueFull, RequestTimeout
+from service.models.batcher import DynamicBatcher, Receive
 from service.models.repository import NOT_SELECTED, ModelEntry, ModelRepository
 from service.models.served_version import ServedVersion
 from service.models.triton_config import triton_model_config
@@ -67,6 +67,10 @@ class Exchange(Protocol[Answer]):
     @property
     def receive(self) -> Receive | None:
         """REST: the request's ASGI receive, so that a client that leaves is noticed."""
+
+    @property
+    def time_limit_s(self) -> float | None:
+        """Seconds the client allows, known before the payload is read (gRPC's deadline)."""
 
     async def read(self, max_bytes: int) -> int:
         """Read the payload (REST: the body, at the client's pace); its size in bytes."""
@@ -208,9 +212,14 @@ class DataPlane:
         """One inference request, from resolution to its encoded answer.
 
         Unknown or unavailable models are refused before anything is read; then the
-        entry's cheap overload refusal; then the payload is read and the request
-        waits for its turn (:mod:`service.dataplane.admission`), is decoded, checked, batched,
-        run and encoded. Raises the :mod:`service.errors` of each step.
+        entry's cheap refusals: overload, and a deadline the work ahead would carry it
+        past; then the payload is read and the request waits for its turn
+        (:mod:`service.dataplane.admission`), is decoded, checked, batched, run and
+        encoded. Raises the :mod:`service.errors` of each step.
+
+        The request's deadline is its arrival plus the smallest of the model's latency
+        target, the server's request timeout, the gRPC call's deadline and the request's
+        own ``parameters.timeout`` (read with the payload).
         """
         repository = self.repository
         with self.metrics.track_request(repository.metric_label(name), protocol) as record:
@@ -218,23 +227,35 @@ class DataPlane:
             record.version = str(served.version)
             gate = self.admission(name)  # known models only: resolved just above
             arrived = time.perf_counter()
-            config = served.batcher.config
-            timeout = served.default_timeout_s
+            batcher = served.batcher
+            config = batcher.config
+            limits = (config.latency_target_s, served.default_timeout_s, exchange.time_limit_s)
+            budget = min((s for s in limits if s is not None), default=None)
+            deadline = None if budget is None else arrived + budget
             try:
                 gate.check_room(config.max_queue_size)  # refused before the payload is read
+                if budget is not None:
+                    _check_reachable(batcher, gate.admitted + gate.waiting, budget)
                 size = await exchange.read(self.max_request_bytes)
-                await gate.enter(config.admission_limit, config.max_queue_size, timeout)
+                wait = None if deadline is None else deadline - time.perf_counter()
+                await gate.enter(config.admission_limit, config.max_queue_size, wait)
             except QueueFull:
-                served.batcher.metrics.dropped["queue_full"].inc()
+                batcher.metrics.dropped["queue_full"].inc()
                 raise
-            except RequestTimeout:  # in line past the server's default timeout
-                served.batcher.metrics.dropped["timeout"].inc()
+            except DeadlineUnreachable:
+                batcher.metrics.dropped["rejected"].inc()
+                raise
+            except RequestTimeout:  # in line past its deadline
+                batcher.metrics.dropped["expired"].inc()
+                raise
+            except asyncio.CancelledError:  # the client cancelled while it waited in line
+                batcher.metrics.dropped["cancelled"].inc()
                 raise
             try:
                 if served.batcher.closed:  # swapped out or unloaded while it waited in line
                     served = repository.get(name, version)
                     record.version = str(served.version)
-                return await self._admitted(exchange, served, size, record, arrived)
+                return await self._admitted(exchange, served, size, record, arrived, deadline)
             finally:
                 gate.leave()
 
@@ -245,6 +266,7 @@ class DataPlane:
         size: int,
         record: RequestRecord,
         arrived: float,
+        deadline: float | None,
     ) -> T:
         start = time.perf_counter()
         if size > INLINE_BODY_BYTES:  # a thread hop costs more than a small decode
@@ -253,7 +275,10 @@ class DataPlane:
             request = exchange.decode(served)
         decoded = time.perf_counter()
         record.decode_s = decoded - start
-        outputs = await self.run(served, request, exchange.receive, decoded - arrived)
+        if request.timeout_us:  # the request's own timeout, from its arrival
+            own = arrived + request.timeout_us / 1e6
+            deadline = own if deadline is None else min(deadline, own)
+        outputs = await self.run(served, request, exchange.receive, deadline)
         start = time.perf_counter()
         result = Inferred(served, request, outputs)
         if output_elements(outputs) > INLINE_OUTPUT_ELEMENTS:
@@ -261,6 +286,7 @@ class DataPlane:
         else:
             answer = exchange.encode(result)
         record.encode_s = time.perf_counter() - start
+        served.batcher.observe_codec(record.decode_s + record.encode_s)
         return answer
 
     async def run(
@@ -268,20 +294,19 @@ class DataPlane:
         served: ServedVersion,
         request: DecodedRequest,
         receive: Receive | None = None,
-        waited_s: float = 0.0,
+        deadline: float | None = None,
     ) -> list[OutputTensor]:
         """The outputs ``request`` asks for (all when it names none), checked and batched.
 
         ``receive`` lets a client that disconnects take its queued request with it;
-        ``waited_s`` (seconds in line at the entry) counts against the request's timeout.
+        ``deadline`` (a ``time.perf_counter()`` time) is when it must be dispatched by.
         """
         feeds = prepare_feeds(served.name, served.input_specs, served.inputs, request.inputs)
         wanted = select_outputs(
             served.name, served.output_names, request.outputs, served.every_output
         )
-        timeout = request.timeout_us / 1e6 if request.timeout_us else served.default_timeout_s
         results = await served.batcher.run(
-            feeds, [w.name for w in wanted], timeout_s=timeout, waited_s=waited_s, receive=receive
+            feeds, [w.name for w in wanted], deadline=deadline, receive=receive
         )
         outputs = []
         for w in wanted:
@@ -293,6 +318,22 @@ class DataPlane:
             else:
                 outputs.append(OutputTensor(w.name, V2_DATATYPES[array.dtype], array, binary))
         return outputs
+
+
+def _check_reachable(batcher: DynamicBatcher, ahead: int, budget: float) -> None:
+    """Raise :class:`DeadlineUnreachable` when ``ahead`` requests already in progress or in
+    line would carry a new one past its ``budget`` seconds (at the pace measured). With
+    nothing ahead it goes on: queueing is not what would make it late, and a target below
+    the model's own run time is served late rather than never."""
+    if not ahead:
+        return
+    expected = batcher.predicted_wait(ahead)
+    if expected is not None and expected > budget:
+        raise DeadlineUnreachable(
+            f"{batcher.label} cannot answer within {budget * 1e3:.4g} ms: {ahead} requests "
+            f"ahead in this worker need about {expected * 1e3:.4g} ms; retry later",
+            headers={"Retry-After": "1"},
+        )
 
 
 def index_entries(entry: ModelEntry) -> list[RepositoryEntry]:

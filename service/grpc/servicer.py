@@ -78,6 +78,11 @@ class GrpcExchange:
         """None: a cancelled call cancels its task, which takes a queued request with it."""
         return None
 
+    @property
+    def time_limit_s(self) -> float | None:
+        """The call's ``grpc-timeout``: what is left of it when the call reached the server."""
+        return None if self.timeout_us is None else self.timeout_us / 1e6
+
     async def read(self, max_bytes: int) -> int:
         return int(self.message.ByteSize())  # received whole, within the message size limit
 

@@ -23,16 +23,25 @@ samples runs alone, whole.
 
 Back-pressure is the entry's (:mod:`service.dataplane.admission`): at most ``max_queue_size``
 requests of a model are admitted or waiting in a worker, so the queue here never
-holds more. A request that times out (:class:`RequestTimeout`, 504) leaves
-the queue at once and never runs. So does one whose client disconnects, once
-it has waited ``WATCH_AFTER_S`` (its connection is watched from then on: most
-requests are answered sooner, and watching each from the start would cost a
-task per request). A request already running finishes and its rows are dropped.
+holds more. A request whose deadline passes while it waits (:class:`RequestTimeout`,
+503 "Request timeout expired", as Triton answers) leaves the queue at once and never
+runs; so does one predicted to miss it (its batch, at the run time measured, would end
+past it), and one whose client cancels or disconnects, the latter once it has waited
+``WATCH_AFTER_S`` (its connection is watched from then on: most requests are answered
+sooner, and watching each from the start would cost a task per request). A request
+already running is answered: its compute is spent, and the answer may still be of use.
+
+With a latency target (:attr:`BatchingConfig.latency_target_s`), the batch is also cut
+to what its oldest request's deadline allows, and a partial batch is held for company
+only while that pays (:meth:`DynamicBatcher._worth_holding`); :meth:`predicted_wait`
+tells the entry how long a new request would take, so that it can refuse one that
+cannot make its deadline before reading its body.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 import time
 from collections import deque
@@ -51,7 +60,7 @@ from service.errors import (
 )
 from service.models.batch_call import Feeds, Outputs, Runner, run_batch
 from service.models.config import BatchingConfig
-from service.models.run_times import RunTimes
+from service.models.run_times import SMOOTHING, RunTimes
 from service.observability.metrics import BatcherMetrics
 
 Receive = Callable[[], Awaitable[Mapping[str, Any]]]
@@ -76,6 +85,7 @@ class _Pending:
     rows: int  # samples (the batch axis), 1 for a model without one
     key: Hashable | None  # requests with equal keys can share a call; None: never
     enqueued: float
+    deadline: float | None  # perf_counter time it must be dispatched by (None: none)
     future: asyncio.Future[Outputs] = field(repr=False)
     watcher: asyncio.Task[None] | None = field(default=None, repr=False)
 
@@ -118,6 +128,10 @@ class DynamicBatcher:
         self.run_times = RunTimes(inline_limit_s)  # 0: every call in the thread
         self._run = run
         self._arrivals = 0  # requests ever queued: the gathering counts the new ones
+        self._last_arrival = 0.0
+        self.arrival_gap_s: float | None = None  # smoothed time between queued requests
+        self.rows_per_request = 1.0  # smoothed samples per request
+        self.codec_s = 0.0  # smoothed event-loop time per request (decode and encode)
         self._closed = False
         self._running = False  # an ONNX Runtime call is in flight
         self._lock = threading.Lock()  # closing vs starting the dispatcher
@@ -140,28 +154,52 @@ class DynamicBatcher:
         """Requests waiting (not yet in a running call)."""
         return len(self._queue)
 
+    def predicted_wait(self, ahead: int) -> float | None:
+        """Seconds until a request that arrives now, with ``ahead`` requests of this model
+        already in progress or waiting before it in this worker, would have its answer;
+        None before a call has been measured (nothing is refused on a guess).
+
+        The requests go in batches of up to ``max_batch_size`` samples, each taking the
+        run time measured for its size, while the event loop decodes and encodes each
+        in turn (``codec_s``); the two overlap, so the slower of them sets the pace.
+        """
+        config = self.config
+        rows = (ahead + 1) * self.rows_per_request
+        size = config.max_batch_size if config.enabled and self.batchable else 1.0
+        size = max(size, self.rows_per_request)  # a request larger than a batch runs whole
+        per_batch = self.run_times.predicted(math.ceil(min(size, rows)))
+        if per_batch is None:
+            return None
+        return max(math.ceil(rows / size) * per_batch, (ahead + 1) * self.codec_s)
+
+    def observe_codec(self, seconds: float) -> None:
+        """A request took ``seconds`` of the event loop outside the batcher (decode and
+        encode): the pace :meth:`predicted_wait` assumes when the loop, not the model, is
+        the bottleneck."""
+        self.codec_s += SMOOTHING * (seconds - self.codec_s)
+
     async def run(
         self,
         feeds: Feeds,
         names: list[str],
         *,
-        timeout_s: float | None = None,
-        waited_s: float = 0.0,
+        deadline: float | None = None,
         receive: Receive | None = None,
     ) -> Outputs:
         """The outputs ``names`` for checked ``feeds``, batched with others.
 
-        Raises :class:`ModelNotReady` once closed, :class:`RequestTimeout` after
-        ``timeout_s`` seconds (of which ``waited_s`` have passed before it got here),
-        :class:`ClientDisconnected` when ``receive`` (the request's
-        ASGI receive, body already read) reports a disconnect.
+        Raises :class:`ModelNotReady` once closed, :class:`RequestTimeout` when
+        ``deadline`` (a ``time.perf_counter()`` time) passes before the request is
+        dispatched or its batch is predicted to end past it, :class:`ClientDisconnected`
+        when ``receive`` (the request's ASGI receive, body already read) reports a
+        disconnect.
         """
-        item = self._enqueue(feeds, names)
+        item = self._enqueue(feeds, names, deadline)
         loop = asyncio.get_running_loop()
         timer = (
             None
-            if timeout_s is None
-            else loop.call_later(max(0.0, timeout_s - waited_s), self._expire, item, timeout_s)
+            if deadline is None
+            else loop.call_later(max(0.0, deadline - item.enqueued), self._expire, item)
         )
         # Most requests are answered before the watch starts: a task per request would cost
         # the event loop more than the rest of the batching does.
@@ -172,8 +210,8 @@ class DynamicBatcher:
         )
         try:
             return await item.future
-        except asyncio.CancelledError:
-            self._abandon(item, None, "")
+        except asyncio.CancelledError:  # the client cancelled (gRPC), or shutdown
+            self._abandon(item, None, "cancelled")
             raise
         finally:
             if timer is not None:
@@ -202,13 +240,19 @@ class DynamicBatcher:
         self._runner.shutdown(wait=False)
         self._run = _retired
 
-    def _enqueue(self, feeds: Feeds, names: list[str]) -> _Pending:
+    def _enqueue(self, feeds: Feeds, names: list[str], deadline: float | None) -> _Pending:
         config = self.config
         first = next(iter(feeds.values()))
         rows = int(first.shape[0]) if first.ndim else 1
         key = _signature(feeds, names) if self.batchable and config.enabled else None
         loop = asyncio.get_running_loop()
-        item = _Pending(feeds, names, rows, key, time.perf_counter(), loop.create_future())
+        now = time.perf_counter()
+        item = _Pending(feeds, names, rows, key, now, deadline, loop.create_future())
+        if self._last_arrival:
+            gap, known = now - self._last_arrival, self.arrival_gap_s
+            self.arrival_gap_s = gap if known is None else known + SMOOTHING * (gap - known)
+        self._last_arrival = now
+        self.rows_per_request += SMOOTHING * (rows - self.rows_per_request)
         with self._lock:
             if self._closed:  # resolved just before a swap or unload: the retry finds the new one
                 raise ModelNotReady(
@@ -244,13 +288,16 @@ class DynamicBatcher:
         if error is not None and not item.future.done():
             item.future.set_exception(error)
 
-    def _expire(self, item: _Pending, timeout_s: float) -> None:
-        where = "in the queue" if item in self._queue else "while running"
-        error = RequestTimeout(
-            f"{self.label}: no result within the timeout of {timeout_s * 1e3:g} ms "
-            f"(timed out {where})"
-        )
-        self._abandon(item, error, "timeout")
+    def _expire(self, item: _Pending) -> None:
+        """The request's deadline passed while it waited: answered at once, never run (one
+        already dispatched gets its answer)."""
+        if item in self._queue:
+            waited_ms = (time.perf_counter() - item.enqueued) * 1e3
+            error = RequestTimeout(
+                f"Request timeout expired: {self.label}: its deadline passed after "
+                f"{waited_ms:.3g} ms in the queue"
+            )
+            self._abandon(item, error, "expired")
 
     def _start_watch(self, item: _Pending, receive: Receive) -> None:
         if not item.future.done():
@@ -259,7 +306,7 @@ class DynamicBatcher:
     async def _watch(self, receive: Receive, item: _Pending) -> None:
         while (await receive())["type"] != "http.disconnect":
             pass
-        self._abandon(item, ClientDisconnected("the client disconnected"), "disconnect")
+        self._abandon(item, ClientDisconnected("the client disconnected"), "cancelled")
 
     # -- dispatch ---------------------------------------------------------------
 
@@ -269,8 +316,9 @@ class DynamicBatcher:
             await self._gather()  # the model was idle: let the requests on their way join
             while self._queue:
                 await self._hold_partial_batch()
-                if self._queue:  # requests may leave while it holds (timeouts, disconnects)
-                    await self._execute(self._take_batch())
+                batch = self._take_batch()  # empty: every request left (timeouts, disconnects)
+                if batch:
+                    await self._execute(batch)
         finally:
             with self._lock:
                 self._dispatcher = None
@@ -296,14 +344,21 @@ class DynamicBatcher:
             idle = idle + 1 if self._arrivals == arrived else 0
 
     async def _hold_partial_batch(self) -> None:
-        """Wait up to ``max_queue_delay_us`` after the oldest request for a full batch."""
+        """Wait up to ``max_queue_delay_us`` after the oldest request for a full batch; with a
+        deadline, only while holding pays and no later than leaves a full batch time to run."""
         config = self.config
         if not (config.enabled and self.batchable and config.max_queue_delay_us > 0):
             return
         loop = asyncio.get_running_loop()
         while self._queue and self._rows < config.max_batch_size:
-            remaining = self._queue[0].enqueued + config.max_queue_delay_us / 1e6
-            remaining -= time.perf_counter()
+            head = self._queue[0]
+            until = head.enqueued + config.max_queue_delay_us / 1e6
+            if head.deadline is not None:
+                if not self._worth_holding():
+                    return
+                full = self.run_times.predicted(config.max_batch_size) or 0.0
+                until = min(until, head.deadline - full)
+            remaining = until - time.perf_counter()
             if remaining <= 0:
                 return
             self._wakeup = loop.create_future()
@@ -314,25 +369,75 @@ class DynamicBatcher:
                 timer.cancel()
                 self._wakeup = None
 
+    def _worth_holding(self) -> bool:
+        """Holding a partial batch pays while the next request is expected sooner than the
+        fixed cost of a call it would otherwise need (the fitted ``b``): the requests held
+        wait less than the call saved costs. Before that is measured, hold as configured."""
+        gap, fixed = self.arrival_gap_s, self.run_times.fixed_cost()
+        return gap is None or fixed is None or gap < fixed
+
     def _take_batch(self) -> list[_Pending]:
-        """The oldest request and, in queue order, the compatible ones that fit beside it."""
-        head = self._queue.popleft()
-        batch, rows = [head], head.rows
-        limit = self.config.max_batch_size
-        if head.key is not None and rows < limit:
-            kept: deque[_Pending] = deque()
-            while self._queue and rows < limit:
-                item = self._queue.popleft()
-                if item.key == head.key and rows + item.rows <= limit:
-                    batch.append(item)
-                    rows += item.rows
-                else:
-                    kept.append(item)
-            kept.extend(self._queue)
-            self._queue = kept
-        self._rows -= rows
-        self.metrics.queue_depth.set(len(self._queue))
-        return batch
+        """The oldest request that can still make its deadline and, in queue order, the
+        compatible ones that fit beside it: at most ``max_batch_size`` samples, and no more
+        than the oldest one's deadline leaves time to run (at the run time measured for the
+        size). A request that cannot make its deadline even alone is answered now (503) and
+        never runs; so is a later one whose deadline the batch would end past."""
+        now = time.perf_counter()
+        times = self.run_times
+        while self._queue:
+            head = self._queue.popleft()
+            self._rows -= head.rows
+            limit = max(self.config.max_batch_size, head.rows)
+            ends = None  # when the batch is predicted to end (None: no deadline or no measure)
+            if head.deadline is not None:
+                if head.deadline <= now:  # its timer is due this very turn
+                    self._late(head, 0.0)
+                    continue
+                fits = times.largest_within(head.deadline - now, limit)
+                alone = times.predicted(head.rows) or 0.0
+                if fits is not None and fits < head.rows:
+                    # Late because it waited: answered now. One its model cannot serve in
+                    # time even unqueued (a target below the run time) runs, late.
+                    if alone <= head.deadline - head.enqueued:
+                        self._late(head, alone)
+                        continue
+                    fits = head.rows
+                limit = limit if fits is None else fits
+                expected = times.predicted(limit)
+                ends = None if expected is None else now + expected
+            batch, rows = [head], head.rows
+            if head.key is not None and rows < limit:
+                kept: deque[_Pending] = deque()
+                while self._queue and rows < limit:
+                    item = self._queue.popleft()
+                    fits_here = item.key == head.key and rows + item.rows <= limit
+                    if fits_here and (
+                        ends is None or item.deadline is None or ends <= item.deadline
+                    ):
+                        batch.append(item)
+                        rows += item.rows
+                    else:
+                        kept.append(item)
+                kept.extend(self._queue)
+                self._queue = kept
+            self._rows -= rows - head.rows
+            self.metrics.queue_depth.set(len(self._queue))
+            return batch
+        self.metrics.queue_depth.set(0)
+        return []
+
+    def _late(self, item: _Pending, predicted_s: float) -> None:
+        """``item``, already out of the queue, cannot make its deadline: answered now."""
+        self.metrics.dropped["expired"].inc()
+        if not item.future.done():
+            why = (
+                f"it would end {predicted_s * 1e3:.3g} ms from now, past its deadline"
+                if predicted_s
+                else "its deadline passed in the queue"
+            )
+            item.future.set_exception(
+                RequestTimeout(f"Request timeout expired: {self.label}: {why}")
+            )
 
     async def _execute(self, batch: list[_Pending]) -> None:
         """Run one batch (in the thread, or inline when it is predicted to be tiny) and

@@ -34,6 +34,8 @@ LATENCY_BUCKETS = (
     5.0,
     10.0,
 )
+# Why a request was answered without being computed (foldserve_requests_dropped_total).
+DROP_REASONS = ("queue_full", "rejected", "expired", "cancelled")
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 QUEUE_BUCKETS = (
     0.00005,
@@ -76,7 +78,7 @@ class BatcherMetrics:
     inference_seconds: Histogram
     request_compute: Counter  # seconds x requests of each call: each request's compute time
     last_inference: Gauge
-    dropped: dict[str, Counter]  # by reason: queue_full, timeout, disconnect
+    dropped: dict[str, Counter]  # by reason: DROP_REASONS
     executions: Counter  # the families, labelled (model, version, batch size) on first use
     execution_seconds: Counter
     labels: tuple[str, str]  # (model, version)
@@ -184,8 +186,10 @@ class ServiceMetrics:
         )
         self.dropped = Counter(
             "foldserve_requests_dropped",
-            "Requests that left the queue without running: queue_full (503), "
-            "timeout (504), disconnect (client gone)",
+            "Requests answered without being computed: queue_full (503 at the entry), "
+            "rejected (503 at the entry: predicted to miss its deadline), expired (503: "
+            "its deadline passed while it waited, or its batch would have ended past it), "
+            "cancelled (the client cancelled or disconnected while it waited)",
             ["model", "version", "reason"],
             registry=self.registry,
         )
@@ -288,8 +292,7 @@ class ServiceMetrics:
             request_compute=self.request_compute_seconds.labels(model, version),
             last_inference=self.last_inference.labels(model, version),
             dropped={
-                reason: self.dropped.labels(model, version, reason)
-                for reason in ("queue_full", "timeout", "disconnect")
+                reason: self.dropped.labels(model, version, reason) for reason in DROP_REASONS
             },
             executions=self.batch_executions,
             execution_seconds=self.batch_execution_seconds,

@@ -83,6 +83,7 @@ class RestExchange:
     a JSON header) or a V1 ``instances`` body."""
 
     __slots__ = ("request", "receive", "v1", "body")
+    time_limit_s = None  # HTTP has no deadline header: parameters.timeout is in the body
 
     def __init__(self, request: Request, v1: bool) -> None:
         self.request = request

@@ -83,7 +83,7 @@ class PlainRouteDispatch:
 
 INFER_DOCS: dict[str, Any] = {
     "response_model": InferResponse,
-    "responses": error_responses(400, 404, 413, 415, 503, 504),
+    "responses": error_responses(400, 404, 413, 415, 503),
     "openapi_extra": request_body_openapi(InferRequest, binary=True),
 }
 
@@ -128,7 +128,7 @@ def install(app: FastAPI) -> None:
         predict,
         methods=["POST"],
         response_model=PredictResponse,
-        responses=error_responses(400, 404, 413, 415, 503, 504),
+        responses=error_responses(400, 404, 413, 415, 503),
         openapi_extra=request_body_openapi(PredictRequest),
     )
     routes = [route for route in app.router.routes if isinstance(route, PlainRoute)]

@@ -75,7 +75,7 @@ def test_a_request_that_times_out_in_line_leaves_it_and_never_takes_a_slot() -> 
         await gate.enter(limit=1, room=5)
         late = asyncio.create_task(gate.enter(limit=1, room=5, timeout_s=0.01))
         after = asyncio.create_task(gate.enter(limit=1, room=5))
-        with pytest.raises(RequestTimeout, match="waited in line"):
+        with pytest.raises(RequestTimeout, match="while it waited in line"):
             await late
         assert (gate.admitted, gate.waiting) == (1, 1)
         gate.leave()  # the slot skips the expired request and goes to the next one

@@ -4,6 +4,7 @@ failing call, a request the model rejects, timeouts, disconnects, cancellation a
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
 from service.errors import BadRequest, ClientDisconnected, ModelNotReady, RequestTimeout
-from tests.polling import until
+from tests.polling import next_turn, until, until_clock
 from tests.service.models.gated_runner import (
     Feeds,
     GatedRunner,
@@ -82,56 +83,57 @@ def test_a_request_that_times_out_in_the_queue_never_runs() -> None:
         runner = GatedRunner()
         batcher, metrics = make_batcher(runner)
         first = await occupy(batcher, runner)
+        deadline = time.perf_counter() + 0.05
         with pytest.raises(RequestTimeout) as err:
-            await batcher.run({"x": rows_of(1, 0)}, ["double"], timeout_s=0.05)
-        assert str(err.value) == (
-            "model 'm' version 1: no result within the timeout of 50 ms (timed out in the queue)"
+            await batcher.run({"x": rows_of(1, 0)}, ["double"], deadline=deadline)
+        assert time.perf_counter() >= deadline  # answered at its deadline, not before
+        assert str(err.value).startswith(
+            "Request timeout expired: model 'm' version 1: its deadline passed after "
         )
+        assert err.value.status_code == 503  # Triton's UNAVAILABLE
         assert batcher.depth == 0
         runner.release(1)
         await first
         assert runner.rows() == [1]  # only the first request ever ran
-        assert sample(metrics, "foldserve_requests_dropped_total", reason="timeout") == 1
+        assert sample(metrics, "foldserve_requests_dropped_total", reason="expired") == 1
         assert sample(metrics, "foldserve_queue_depth") == 0
 
     run(scenario)
 
 
-def test_time_already_waited_counts_against_the_timeout() -> None:
-    """``waited_s`` >= ``timeout_s``: nothing is left, the request expires at once."""
+def test_a_deadline_already_past_expires_at_once() -> None:
+    """Time spent before the batcher (in line, decoding) counts: nothing is left."""
 
     async def scenario() -> None:
         runner = GatedRunner()
         batcher, metrics = make_batcher(runner)
         first = await occupy(batcher, runner)
-        with pytest.raises(RequestTimeout, match="timeout of 30000 ms"):
-            await batcher.run({"x": rows_of(1, 0)}, ["double"], timeout_s=30.0, waited_s=30.0)
+        with pytest.raises(RequestTimeout, match="Request timeout expired"):
+            await batcher.run({"x": rows_of(1, 0)}, ["double"], deadline=time.perf_counter())
         runner.release(1)
         await first
         assert runner.rows() == [1]
-        assert sample(metrics, "foldserve_requests_dropped_total", reason="timeout") == 1
+        assert sample(metrics, "foldserve_requests_dropped_total", reason="expired") == 1
 
     run(scenario)
 
 
-def test_a_request_that_times_out_while_running_gets_504_and_its_rows_are_dropped() -> None:
+def test_a_request_whose_deadline_passes_while_it_runs_gets_its_answer() -> None:
+    """As in Triton, the deadline bounds the wait: once computed, the answer is sent."""
+
     async def scenario() -> None:
         runner = GatedRunner()
         batcher, metrics = make_batcher(runner)
-        late = asyncio.create_task(
-            batcher.run({"x": rows_of(1, 0)}, ["double"], timeout_s=30.0, waited_s=29.95)
-        )
-        await runner.entered()  # it runs, blocked, until its 50 ms are up
-        with pytest.raises(RequestTimeout, match=r"\(timed out while running\)"):
-            await late
-        runner.release(1)
+        deadline = time.perf_counter() + 0.02
         x = rows_of(1, 7)
+        late = asyncio.create_task(batcher.run({"x": x}, ["double"], deadline=deadline))
+        await runner.entered()  # dispatched in time, then held in the model past its deadline
+        await until_clock(deadline)
+        await next_turn(2)  # a timer due at the deadline has had its turn
         runner.release(1)
-        answer = await batcher.run({"x": x}, ["double"])  # the model is free again
-        np.testing.assert_array_equal(answer["double"], x * 2)
-        assert runner.rows() == [1, 1]
-        # It was no longer queued: not counted as dropped (it ran).
-        assert sample(metrics, "foldserve_requests_dropped_total", reason="timeout") == 0
+        np.testing.assert_array_equal((await late)["double"], x * 2)
+        assert runner.rows() == [1]
+        assert sample(metrics, "foldserve_requests_dropped_total", reason="expired") == 0
 
     run(scenario)
 
@@ -158,7 +160,7 @@ def test_a_client_that_disconnects_while_queued_is_dropped_and_never_runs() -> N
         await first
         np.testing.assert_array_equal((await stays)["double"], rows_of(1, 3) * 2)
         assert runner.rows() == [1, 1]  # the one that stayed ran alone
-        assert sample(metrics, "foldserve_requests_dropped_total", reason="disconnect") == 1
+        assert sample(metrics, "foldserve_requests_dropped_total", reason="cancelled") == 1
 
     run(scenario)
 
@@ -177,11 +179,12 @@ def test_a_request_whose_handler_is_cancelled_leaves_the_queue() -> None:
         runner.release(1)
         await first
         assert runner.rows() == [1]
-        dropped = [
-            sample(metrics, "foldserve_requests_dropped_total", reason=r)
-            for r in ("queue_full", "timeout", "disconnect")
-        ]
-        assert dropped == [0, 0, 0]  # a cancelled handler is not a drop of the batcher's
+        dropped = {
+            r: sample(metrics, "foldserve_requests_dropped_total", reason=r)
+            for r in ("queue_full", "rejected", "expired", "cancelled")
+        }
+        # A gRPC call the client cancels cancels its handler: dropped before compute.
+        assert dropped == {"queue_full": 0, "rejected": 0, "expired": 0, "cancelled": 1}
 
     run(scenario)
 

@@ -13,6 +13,7 @@ import threading
 import time
 
 import numpy as np
+import pytest
 
 from service.models.batcher import GATHER_IDLE_TURNS
 from service.models.run_times import RunTimes
@@ -167,13 +168,33 @@ def test_a_slow_model_never_runs_on_the_loop_and_a_probe_is_answered_meanwhile()
     run(scenario)
 
 
-def test_run_times_predict_from_the_smallest_larger_measured_batch() -> None:
+def test_only_calls_measured_to_be_tiny_run_inline() -> None:
     times = RunTimes(inline_limit_s=0.001)
     assert times.predicted(1) is None and not times.inline(1)  # nothing measured: thread
     times.observe(8, 0.0004)
-    assert times.predicted(1) == 0.0004 and times.inline(4)  # no larger than a batch of 8
-    assert times.predicted(9) is None and not times.inline(9)
+    assert times.inline(4)  # no larger than a batch of 8
+    assert not times.inline(9)  # never measured that large: the thread
     times.observe(8, 0.01)  # a slow call pulls the estimate past the limit at once
     assert not times.inline(8) and not times.inline(2)
     times.observe(2, 0.0001)
     assert times.inline(2) and not times.inline(3)
+
+
+def test_run_times_predict_any_batch_size_from_the_sizes_measured() -> None:
+    times = RunTimes(inline_limit_s=0.0)
+    times.observe(8, 0.004)
+    assert times.predicted(1) == 0.004  # no faster than the smallest measured
+    assert times.predicted(16) == 0.008  # one size: in proportion (no fixed cost known)
+    assert times.fixed_cost() is None
+    times.observe(2, 0.001)  # 0.5 ms per row, no fixed cost: 2 -> 1 ms, 8 -> 4 ms
+    times.observe(4, 0.0025)  # a fixed cost appears: the line through the three
+    a, b = times.line()
+    assert a == pytest.approx(0.009 / (56 / 3)) and b == pytest.approx(0.00025)
+    assert times.fixed_cost() == pytest.approx(b)
+    assert times.predicted(3) == pytest.approx(0.00175)  # between 2 and 4
+    assert times.predicted(6) == pytest.approx(0.00325)  # between 4 and 8
+    assert times.predicted(12) == pytest.approx(0.004 + 4 * a)  # past 8: along the slope
+    assert times.largest_within(0.0033, 32) == 6
+    assert times.largest_within(0.0009, 32) == 0  # not even one row
+    assert times.largest_within(1.0, 32) == 32
+    assert RunTimes(0.0).largest_within(1.0, 32) is None  # nothing measured: no prediction
