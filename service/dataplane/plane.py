@@ -237,8 +237,10 @@ class DataPlane:
                 if budget is not None:
                     _check_reachable(batcher, gate.admitted + gate.waiting, budget)
                 size = await exchange.read(self.max_request_bytes)
-                wait = None if deadline is None else deadline - time.perf_counter()
+                read = time.perf_counter()
+                wait = None if deadline is None else deadline - read
                 await gate.enter(config.admission_limit, config.max_queue_size, wait)
+                record.admission_s = time.perf_counter() - read
             except QueueFull:
                 batcher.metrics.dropped["queue_full"].inc()
                 raise
@@ -273,20 +275,19 @@ class DataPlane:
             request = await asyncio.to_thread(exchange.decode, served)
         else:
             request = exchange.decode(served)
-        decoded = time.perf_counter()
-        record.decode_s = decoded - start
+        record.input_s = time.perf_counter() - start
         if request.timeout_us:  # the request's own timeout, from its arrival
             own = arrived + request.timeout_us / 1e6
             deadline = own if deadline is None else min(deadline, own)
-        outputs = await self.run(served, request, exchange.receive, deadline)
+        outputs = await self.run(served, request, exchange.receive, deadline, record)
         start = time.perf_counter()
         result = Inferred(served, request, outputs)
         if output_elements(outputs) > INLINE_OUTPUT_ELEMENTS:
             answer = await asyncio.to_thread(exchange.encode, result)
         else:
             answer = exchange.encode(result)
-        record.encode_s = time.perf_counter() - start
-        served.batcher.observe_codec(record.decode_s + record.encode_s)
+        record.output_s += time.perf_counter() - start
+        served.batcher.observe_codec(record.input_s + record.output_s)
         return answer
 
     async def run(
@@ -295,19 +296,25 @@ class DataPlane:
         request: DecodedRequest,
         receive: Receive | None = None,
         deadline: float | None = None,
+        record: RequestRecord | None = None,
     ) -> list[OutputTensor]:
         """The outputs ``request`` asks for (all when it names none), checked and batched.
 
         ``receive`` lets a client that disconnects take its queued request with it;
-        ``deadline`` (a ``time.perf_counter()`` time) is when it must be dispatched by.
+        ``deadline`` (a ``time.perf_counter()`` time) is when it must be dispatched by;
+        ``record`` gets the time spent checking (input) and in its batch.
         """
+        start = time.perf_counter()
         feeds = prepare_feeds(served.name, served.input_specs, served.inputs, request.inputs)
         wanted = select_outputs(
             served.name, served.output_names, request.outputs, served.every_output
         )
+        if record is not None:
+            record.input_s += time.perf_counter() - start
         results = await served.batcher.run(
-            feeds, [w.name for w in wanted], deadline=deadline, receive=receive
+            feeds, [w.name for w in wanted], deadline=deadline, receive=receive, record=record
         )
+        start = time.perf_counter()
         outputs = []
         for w in wanted:
             binary = request.binary_output if w.binary is None else w.binary
@@ -317,6 +324,8 @@ class DataPlane:
                 outputs.append(OutputTensor(w.name, "BYTES", top, binary))
             else:
                 outputs.append(OutputTensor(w.name, V2_DATATYPES[array.dtype], array, binary))
+        if record is not None:
+            record.output_s += time.perf_counter() - start
         return outputs
 
 

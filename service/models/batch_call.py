@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -34,6 +35,16 @@ class Queued(Protocol):
     def rows(self) -> int: ...  # samples on the batch axis
 
 
+@dataclass(frozen=True, slots=True)
+class BatchTimes:
+    """Where a batch's time went: joining its requests' inputs, the ONNX Runtime call,
+    and splitting the outputs back (each request is charged the whole of each)."""
+
+    input_s: float
+    infer_s: float
+    output_s: float
+
+
 def _run_one(run: Runner, feeds: Feeds, names: list[str]) -> Outputs:
     try:
         return run(feeds, names)
@@ -41,9 +52,11 @@ def _run_one(run: Runner, feeds: Feeds, names: list[str]) -> Outputs:
         raise BadRequest(f"the model rejected the inputs: {str(err).splitlines()[0]}") from err
 
 
-def run_batch(run: Runner, batch: Sequence[Queued]) -> tuple[list[Outputs | BaseException], float]:
+def run_batch(
+    run: Runner, batch: Sequence[Queued]
+) -> tuple[list[Outputs | BaseException], BatchTimes]:
     """One call for the whole batch (in the batcher's thread, or inline); each request's rows,
-    and the seconds the call took.
+    and where the time went.
 
     When a batch of several is rejected, each request runs alone so that only
     the request at fault gets the error.
@@ -52,20 +65,23 @@ def run_batch(run: Runner, batch: Sequence[Queued]) -> tuple[list[Outputs | Base
     start = time.perf_counter()
     if len(batch) == 1:
         try:
-            return [_run_one(run, head.feeds, head.names)], time.perf_counter() - start
+            answer: Outputs | BaseException = _run_one(run, head.feeds, head.names)
         except Exception as err:
-            return [err], time.perf_counter() - start
+            answer = err
+        return [answer], BatchTimes(0.0, time.perf_counter() - start, 0.0)
     feeds = {n: np.concatenate([p.feeds[n] for p in batch]) for n in head.feeds}  # (B, ...)
+    joined = time.perf_counter()
     try:
         outputs = _run_one(run, feeds, head.names)
     except BadRequest:
-        return [run_batch(run, [p])[0][0] for p in batch], time.perf_counter() - start
+        answers = [run_batch(run, [p])[0][0] for p in batch]
+        return answers, BatchTimes(joined - start, time.perf_counter() - joined, 0.0)
     except Exception as err:
-        return [err] * len(batch), time.perf_counter() - start
-    seconds = time.perf_counter() - start
-    answers: list[Outputs | BaseException] = []
+        return [err] * len(batch), BatchTimes(joined - start, time.perf_counter() - joined, 0.0)
+    ran = time.perf_counter()
+    answers = []
     offset = 0
     for p in batch:
         answers.append({n: array[offset : offset + p.rows] for n, array in outputs.items()})
         offset += p.rows
-    return answers, seconds
+    return answers, BatchTimes(joined - start, ran - joined, time.perf_counter() - ran)

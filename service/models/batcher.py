@@ -61,7 +61,7 @@ from service.errors import (
 from service.models.batch_call import Feeds, Outputs, Runner, run_batch
 from service.models.config import BatchingConfig
 from service.models.run_times import SMOOTHING, RunTimes
-from service.observability.metrics import BatcherMetrics
+from service.observability.metrics import BatcherMetrics, RequestRecord
 
 Receive = Callable[[], Awaitable[Mapping[str, Any]]]
 WATCH_AFTER_S = 0.05  # a queued request's connection is watched once it has waited this long
@@ -86,6 +86,7 @@ class _Pending:
     key: Hashable | None  # requests with equal keys can share a call; None: never
     enqueued: float
     deadline: float | None  # perf_counter time it must be dispatched by (None: none)
+    record: RequestRecord | None  # where the request's time went, filled in when it runs
     future: asyncio.Future[Outputs] = field(repr=False)
     watcher: asyncio.Task[None] | None = field(default=None, repr=False)
 
@@ -185,8 +186,10 @@ class DynamicBatcher:
         *,
         deadline: float | None = None,
         receive: Receive | None = None,
+        record: RequestRecord | None = None,
     ) -> Outputs:
-        """The outputs ``names`` for checked ``feeds``, batched with others.
+        """The outputs ``names`` for checked ``feeds``, batched with others; ``record`` gets
+        the request's share of its batch's time.
 
         Raises :class:`ModelNotReady` once closed, :class:`RequestTimeout` when
         ``deadline`` (a ``time.perf_counter()`` time) passes before the request is
@@ -194,7 +197,7 @@ class DynamicBatcher:
         when ``receive`` (the request's ASGI receive, body already read) reports a
         disconnect.
         """
-        item = self._enqueue(feeds, names, deadline)
+        item = self._enqueue(feeds, names, deadline, record)
         loop = asyncio.get_running_loop()
         timer = (
             None
@@ -240,14 +243,20 @@ class DynamicBatcher:
         self._runner.shutdown(wait=False)
         self._run = _retired
 
-    def _enqueue(self, feeds: Feeds, names: list[str], deadline: float | None) -> _Pending:
+    def _enqueue(
+        self,
+        feeds: Feeds,
+        names: list[str],
+        deadline: float | None,
+        record: RequestRecord | None,
+    ) -> _Pending:
         config = self.config
         first = next(iter(feeds.values()))
         rows = int(first.shape[0]) if first.ndim else 1
         key = _signature(feeds, names) if self.batchable and config.enabled else None
         loop = asyncio.get_running_loop()
         now = time.perf_counter()
-        item = _Pending(feeds, names, rows, key, now, deadline, loop.create_future())
+        item = _Pending(feeds, names, rows, key, now, deadline, record, loop.create_future())
         if self._last_arrival:
             gap, known = now - self._last_arrival, self.arrival_gap_s
             self.arrival_gap_s = gap if known is None else known + SMOOTHING * (gap - known)
@@ -449,9 +458,9 @@ class DynamicBatcher:
         self._running = True
         try:
             if self.run_times.inline(rows):  # cheaper than the hop to the thread and back
-                answers, seconds = run_batch(self._run, batch)
+                answers, times = run_batch(self._run, batch)
             else:
-                answers, seconds = await asyncio.get_running_loop().run_in_executor(
+                answers, times = await asyncio.get_running_loop().run_in_executor(
                     self._runner, run_batch, self._run, batch
                 )
         except asyncio.CancelledError:  # shutdown: nobody may wait forever
@@ -460,9 +469,14 @@ class DynamicBatcher:
             raise
         finally:
             self._running = False
-        self.run_times.observe(rows, seconds)
-        self.metrics.executed(rows, len(batch), seconds)
+        self.run_times.observe(rows, times.input_s + times.infer_s + times.output_s)
+        self.metrics.executed(rows, len(batch), times.infer_s)
         for item, answer in zip(batch, answers, strict=True):
+            record = item.record
+            if record is not None:
+                record.infer_s = times.infer_s
+                record.input_s += times.input_s
+                record.output_s += times.output_s
             if item.future.done():  # timed out or disconnected while running
                 continue
             if isinstance(answer, BaseException):

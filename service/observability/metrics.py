@@ -18,7 +18,14 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 from service.errors import ServiceError
 from service.process.runtime_dir import PROMETHEUS_DIR_ENV
 
+# Seconds, fine enough for a small model's tens of microseconds and wide enough for a
+# request that waited seconds in line (one set for every duration, so that they compare).
 LATENCY_BUCKETS = (
+    0.00001,
+    0.000025,
+    0.00005,
+    0.0001,
+    0.00025,
     0.0005,
     0.001,
     0.0025,
@@ -34,26 +41,12 @@ LATENCY_BUCKETS = (
     5.0,
     10.0,
 )
+# The phases of an answered request, in order (foldserve_request_phase_seconds; the
+# batcher's queue is foldserve_queue_wait_seconds, end to end foldserve_request_duration).
+PHASES = ("admission", "compute_input", "compute_infer", "compute_output")
 # Why a request was answered without being computed (foldserve_requests_dropped_total).
 DROP_REASONS = ("queue_full", "rejected", "expired", "cancelled")
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
-QUEUE_BUCKETS = (
-    0.00005,
-    0.0001,
-    0.00025,
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    5.0,
-)
 
 
 @dataclass(slots=True)
@@ -63,8 +56,10 @@ class RequestRecord:
     model: str
     protocol: str = "rest"  # the transport: rest or grpc
     version: str = ""
-    decode_s: float = 0.0  # request body to checked tensors
-    encode_s: float = 0.0  # outputs to response body
+    admission_s: float = 0.0  # in line at the entry, body read
+    input_s: float = 0.0  # payload to checked tensors, and its share of joining the batch
+    infer_s: float = 0.0  # the ONNX Runtime call it was part of
+    output_s: float = 0.0  # its rows split from the batch, and encoded
 
 
 @dataclass(frozen=True)
@@ -76,7 +71,6 @@ class BatcherMetrics:
     batch_size: Histogram
     batch_requests: Histogram
     inference_seconds: Histogram
-    request_compute: Counter  # seconds x requests of each call: each request's compute time
     last_inference: Gauge
     dropped: dict[str, Counter]  # by reason: DROP_REASONS
     executions: Counter  # the families, labelled (model, version, batch size) on first use
@@ -89,7 +83,6 @@ class BatcherMetrics:
         self.inference_seconds.observe(seconds)
         self.batch_size.observe(samples)
         self.batch_requests.observe(requests)
-        self.request_compute.inc(seconds * requests)
         found = self.by_batch_size.get(samples)
         if found is None:
             labels = (*self.labels, str(samples))
@@ -181,7 +174,7 @@ class ServiceMetrics:
             "foldserve_queue_wait_seconds",
             "Time a request waited in the batching queue before its inference call started",
             ["model", "version"],
-            buckets=QUEUE_BUCKETS,
+            buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
         self.dropped = Counter(
@@ -193,16 +186,14 @@ class ServiceMetrics:
             ["model", "version", "reason"],
             registry=self.registry,
         )
-        self.codec_seconds = Counter(
-            "foldserve_request_codec_seconds",
-            "Time spent decoding requests (stage=decode) and encoding answers (stage=encode)",
-            ["model", "version", "stage"],
-            registry=self.registry,
-        )
-        self.request_compute_seconds = Counter(
-            "foldserve_request_compute_seconds",
-            "ONNX Runtime time as the requests saw it: each call's time once per request in it",
-            ["model", "version"],
+        self.phase_seconds = Histogram(
+            "foldserve_request_phase_seconds",
+            "Where each answered request's time went: admission (in line at the entry), "
+            "compute_input (payload to checked tensors, and joining the batch), "
+            "compute_infer (the ONNX Runtime call it was part of), compute_output "
+            "(splitting the batch, encoding the answer)",
+            ["model", "version", "phase"],
+            buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
         self.batch_executions = Counter(
@@ -246,7 +237,7 @@ class ServiceMetrics:
             multiprocess_mode="livesum",
         )
         self._request_counters: dict[tuple[str, str, int, str], tuple[Counter, Histogram]] = {}
-        self._codec_counters: dict[tuple[str, str], tuple[Counter, Counter]] = {}
+        self._phases: dict[tuple[str, str], tuple[Histogram, ...]] = {}
         self.models_ready = Gauge(
             "foldserve_model_versions_ready",
             "Model versions currently ready to serve",
@@ -270,16 +261,17 @@ class ServiceMetrics:
         counter, timer = found
         counter.inc()
         timer.observe(seconds)
-        if record.decode_s or record.encode_s:
-            codec = self._codec_counters.get(key[:2])
-            if codec is None:
-                codec = (
-                    self.codec_seconds.labels(record.model, record.version, "decode"),
-                    self.codec_seconds.labels(record.model, record.version, "encode"),
-                )
-                self._codec_counters[key[:2]] = codec
-            codec[0].inc(record.decode_s)
-            codec[1].inc(record.encode_s)
+        if status != 200:
+            return  # its phases are partial: Triton's compute statistics count successes
+        phases = self._phases.get(key[:2])
+        if phases is None:
+            phases = tuple(self.phase_seconds.labels(*key[:2], p) for p in PHASES)
+            self._phases[key[:2]] = phases
+        admission, compute_input, compute_infer, compute_output = phases
+        admission.observe(record.admission_s)
+        compute_input.observe(record.input_s)
+        compute_infer.observe(record.infer_s)
+        compute_output.observe(record.output_s)
 
     def batcher(self, model: str, version: str) -> BatcherMetrics:
         """The collectors of one model version's batching queue."""
@@ -289,7 +281,6 @@ class ServiceMetrics:
             batch_size=self.batch_size.labels(model, version),
             batch_requests=self.batch_requests.labels(model, version),
             inference_seconds=self.inference_seconds.labels(model, version),
-            request_compute=self.request_compute_seconds.labels(model, version),
             last_inference=self.last_inference.labels(model, version),
             dropped={
                 reason: self.dropped.labels(model, version, reason) for reason in DROP_REASONS

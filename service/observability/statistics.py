@@ -2,8 +2,11 @@
 
 The statistics are read from the Prometheus metrics
 (:mod:`service.observability.metrics`), so with several worker processes they are the
-sums over all of them, like ``/metrics``. Durations are integer nanoseconds, as Triton
-reports them.
+sums over all of them, like ``/metrics``: success and fail from
+``foldserve_request_duration_seconds``, queue from ``foldserve_queue_wait_seconds``,
+compute_input, compute_infer and compute_output from the same-named phases of
+``foldserve_request_phase_seconds`` (count and sum: the statistics and the histograms
+cannot disagree). Durations are integer nanoseconds, as Triton reports them.
 """
 
 from __future__ import annotations
@@ -19,12 +22,11 @@ SUMMED = frozenset(
     {
         "foldserve_queue_wait_seconds_count",
         "foldserve_queue_wait_seconds_sum",
-        "foldserve_request_compute_seconds_total",
         "foldserve_batch_size_sum",
-        "foldserve_batch_requests_sum",
         "foldserve_inference_duration_seconds_count",
     }
 )
+PHASE = "foldserve_request_phase_seconds"
 
 
 def _ns(seconds: float) -> int:
@@ -51,8 +53,8 @@ def model_statistics(registry: CollectorRegistry, versions: list[Key]) -> dict[s
                 by_status[("ok" if labels["status"] == "200" else "fail", key)] += sample.value
             elif name == "foldserve_request_duration_seconds_sum":
                 by_status[("ok_s" if labels["status"] == "200" else "fail_s", key)] += sample.value
-            elif name == "foldserve_request_codec_seconds_total":
-                value[(labels["stage"], key)] += sample.value
+            elif name in (f"{PHASE}_count", f"{PHASE}_sum"):
+                value[(labels["phase"] + name[len(PHASE) :], key)] += sample.value
             elif name == "foldserve_batch_executions_total":
                 batches[key][int(labels["batch_size"])][0] += sample.value
             elif name == "foldserve_batch_execution_seconds_total":
@@ -64,7 +66,10 @@ def model_statistics(registry: CollectorRegistry, versions: list[Key]) -> dict[s
     stats = []
     for key in versions:
         ok = by_status[("ok", key)]
-        computed = value[("foldserve_batch_requests_sum", key)]
+
+        def phase(name: str, key: Key = key) -> dict[str, int]:
+            return _stat(value[(f"{name}_count", key)], value[(f"{name}_sum", key)])
+
         stats.append(
             {
                 "name": key[0],
@@ -79,11 +84,9 @@ def model_statistics(registry: CollectorRegistry, versions: list[Key]) -> dict[s
                         value[("foldserve_queue_wait_seconds_count", key)],
                         value[("foldserve_queue_wait_seconds_sum", key)],
                     ),
-                    "compute_input": _stat(ok, value[("decode", key)]),
-                    "compute_infer": _stat(
-                        computed, value[("foldserve_request_compute_seconds_total", key)]
-                    ),
-                    "compute_output": _stat(ok, value[("encode", key)]),
+                    "compute_input": phase("compute_input"),
+                    "compute_infer": phase("compute_infer"),
+                    "compute_output": phase("compute_output"),
                 },
                 "batch_stats": [
                     {"batch_size": size, "compute_infer": _stat(count, seconds)}

@@ -12,6 +12,8 @@ import tritonclient.http as triton
 from google.protobuf import json_format
 from tritonclient.grpc import model_config_pb2
 
+from tests.servers import scrape, value
+
 
 def infer_linear(client: Any, rows: int) -> None:
     x = triton.InferInput("x", [rows, 4], "FP32")
@@ -84,6 +86,15 @@ def test_inference_statistics_count_what_was_served(fresh_server: Any) -> None:
         assert [inference[p]["count"] for p in phases] == [3, 3, 3]
         assert all(inference[p]["ns"] > 0 for p in phases)
         assert sum(inference[p]["ns"] for p in phases) <= inference["success"]["ns"]
+        with live.client() as http:  # the statistics are the phase histograms, read out
+            metrics = scrape(http)
+        for p in phases:
+            labels = {"model": "linear", "version": "1", "phase": p}
+            seconds = value(metrics, "foldserve_request_phase_seconds_sum", **labels)
+            assert value(metrics, "foldserve_request_phase_seconds_count", **labels) == 3
+            assert inference[p]["ns"] == round(seconds * 1e9)
+        admitted = {"model": "linear", "version": "1", "phase": "admission"}
+        assert value(metrics, "foldserve_request_phase_seconds_count", **admitted) == 3
         assert [(b["batch_size"], b["compute_infer"]["count"]) for b in stats["batch_stats"]] == [
             (1, 2),
             (3, 1),
