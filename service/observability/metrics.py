@@ -7,6 +7,7 @@ worker's counters and histograms (and live gauges) at each scrape, so
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from dataclasses import dataclass, field
@@ -118,6 +119,8 @@ class RequestTracker:
             status = 200
         elif isinstance(error, ServiceError):
             status = error.status_code
+        elif kind is asyncio.CancelledError:  # the client cancelled (a gRPC call): nginx's 499
+            status = 499
         else:
             status = 500
         self._metrics.count_request(self._record, status, time.perf_counter() - self._start)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 import httpx
 
 from service.observability.metrics import ServiceMetrics
@@ -54,3 +57,17 @@ def test_each_app_has_its_own_registry() -> None:
     first.batcher("m", "1").batch_size.observe(4)
     assert b'foldserve_batch_size_count{model="m",version="1"} 1.0' in first.render()
     assert b'model="m"' not in second.render()
+
+
+def test_a_request_its_client_cancels_is_counted_499_not_500() -> None:
+    """A gRPC call the client cancels cancels its handler: nobody gets an answer, and it
+    is no server error."""
+    metrics = ServiceMetrics()
+    with contextlib.suppress(asyncio.CancelledError):
+        with metrics.track_request("m", "grpc") as record:
+            record.version = "1"
+            raise asyncio.CancelledError
+    labels = {"model": "m", "version": "1", "protocol": "grpc"}
+    sample = metrics.registry.get_sample_value
+    assert sample("foldserve_inference_requests_total", {**labels, "status": "499"}) == 1
+    assert sample("foldserve_inference_requests_total", {**labels, "status": "500"}) is None
