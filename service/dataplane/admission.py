@@ -16,22 +16,32 @@ while the admitted requests wait for it (measured in docs/throughput.md). A
 request in line holds its connection and its body, not yet decoded, and costs
 the event loop nothing. Why the body is read before the line: a turn held
 while a slow client trickles its body would hold up everyone behind it.
+
+The gate also measures its model's pace in this worker: the time it was busy (some
+request of the model admitted) per request answered, over the last hundred or so
+(:meth:`AdmissionGate.pace_s`). Under load that is what one more request ahead costs
+a new one, whatever the bottleneck: ONNX Runtime, or the event loop's parsing,
+decoding and encoding, which the batcher's run times do not see.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 
 from prometheus_client import Gauge
 
 from service.errors import QueueFull, RequestTimeout
 
+# Weight kept by the pace's past at each answer: about the last hundred answers count.
+PACE_DECAY = 0.99
+
 
 class AdmissionGate:
     """The entry of one model in one worker (event loop only; no locks)."""
 
-    __slots__ = ("label", "admitted", "waiting", "_line", "_gauge")
+    __slots__ = ("label", "admitted", "waiting", "_line", "_gauge", "_busy_from", "_work", "_done")
 
     def __init__(self, label: str, gauge: Gauge | None = None) -> None:
         self.label = label  # "model 'name'", for messages
@@ -40,6 +50,14 @@ class AdmissionGate:
         self._gauge = gauge  # of ``waiting``: touched only by requests that wait
         # A waiter's future; done ones (timed out, cancelled) are skipped when a slot frees.
         self._line: deque[asyncio.Future[None]] = deque()
+        self._busy_from = 0.0  # since when a request has been admitted (0: idle)
+        self._work = 0.0  # decayed busy seconds ...
+        self._done = 0.0  # ... and answers in them
+
+    def pace_s(self) -> float | None:
+        """Busy seconds per answer, lately (None before the first answer): 1 / throughput
+        while the model has work, which is what each request ahead adds to a new one's wait."""
+        return self._work / self._done if self._done else None
 
     def check_room(self, room: int) -> None:
         """Raise :class:`QueueFull` (503, Retry-After) when ``room`` requests of the model
@@ -59,6 +77,8 @@ class AdmissionGate:
         the line; in both cases the request holds no slot.
         """
         if self.admitted < limit and not self.waiting:
+            if not self.admitted:
+                self._busy_from = time.perf_counter()
             self.admitted += 1
             return
         self.check_room(room)
@@ -85,6 +105,10 @@ class AdmissionGate:
 
     def leave(self) -> None:
         """An admitted request is answered: its slot goes to the first one still waiting."""
+        now = time.perf_counter()
+        self._work = self._work * PACE_DECAY + (now - self._busy_from)
+        self._done = self._done * PACE_DECAY + 1.0
+        self._busy_from = now  # busy from here on if it stays so; reset on the next enter
         line = self._line
         while line:
             turn = line.popleft()

@@ -24,7 +24,7 @@ from typing import Any, Protocol, TypeVar
 
 from foldserve.datatypes import V2_DATATYPES
 from foldserve.onnx_fold.version import derived_from
-from service.dataplane.admission import AdmissionGates
+from service.dataplane.admission import AdmissionGate, AdmissionGates
 from service.dataplane.classification import classify
 from service.dataplane.tensors import DecodedRequest, OutputTensor
 from service.dataplane.validation import prepare_feeds, select_outputs
@@ -235,7 +235,7 @@ class DataPlane:
             try:
                 gate.check_room(config.max_queue_size)  # refused before the payload is read
                 if budget is not None:
-                    _check_reachable(batcher, gate.admitted + gate.waiting, budget)
+                    _check_reachable(batcher, gate, budget)
                 size = await exchange.read(self.max_request_bytes)
                 read = time.perf_counter()
                 wait = None if deadline is None else deadline - read
@@ -287,7 +287,6 @@ class DataPlane:
         else:
             answer = exchange.encode(result)
         record.output_s += time.perf_counter() - start
-        served.batcher.observe_codec(record.input_s + record.output_s)
         return answer
 
     async def run(
@@ -329,14 +328,20 @@ class DataPlane:
         return outputs
 
 
-def _check_reachable(batcher: DynamicBatcher, ahead: int, budget: float) -> None:
-    """Raise :class:`DeadlineUnreachable` when ``ahead`` requests already in progress or in
-    line would carry a new one past its ``budget`` seconds (at the pace measured). With
+def _check_reachable(batcher: DynamicBatcher, gate: AdmissionGate, budget: float) -> None:
+    """Raise :class:`DeadlineUnreachable` when the requests already in progress or in line
+    would carry a new one past its ``budget`` seconds: the batches they need at the run
+    time measured, or the entry's measured pace per request, whichever is slower. With
     nothing ahead it goes on: queueing is not what would make it late, and a target below
     the model's own run time is served late rather than never."""
+    ahead = gate.admitted + gate.waiting
     if not ahead:
         return
-    expected = batcher.predicted_wait(ahead)
+    batches = batcher.predicted_wait(ahead)
+    pace = gate.pace_s()
+    paced = None if pace is None else (ahead + 1) * pace
+    known = [s for s in (batches, paced) if s is not None]
+    expected = max(known) if known else None
     if expected is not None and expected > budget:
         raise DeadlineUnreachable(
             f"{batcher.label} cannot answer within {budget * 1e3:.4g} ms: {ahead} requests "

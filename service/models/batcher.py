@@ -132,7 +132,6 @@ class DynamicBatcher:
         self._last_arrival = 0.0
         self.arrival_gap_s: float | None = None  # smoothed time between queued requests
         self.rows_per_request = 1.0  # smoothed samples per request
-        self.codec_s = 0.0  # smoothed event-loop time per request (decode and encode)
         self._closed = False
         self._running = False  # an ONNX Runtime call is in flight
         self._lock = threading.Lock()  # closing vs starting the dispatcher
@@ -161,8 +160,8 @@ class DynamicBatcher:
         None before a call has been measured (nothing is refused on a guess).
 
         The requests go in batches of up to ``max_batch_size`` samples, each taking the
-        run time measured for its size, while the event loop decodes and encodes each
-        in turn (``codec_s``); the two overlap, so the slower of them sets the pace.
+        run time measured for its size. (What the event loop spends on each request
+        besides is in the entry's measured pace, :meth:`AdmissionGate.pace_s`.)
         """
         config = self.config
         rows = (ahead + 1) * self.rows_per_request
@@ -171,13 +170,7 @@ class DynamicBatcher:
         per_batch = self.run_times.predicted(math.ceil(min(size, rows)))
         if per_batch is None:
             return None
-        return max(math.ceil(rows / size) * per_batch, (ahead + 1) * self.codec_s)
-
-    def observe_codec(self, seconds: float) -> None:
-        """A request took ``seconds`` of the event loop outside the batcher (decode and
-        encode): the pace :meth:`predicted_wait` assumes when the loop, not the model, is
-        the bottleneck."""
-        self.codec_s += SMOOTHING * (seconds - self.codec_s)
+        return math.ceil(rows / size) * per_batch
 
     async def run(
         self,

@@ -16,6 +16,7 @@ import time
 import numpy as np
 import pytest
 
+from service.dataplane.admission import AdmissionGate
 from service.dataplane.plane import _check_reachable
 from service.errors import DeadlineUnreachable, RequestTimeout
 from service.models.batcher import DynamicBatcher
@@ -45,23 +46,55 @@ def test_the_wait_predicted_for_a_new_request_is_the_batches_ahead_of_it() -> No
     assert batcher.predicted_wait(0) == 0.004  # alone: one call of one row
     assert batcher.predicted_wait(7) == pytest.approx(0.02)  # 8 rows: two full batches
     assert batcher.predicted_wait(8) == pytest.approx(0.03)  # the ninth starts a third
-    batcher.observe_codec(0.025)  # the event loop's decode and encode: 5 ms (smoothed)
-    assert batcher.codec_s == pytest.approx(0.005)
-    assert batcher.predicted_wait(7) == pytest.approx(0.04)  # 8 requests x 5 ms: the loop's pace
+
+
+def ahead(requests: int) -> AdmissionGate:
+    """An entry with ``requests`` admitted, and no pace measured yet."""
+    gate = AdmissionGate("model 'm'")
+    gate.admitted = requests
+    return gate
 
 
 def test_the_entry_refuses_a_request_the_work_ahead_would_make_late() -> None:
     batcher, _ = make_batcher(GatedRunner(), max_batch_size=4)
+    _check_reachable(batcher, ahead(100), 0.001)  # nothing measured: nothing refused
     set_run_times(batcher, {4: 0.01})
-    _check_reachable(batcher, 0, 0.001)  # nothing ahead: it goes on, however slow the model
-    _check_reachable(batcher, 7, 0.025)  # two batches, 20 ms: within 25 ms
+    _check_reachable(batcher, ahead(0), 0.001)  # nothing ahead: it goes on, however slow
+    _check_reachable(batcher, ahead(7), 0.025)  # two batches, 20 ms: within 25 ms
     with pytest.raises(DeadlineUnreachable) as refused:
-        _check_reachable(batcher, 8, 0.025)  # a third batch: 30 ms
+        _check_reachable(batcher, ahead(8), 0.025)  # a third batch: 30 ms
     assert refused.value.status_code == 503 and refused.value.headers == {"Retry-After": "1"}
     assert refused.value.message == (
         "model 'm' version 1 cannot answer within 25 ms: 8 requests ahead in this worker "
         "need about 30 ms; retry later"
     )
+
+
+def test_the_entry_s_measured_pace_counts_where_the_model_s_run_times_do_not() -> None:
+    """When the event loop, not the model, is the bottleneck, the batches' run times say
+    little: the pace the entry measured (busy time per answer) says what each request
+    ahead costs."""
+
+    async def scenario() -> None:
+        batcher, _ = make_batcher(GatedRunner(), max_batch_size=32)
+        set_run_times(batcher, {32: 0.001})  # the model: 1 ms for a full batch
+        gate = AdmissionGate("model 'm'")
+        assert gate.pace_s() is None
+        for _ in range(10):
+            await gate.enter(limit=100, room=100)
+        started = time.perf_counter()
+        await until_clock(started + 0.02)  # 20 ms busy ...
+        for _ in range(10):
+            gate.leave()  # ... for 10 answers: at least 2 ms each
+        pace = gate.pace_s()
+        assert pace is not None and pace >= 0.002 * 0.9  # decayed weights: about 2 ms
+        for _ in range(9):
+            await gate.enter(limit=100, room=100)
+        _check_reachable(batcher, gate, 1.0)  # 9 ahead, ~20 ms: well within a second
+        with pytest.raises(DeadlineUnreachable):
+            _check_reachable(batcher, gate, 0.015)  # the model alone would take 1 ms
+
+    run(scenario)
 
 
 def test_a_request_predicted_to_end_past_its_deadline_is_answered_without_running() -> None:
