@@ -334,10 +334,11 @@ def prepare_request(args: argparse.Namespace, url: str, grpc_target: str | None)
         if grpc_target is None:
             raise SystemExit("--protocol grpc needs --grpc HOST:PORT (or --start)")
         message = grpc_load.make_payload(args.model, spec["name"], sample, 1).message
-        target_s = None if args.target_ms is None else args.target_ms / 1e3
-        return Request("grpc", grpc_target, message, {}, target_s)
+        sent = None if args.target_ms is None or args.no_deadline else args.target_ms / 1e3
+        return Request("grpc", grpc_target, message, {}, sent)
     payload = load.make_payload(spec["name"], sample, 1, args.encoding)
-    timeout_us = None if args.target_ms is None else round(args.target_ms * 1e3)
+    own = args.target_ms is None or args.no_deadline
+    timeout_us = None if own else round(args.target_ms * 1e3)
     body, headers = with_timeout(payload, timeout_us)
     return Request("rest", f"{url}/v2/models/{args.model}/infer", body, headers, None)
 
@@ -415,6 +416,8 @@ def conditions(args: argparse.Namespace, request: Request, capacity: float | Non
     env = " ".join(f"{k}={v}" for k, v in args.env.items()) or "none"
     encoding = f" {args.encoding}" if request.protocol == "rest" else ""
     target = "none" if args.target_ms is None else f"{args.target_ms:g} ms"
+    if args.target_ms is not None and args.no_deadline:
+        target += " (counted, not sent)"
     lines = [
         f"- date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; machine: {load.cpu_model()}, "
         f"{len(os.sched_getaffinity(0))} usable CPUs; load average {os.getloadavg()[0]:.2f}",
@@ -460,6 +463,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=float, default=2.0, help="uncounted s per rate")
     parser.add_argument("--drain", type=float, default=5.0, help="s to wait for answers")
     parser.add_argument("--target-ms", type=float, help="goodput: 2xx within it (default: all)")
+    parser.add_argument(
+        "--no-deadline",
+        action="store_true",
+        help="count goodput within --target-ms, but send no deadline (grpc-timeout, "
+        "parameters.timeout): a client that waits, as today's clients of a server without one",
+    )
     parser.add_argument("--senders", type=int, default=1, help="sender processes")
     parser.add_argument("--bound", type=int, default=MAX_IN_FLIGHT, help="in flight/sender")
     parser.add_argument("--json", type=Path, help="write every cell here")
