@@ -12,6 +12,7 @@ import tritonclient.http as triton
 from google.protobuf import json_format
 from tritonclient.grpc import model_config_pb2
 
+from tests.polling import poll
 from tests.servers import scrape, value
 
 
@@ -73,6 +74,12 @@ def test_inference_statistics_count_what_was_served(fresh_server: Any) -> None:
         with live.client() as http:  # one failure: wrong shape
             bad = {"inputs": [{"name": "x", "shape": [1, 5], "datatype": "FP32", "data": [0] * 5}]}
             assert http.post("/v2/models/linear/infer", json=bad).status_code == 400
+
+        def compute_input_count() -> int:
+            [stats] = client.get_inference_statistics("linear")["model_stats"]
+            return int(stats["inference_stats"]["compute_input"]["count"])
+
+        poll(lambda: compute_input_count() == 3)  # the phases are written within 50 ms
         [stats] = client.get_inference_statistics("linear")["model_stats"]
         assert (stats["name"], stats["version"]) == ("linear", "1")
         assert stats["inference_count"] == 5  # samples

@@ -15,7 +15,9 @@ import numpy as np
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from tests.servers import parse_metrics, v2_body, value
+from service.observability.metrics import PHASES
+from tests.polling import poll
+from tests.servers import Samples, parse_metrics, v2_body, value
 
 ENDLESS_HOLD_US = 600_000_000  # a partial batch waits for company until its deadline
 TARGET_MS = 150
@@ -85,13 +87,21 @@ def test_phase_histograms_sum_over_the_workers(
                 f"{server.url}/v2/models/breast_cancer_mlp/infer", json=v2_body(x), timeout=30
             )
             assert answer.status_code == 200, answer.text
-        metrics = parse_metrics(server.client.get("/metrics").text)
+        labels = {"model": "breast_cancer_mlp", "version": "1"}
+
+        def scraped() -> Samples:
+            return parse_metrics(server.client.get("/metrics").text)
+
+        def written(phase: str) -> float:  # each worker writes its phases within 50 ms
+            return value(scraped(), "foldserve_request_phase_seconds_count", phase=phase, **labels)
+
+        poll(lambda: all(written(p) == requests for p in PHASES))
+        metrics = scraped()
         stats = server.client.get("/v2/models/breast_cancer_mlp/stats").json()
-    labels = {"model": "breast_cancer_mlp", "version": "1"}
     ok = {"status": "200", "protocol": "rest", **labels}
     assert value(metrics, "foldserve_request_duration_seconds_count", **ok) == requests
     [model] = stats["model_stats"]
-    for phase in ("admission", "compute_input", "compute_infer", "compute_output"):
+    for phase in PHASES:
         count = value(metrics, "foldserve_request_phase_seconds_count", phase=phase, **labels)
         assert count == requests, phase
         seconds = value(metrics, "foldserve_request_phase_seconds_sum", phase=phase, **labels)

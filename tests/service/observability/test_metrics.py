@@ -6,8 +6,10 @@ import asyncio
 import contextlib
 
 import httpx
+import numpy as np
+import pytest
 
-from service.observability.metrics import ServiceMetrics
+from service.observability.metrics import PHASES, ServiceMetrics
 from tests.servers import scrape, value
 
 
@@ -71,3 +73,36 @@ def test_a_request_its_client_cancels_is_counted_499_not_500() -> None:
     sample = metrics.registry.get_sample_value
     assert sample("foldserve_inference_requests_total", {**labels, "status": "499"}) == 1
     assert sample("foldserve_inference_requests_total", {**labels, "status": "500"}) is None
+
+
+def test_phases_written_in_bulk_read_as_observed_ones() -> None:
+    """The phase histogram is filled in bulk (PhaseHistograms): every bucket, count and sum
+    reads as if each request's phases had been observed one by one."""
+    metrics, observed = ServiceMetrics(), ServiceMetrics()
+    rng = np.random.default_rng(0)
+    requests = [tuple(float(x) for x in rng.exponential(0.002, 4)) for _ in range(500)]
+    requests += [(0.0, 1e-5, 20.0, 0.5)]  # a bucket's edge, the +Inf bucket
+
+    async def answered() -> None:  # on an event loop: written PHASE_FLUSH_S later
+        for phases in requests:
+            metrics.phases.add("m", "1", phases)  # type: ignore[arg-type]
+        metrics.phases.flush()  # what the timer does
+
+    asyncio.run(answered())
+    for phases in requests:
+        for name, seconds in zip(PHASES, phases, strict=True):
+            observed.phase_seconds.labels("m", "1", name).observe(seconds)
+    got, want = phase_samples(metrics), phase_samples(observed)
+    assert got.keys() == want.keys() and len(got) == len(PHASES) * (20 + 2)  # buckets, count, sum
+    for key, expected in want.items():
+        assert got[key] == pytest.approx(expected, rel=1e-12), key  # sums: added in another order
+
+
+def phase_samples(metrics: ServiceMetrics) -> dict[tuple[str, str, str], float]:
+    """The phase histogram's samples by (name, phase, le), creation times left out."""
+    return {
+        (s.name, s.labels["phase"], s.labels.get("le", "")): s.value
+        for family in metrics.registry.collect()
+        for s in family.samples
+        if s.name.startswith("foldserve_request_phase_seconds") and not s.name.endswith("_created")
+    }
