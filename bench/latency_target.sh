@@ -4,18 +4,21 @@
 #   1. open loop at 0.5x-4x the measured capacity: digits_cnn (target 20 ms) and
 #      resnet_bench (100 ms), REST binary and gRPC; FoldServe as before (no target, its
 #      clients sending no deadline) against FoldServe with the target (clients sending it);
-#   2. resnet_bench REST at 1x capacity over the fixed batching grid (no target), and the
-#      target's adaptive batcher at the same rate.
-# Usage: bash bench/latency_target.sh [OUT] [SECONDS]   (from the checkout's root)
+#   2. resnet_bench REST at 0.8x and 1x capacity over the fixed batching grid (no target),
+#      and the target's adaptive batcher at the same rates.
+# Usage: bash bench/latency_target.sh [OUT] [SECONDS] [STAGES]   (from the checkout's root;
+# STAGES: "open grid", the default, or one of them; grid needs open's resnet_bench capacity)
 set -euo pipefail
 OUT=${1:-/tmp/latency-target}
 SECONDS_PER_CELL=${2:-4}
+STAGES=${3:-open grid}
 PY=.venv/bin/python
 mkdir -p "$OUT"
 cell() { "$PY" bench/open_loop.py --start fold --duration "$SECONDS_PER_CELL" --warmup 1 --drain 3 "$@"; }
 
 capacity_of() { "$PY" -c "import json, sys; print(round(json.load(open(sys.argv[1]))['capacity']))" "$1"; }
 
+if [[ $STAGES == *open* ]]; then
 for spec in digits_cnn:20 resnet_bench:100; do
   model=${spec%%:*} target=${spec##*:}
   for protocol in rest grpc; do
@@ -29,15 +32,20 @@ for spec in digits_cnn:20 resnet_bench:100; do
       --json "$OUT/open-$model-$protocol-target.json" --markdown
   done
 done
+fi
 
-rate=$(capacity_of "$OUT/open-resnet_bench-rest-before.json")
-for size in 1 4 8 16 32 64; do
-  for delay in 0 100 500 2000; do
-    cell --model resnet_bench --protocol rest --rates "$rate" --target-ms 100 --no-deadline \
-      --env "FOLDSERVE_MAX_BATCH_SIZE=$size" --env "FOLDSERVE_MAX_QUEUE_DELAY_US=$delay" \
-      --json "$OUT/grid-$size-$delay.json" | tail -1
+[[ $STAGES == *grid* ]] || exit 0
+capacity=$(capacity_of "$OUT/open-resnet_bench-rest-before.json")
+for multiple in 0.8 1; do
+  rate=$("$PY" -c "print(round($capacity * $multiple))")
+  for size in 1 4 8 16 32 64; do
+    for delay in 0 100 500 2000; do
+      cell --model resnet_bench --protocol rest --rates "$rate" --target-ms 100 --no-deadline \
+        --env "FOLDSERVE_MAX_BATCH_SIZE=$size" --env "FOLDSERVE_MAX_QUEUE_DELAY_US=$delay" \
+        --json "$OUT/grid-$multiple-$size-$delay.json" | tail -1
+    done
   done
+  cell --model resnet_bench --protocol rest --rates "$rate" --target-ms 100 \
+    --env FOLDSERVE_LATENCY_TARGET_MS=100 --env FOLDSERVE_MAX_BATCH_SIZE=64 \
+    --env FOLDSERVE_MAX_QUEUE_DELAY_US=2000 --json "$OUT/grid-$multiple-adaptive.json" | tail -1
 done
-cell --model resnet_bench --protocol rest --rates "$rate" --target-ms 100 \
-  --env FOLDSERVE_LATENCY_TARGET_MS=100 --env FOLDSERVE_MAX_BATCH_SIZE=64 \
-  --env FOLDSERVE_MAX_QUEUE_DELAY_US=2000 --json "$OUT/grid-adaptive.json" | tail -1
