@@ -241,11 +241,12 @@ class DataPlane:
                 wait = None if deadline is None else deadline - read
                 await gate.enter(config.admission_limit, config.max_queue_size, wait)
                 record.admission_s = time.perf_counter() - read
-            except QueueFull:
-                batcher.metrics.dropped["queue_full"].inc()
-                raise
-            except DeadlineUnreachable:
-                batcher.metrics.dropped["rejected"].inc()
+            except (QueueFull, DeadlineUnreachable) as refused:
+                reason = "queue_full" if isinstance(refused, QueueFull) else "rejected"
+                batcher.metrics.dropped[reason].inc()
+                hold = gate.refusal_hold_s()
+                if hold:  # a storm of clients that send again at once: paced
+                    await asyncio.sleep(hold)
                 raise
             except RequestTimeout:  # in line past its deadline
                 batcher.metrics.dropped["expired"].inc()

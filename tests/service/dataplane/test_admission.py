@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 from prometheus_client import CollectorRegistry, Gauge
 
-from service.dataplane.admission import AdmissionGate, AdmissionGates
+from service.dataplane.admission import HOLD_S, STORM_MIN, AdmissionGate, AdmissionGates
 from service.errors import QueueFull, RequestTimeout
 from tests.polling import until
 
@@ -130,3 +130,41 @@ def test_one_gate_per_model_whose_gauge_counts_the_line() -> None:
         assert waiting("a") == 0.0
 
     run(scenario)
+
+
+def test_a_refusal_storm_is_paced_until_it_is_over() -> None:
+    """Refusals that outnumber answers STORM_RATIO to one over a second (clients that send
+    again at once) are held for their Retry-After while the storm lasts; refusals of an
+    ordinary overload, beside answers, go out at once. The seconds are the gate's own
+    counting windows, moved on by hand (the clock is what is tested)."""
+    gate = AdmissionGate("model 'm'")
+
+    def next_second() -> None:
+        gate._second -= 1.0  # the current window is a second old: the next call rolls it
+
+    # An overload: 150 refusals beside 20 answers (7.5 to one) is no storm.
+    assert gate.refusal_hold_s() == 0.0  # the first window begins
+    for _ in range(20):
+        gate.leave()
+        gate.admitted += 1  # (each leave gives a slot back: keep the books straight)
+    assert [gate.refusal_hold_s() for _ in range(149)] == [0.0] * 149
+    next_second()
+    assert gate.refusal_hold_s() == 0.0
+    # A storm: 150 refusals, no answer; the next second's refusals are held.
+    for _ in range(149):
+        gate.refusal_hold_s()
+    next_second()
+    assert gate.refusal_hold_s() == HOLD_S
+    # Held, they come slower, under the ratio, yet the storm lasts while they keep coming.
+    for _ in range(STORM_MIN):
+        gate.refusal_hold_s()
+    for _ in range(50):
+        gate.leave()
+        gate.admitted += 1
+    next_second()
+    assert gate.refusal_hold_s() == HOLD_S
+    # A second with fewer than STORM_MIN refusals ends it.
+    for _ in range(STORM_MIN - 10):
+        gate.refusal_hold_s()
+    next_second()
+    assert gate.refusal_hold_s() == 0.0
