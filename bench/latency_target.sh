@@ -5,13 +5,17 @@
 #      resnet_bench (100 ms), REST binary and gRPC; FoldServe as before (no target, its
 #      clients sending no deadline) against FoldServe with the target (clients sending it);
 #   2. resnet_bench REST at 0.8x and 1x capacity over the fixed batching grid (no target),
-#      and the target's adaptive batcher at the same rates.
+#      and the target's adaptive batcher at the same rates;
+#   3. peers: resnet_bench REST JSON at 0.5x-2x FoldServe's capacity (as before): FoldServe
+#      before and with the target, the naive server, KServe and MLServer (no deadline sent
+#      to those without a target: they read none).
 # Usage: bash bench/latency_target.sh [OUT] [SECONDS] [STAGES]   (from the checkout's root;
-# STAGES: "open grid", the default, or one of them; grid needs open's resnet_bench capacity)
+# STAGES: "open grid peers", the default, or some of them; grid needs open's resnet_bench
+# capacity)
 set -euo pipefail
 OUT=${1:-/tmp/latency-target}
 SECONDS_PER_CELL=${2:-4}
-STAGES=${3:-open grid}
+STAGES=${3:-open grid peers}
 PY=.venv/bin/python
 mkdir -p "$OUT"
 cell() { "$PY" bench/open_loop.py --start fold --duration "$SECONDS_PER_CELL" --warmup 1 --drain 3 "$@"; }
@@ -32,6 +36,19 @@ for spec in digits_cnn:20 resnet_bench:100; do
       --json "$OUT/open-$model-$protocol-target.json" --markdown
   done
 done
+fi
+
+if [[ $STAGES == *peers* ]]; then
+  json=(--model resnet_bench --encoding json --target-ms 100)
+  cell "${json[@]}" --capacity-multiples 0.5,1,1.5,2 --no-deadline \
+    --json "$OUT/peers-fold-before.json" | tail -5
+  capacity=$(capacity_of "$OUT/peers-fold-before.json")
+  cell "${json[@]}" --capacity "$capacity" --capacity-multiples 0.5,1,1.5,2 \
+    --env FOLDSERVE_LATENCY_TARGET_MS=100 --json "$OUT/peers-fold-target.json" | tail -4
+  for peer in naive kserve mlserver; do
+    cell "${json[@]}" --start "$peer" --capacity "$capacity" --capacity-multiples 0.5,1,1.5,2 \
+      --no-deadline --json "$OUT/peers-$peer.json" | tail -4
+  done
 fi
 
 [[ $STAGES == *grid* ]] || exit 0

@@ -324,19 +324,16 @@ async def closed_loop_rate(request: Request, in_flight: int, seconds: float) -> 
 
 
 def prepare_request(args: argparse.Namespace, url: str, grpc_target: str | None) -> Request:
-    """Random FP32 data of batch 1 in the input shape the server's model metadata gives."""
-    meta = json.loads(servers.post(f"{url}/v2/models/{args.model}", None, {}))
-    spec = meta["inputs"][0]
-    if spec["datatype"] != "FP32":
-        raise SystemExit(f"{args.model}: input {spec['name']} is {spec['datatype']}, not FP32")
-    sample = [int(d) for d in spec["shape"][1:]]  # without the batch axis
+    """Random FP32 data of batch 1 in the input shape of the model's metadata.json (every
+    model of the repository takes FP32; the peers serve no metadata route of their own)."""
+    name, sample = load.model_input(args.repository, args.model)
     if args.protocol == "grpc":
         if grpc_target is None:
             raise SystemExit("--protocol grpc needs --grpc HOST:PORT (or --start)")
-        message = grpc_load.make_payload(args.model, spec["name"], sample, 1).message
+        message = grpc_load.make_payload(args.model, name, sample, 1).message
         sent = None if args.target_ms is None or args.no_deadline else args.target_ms / 1e3
         return Request("grpc", grpc_target, message, {}, sent)
-    payload = load.make_payload(spec["name"], sample, 1, args.encoding)
+    payload = load.make_payload(name, sample, 1, args.encoding)
     own = args.target_ms is None or args.no_deadline
     timeout_us = None if own else round(args.target_ms * 1e3)
     body, headers = with_timeout(payload, timeout_us)
@@ -359,19 +356,24 @@ def with_timeout(payload: load.Payload, timeout_us: int | None) -> tuple[bytes, 
     return head + payload.body[split:], headers
 
 
-def start_server(args: argparse.Namespace, workdir: Path) -> tuple[servers.RunningServer, str]:
-    """FoldServe as bench/throughput_servers.py starts it, ``--env`` on top, its gRPC port
-    open; returns once every worker answers the model's metadata over REST."""
+def start_server(
+    args: argparse.Namespace, workdir: Path
+) -> tuple[servers.RunningServer, str | None]:
+    """A server as bench/throughput_servers.py starts it (``--env`` on top; FoldServe with
+    its gRPC port open), once every worker answers a request of the model over REST."""
+    peer = args.start not in ("fold", "fold-off")
     specs = servers.server_specs(
-        args.repository.resolve(), args.workers, args.workers, False, sys.stderr,
-        with_mlserver=False,
+        args.repository.resolve(), args.workers, args.workers, args.start == "kserve",
+        sys.stderr, with_mlserver=args.start == "mlserver",
     )  # fmt: skip
     spec = next(s for s in specs if s.key == args.start)
-    port = free_port()
-    command = [*spec.command, "--grpc-port", str(port)]
+    port = None if peer else free_port()
+    command = spec.command if port is None else [*spec.command, "--grpc-port", str(port)]
     running = servers.start(replace(spec, command=command, env={**spec.env, **args.env}), workdir)
-    servers.wait_ready(running, f"/v2/models/{args.model}", None, {})
-    return running, f"127.0.0.1:{port}"
+    name, sample = load.model_input(args.repository, args.model)
+    payload = load.make_payload(name, sample, 1, "json")
+    servers.wait_ready(running, f"/v2/models/{args.model}/infer", payload.body, payload.headers)
+    return running, None if port is None else f"127.0.0.1:{port}"
 
 
 def wait_grpc(request: Request, limit: float = 30.0) -> None:
@@ -448,7 +450,11 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--url", help="a running server's REST root, http://HOST:PORT")
     parser.add_argument("--grpc", help="that server's gRPC HOST:PORT")
-    parser.add_argument("--start", choices=("fold", "fold-off"), help="start FoldServe here")
+    parser.add_argument(
+        "--start",
+        choices=("fold", "fold-off", "naive", "kserve", "mlserver"),
+        help="start this server here (the peers take --encoding json)",
+    )
     parser.add_argument("--env", type=key_value, action="append", default=[], help="KEY=VALUE")
     parser.add_argument("--repository", type=Path, default=Path("models"))
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
