@@ -33,7 +33,7 @@ already running is answered: its compute is spent, and the answer may still be o
 
 With a latency target (:attr:`BatchingConfig.latency_target_s`), the batch is also cut
 to what its oldest request's deadline allows, and a partial batch is held for company
-only while that pays (:meth:`DynamicBatcher._worth_holding`); :meth:`predicted_wait`
+only while that pays (:mod:`service.models.batch_policy`); :meth:`predicted_wait`
 tells the entry how long a new request would take, so that it can refuse one that
 cannot make its deadline before reading its body.
 """
@@ -59,6 +59,7 @@ from service.errors import (
     ServiceError,
 )
 from service.models.batch_call import Feeds, Outputs, Runner, run_batch
+from service.models.batch_policy import hold_until, take_batch
 from service.models.config import BatchingConfig
 from service.models.run_times import SMOOTHING, RunTimes
 from service.observability.metrics import BatcherMetrics, RequestRecord
@@ -346,22 +347,22 @@ class DynamicBatcher:
             idle = idle + 1 if self._arrivals == arrived else 0
 
     async def _hold_partial_batch(self) -> None:
-        """Wait up to ``max_queue_delay_us`` after the oldest request for a full batch; with a
-        deadline, only while holding pays and no later than leaves a full batch time to run."""
+        """Wait for a full batch as long as :func:`hold_until` allows (``max_queue_delay_us``
+        after the oldest request at most)."""
         config = self.config
         if not (config.enabled and self.batchable and config.max_queue_delay_us > 0):
             return
         loop = asyncio.get_running_loop()
         while self._queue and self._rows < config.max_batch_size:
-            head = self._queue[0]
-            until = head.enqueued + config.max_queue_delay_us / 1e6
-            if head.deadline is not None:
-                if not self._worth_holding():
-                    return
-                full = self.run_times.predicted(config.max_batch_size) or 0.0
-                until = min(until, head.deadline - full)
-            remaining = until - time.perf_counter()
-            if remaining <= 0:
+            until = hold_until(
+                self._queue[0],
+                config.max_queue_delay_us,
+                config.max_batch_size,
+                self.run_times,
+                self.arrival_gap_s,
+            )
+            remaining = None if until is None else until - time.perf_counter()
+            if remaining is None or remaining <= 0:
                 return
             self._wakeup = loop.create_future()
             timer = loop.call_later(remaining, _resolve, self._wakeup)
@@ -371,62 +372,18 @@ class DynamicBatcher:
                 timer.cancel()
                 self._wakeup = None
 
-    def _worth_holding(self) -> bool:
-        """Holding a partial batch pays while the next request is expected sooner than the
-        fixed cost of a call it would otherwise need (the fitted ``b``): the requests held
-        wait less than the call saved costs. Before that is measured, hold as configured."""
-        gap, fixed = self.arrival_gap_s, self.run_times.fixed_cost()
-        return gap is None or fixed is None or gap < fixed
-
     def _take_batch(self) -> list[_Pending]:
-        """The oldest request that can still make its deadline and, in queue order, the
-        compatible ones that fit beside it: at most ``max_batch_size`` samples, and no more
-        than the oldest one's deadline leaves time to run (at the run time measured for the
-        size). A request that cannot make its deadline even alone is answered now (503) and
-        never runs; so is a later one whose deadline the batch would end past."""
-        now = time.perf_counter()
-        times = self.run_times
-        while self._queue:
-            head = self._queue.popleft()
-            self._rows -= head.rows
-            limit = max(self.config.max_batch_size, head.rows)
-            ends = None  # when the batch is predicted to end (None: no deadline or no measure)
-            if head.deadline is not None:
-                if head.deadline <= now:  # its timer is due this very turn
-                    self._late(head, 0.0)
-                    continue
-                fits = times.largest_within(head.deadline - now, limit)
-                alone = times.predicted(head.rows) or 0.0
-                if fits is not None and fits < head.rows:
-                    # Late because it waited: answered now. One its model cannot serve in
-                    # time even unqueued (a target below the run time) runs, late.
-                    if alone <= head.deadline - head.enqueued:
-                        self._late(head, alone)
-                        continue
-                    fits = head.rows
-                limit = limit if fits is None else fits
-                expected = times.predicted(limit)
-                ends = None if expected is None else now + expected
-            batch, rows = [head], head.rows
-            if head.key is not None and rows < limit:
-                kept: deque[_Pending] = deque()
-                while self._queue and rows < limit:
-                    item = self._queue.popleft()
-                    fits_here = item.key == head.key and rows + item.rows <= limit
-                    if fits_here and (
-                        ends is None or item.deadline is None or ends <= item.deadline
-                    ):
-                        batch.append(item)
-                        rows += item.rows
-                    else:
-                        kept.append(item)
-                kept.extend(self._queue)
-                self._queue = kept
-            self._rows -= rows - head.rows
-            self.metrics.queue_depth.set(len(self._queue))
-            return batch
-        self.metrics.queue_depth.set(0)
-        return []
+        """The next call's requests (:func:`take_batch`); those late for their deadline are
+        answered now (503) and never run."""
+        queue = self._queue
+        batch, late = take_batch(
+            queue, self.config.max_batch_size, self.run_times, time.perf_counter()
+        )
+        for item, predicted_s in late:
+            self._late(item, predicted_s)
+        self._rows -= sum(item.rows for item in batch) + sum(item.rows for item, _ in late)
+        self.metrics.queue_depth.set(len(queue))
+        return batch
 
     def _late(self, item: _Pending, predicted_s: float) -> None:
         """``item``, already out of the queue, cannot make its deadline: answered now."""
