@@ -2,8 +2,8 @@
 
 Every transport's request reaches the data plane as a
 :class:`~service.dataplane.tensors.DecodedRequest`; :func:`prepare_feeds` checks its
-inputs against the served version's specs (names, shapes, a lossless datatype
-conversion, one batch size) and :func:`select_outputs` the outputs it asks for. Each
+inputs against the served version's specs (names, shapes, the very datatype the
+model declares, one batch size) and :func:`select_outputs` the outputs it asks for. Each
 problem raises :class:`~service.errors.BadRequest` naming the tensor and what was
 expected.
 """
@@ -23,8 +23,9 @@ def _names(items: list[str]) -> str:
 def prepare_feeds(
     model: str, specs: dict[str, TensorSpec], order: list[TensorSpec], inputs: list[InputTensor]
 ) -> Feeds:
-    """Inputs checked against model ``model``'s ``specs`` (names, shapes, lossless datatype
-    conversion); ``order`` is the specs as declared. Raises :class:`BadRequest`."""
+    """Inputs checked against model ``model``'s ``specs`` (names, shapes, datatype: a
+    declared one other than the model's is refused, however exact its values, as Triton
+    does); ``order`` is the specs as declared. Raises :class:`BadRequest`."""
     feeds: Feeds = {}
     for tensor in inputs:
         spec = specs.get(tensor.name)
@@ -41,6 +42,11 @@ def prepare_feeds(
             )
         if spec.shape[:1] == (-1,) and shape[0] == 0:
             raise BadRequest(f"input '{tensor.name}': batch size must be at least 1")
+        if tensor.datatype != spec.datatype:  # Triton refuses any mismatch: so do we
+            raise BadRequest(
+                f"input '{tensor.name}': datatype {tensor.datatype} does not match the "
+                f"model's {spec.datatype}; send {spec.datatype}"
+            )
         converted = cast_exact(tensor.array, spec.dtype)
         if converted is None:
             raise BadRequest(

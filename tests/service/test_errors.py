@@ -78,14 +78,21 @@ CASES: list[tuple[str, str, dict[str, Any], int, str]] = [
         INFER,
         {"json": digits(datatype="FP64", data=[0.1] * 64)},
         400,
-        "input 'input': expected datatype FP32, got FP64 values that FP32 cannot represent exactly",
+        "input 'input': datatype FP64 does not match the model's FP32; send FP32",
+    ),
+    (
+        "exact FP64",  # the same answer whatever the values: Triton's
+        INFER,
+        {"json": digits(datatype="FP64", data=[0.5] * 64)},
+        400,
+        "input 'input': datatype FP64 does not match the model's FP32; send FP32",
     ),
     (
         "lossy INT64",
         INFER,
         {"json": digits(datatype="INT64", data=[2**24 + 1] * 64)},
         400,
-        "expected datatype FP32, got INT64 values",
+        "datatype INT64 does not match the model's FP32",
     ),
     (
         "unknown datatype",

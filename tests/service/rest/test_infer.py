@@ -180,32 +180,39 @@ def test_tritonclient_metadata_and_health(triton_client: Any, server: Any) -> No
     ("datatype", "convert"),
     [
         ("INT64", lambda x: np.round(x).astype(np.int64)),
-        ("INT32", lambda x: np.round(x).astype(np.int32)),
         ("UINT8", lambda x: np.clip(np.round(x), 0, 16).astype(np.uint8)),
         ("FP64", lambda x: (np.round(x * 4) / 4).astype(np.float64)),  # exact in FP32
         ("FP16", lambda x: x.astype(np.float16)),
         ("BOOL", lambda x: x > 0),
     ],
 )
-def test_lossless_conversion_to_the_model_datatype(
-    client: httpx.Client, server: Any, datatype: str, convert: Any
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+def test_a_declared_datatype_other_than_the_model_s_is_refused(
+    client: httpx.Client, datatype: str, convert: Any, binary: bool
 ) -> None:
+    """Values that FP32 holds exactly, declared as another datatype, are refused as
+    Triton refuses them: the same client code must not work on some inputs and fail on
+    others (it was accepted when every value converted exactly, refused otherwise)."""
     value = convert(sample("digits_cnn", 2, seed=3))
-    body = {
-        "inputs": [
-            {
-                "name": "input",
-                "shape": [2, 1, 8, 8],
-                "datatype": datatype,
-                "data": value.ravel().tolist(),
-            }
-        ]
-    }
-    r = client.post("/v2/models/digits_cnn/infer", json=body)
-    assert r.status_code == 200, r.text
-    expected = direct(server.repository, "digits_cnn", {"input": value.astype(np.float32)})[0]
-    np.testing.assert_allclose(
-        np.float32(r.json()["outputs"][0]["data"]).reshape(2, 10), expected, atol=1e-6
+    tensor = {"name": "input", "shape": [2, 1, 8, 8], "datatype": datatype}
+    if binary:
+        raw = value.astype(value.dtype.newbyteorder("<")).tobytes()
+        head = json.dumps(
+            {"inputs": [{**tensor, "parameters": {"binary_data_size": len(raw)}}]}
+        ).encode()
+        r = client.post(
+            "/v2/models/digits_cnn/infer",
+            content=head + raw,
+            headers={"Inference-Header-Content-Length": str(len(head))},
+        )
+    else:
+        r = client.post(
+            "/v2/models/digits_cnn/infer",
+            json={"inputs": [{**tensor, "data": value.ravel().tolist()}]},
+        )
+    assert r.status_code == 400, r.text
+    assert r.json()["error"] == (
+        f"input 'input': datatype {datatype} does not match the model's FP32; send FP32"
     )
 
 
