@@ -21,6 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import compile_path
 
 log = logging.getLogger(__name__)
 
@@ -202,6 +203,29 @@ def route_hint(method: str, path: str) -> str | None:
     )
 
 
+HTTP_METHODS = ("get", "head", "post", "put", "patch", "delete")
+
+
+def _method_not_allowed(request: Request, starlette_allow: str) -> JSONResponse:
+    """405 with every method of the path in ``Allow``. Starlette names only those of the
+    first route that matched (``OPTIONS /v2/repository/index`` said ``Allow: GET``, though
+    the index takes POST too); here they are the methods the API schema declares for the
+    most specific path template that matches (``/v1/models/{name}:predict`` over
+    ``/v1/models/{name}``), or Starlette's where the schema has none."""
+    path = request.url.path
+    best: tuple[int, list[str]] | None = None
+    for template, operations in request.app.openapi()["paths"].items():
+        if compile_path(template)[0].match(path):
+            literal = len(re.sub(r"{[^}]*}", "", template))
+            methods = [m.upper() for m in HTTP_METHODS if m in operations]
+            if methods and (best is None or literal > best[0]):
+                best = (literal, methods)
+    allow = ", ".join(best[1]) if best is not None else starlette_allow
+    return error_response(
+        405, f"method {request.method} is not allowed on {path}; it takes {allow}", {"Allow": allow}
+    )
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Map every error to ``{"error": ...}`` with its status; log unexpected ones."""
 
@@ -219,6 +243,8 @@ def install_error_handlers(app: FastAPI) -> None:
             hint = route_hint(request.method, request.url.path)
             if hint is not None:
                 return error_response(404, hint)
+        if exc.status_code == 405:
+            return _method_not_allowed(request, (exc.headers or {}).get("Allow", ""))
         return error_response(exc.status_code, str(exc.detail), exc.headers)
 
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -168,19 +168,25 @@ def test_real_process_starts_from_the_command_line(
 
 
 @pytest.mark.parametrize(
-    ("method", "path"),
+    ("method", "path", "allow"),
     [
-        ("OPTIONS", "/v1/models/digits_cnn:predict"),
-        ("GET", "/v2/models/digits_cnn/infer"),
-        ("PUT", "/v2/models/digits_cnn/versions/1/infer"),
+        ("OPTIONS", "/v1/models/digits_cnn:predict", "POST"),  # not /v1/models/{name}'s GET
+        ("GET", "/v2/models/digits_cnn/infer", "POST"),
+        ("PUT", "/v2/models/digits_cnn/versions/1/infer", "POST"),
+        ("OPTIONS", "/v2/repository/index", "GET, POST"),  # Starlette said GET alone
+        ("DELETE", "/v2/health/live", "GET"),
     ],
 )
-def test_inference_routes_answer_other_methods_with_405_allow_post(
-    client: httpx.Client, method: str, path: str
+def test_other_methods_get_405_with_every_method_the_path_takes(
+    client: httpx.Client, method: str, path: str, allow: str
 ) -> None:
     r = client.request(method, path)
-    assert r.status_code == 405 and r.headers["allow"] == "POST"
-    assert r.json() == {"error": "Method Not Allowed"}
+    assert r.status_code == 405 and r.headers["allow"] == allow
+    assert r.json() == {"error": f"method {method} is not allowed on {path}; it takes {allow}"}
+    openapi = client.get("/openapi.json").json()["paths"]
+    template = path.replace("digits_cnn", "{name}").replace("/1/", "/{version}/")
+    declared = [m.upper() for m in ("get", "post") if m in openapi[template]]
+    assert ", ".join(declared) == allow  # what the schema declares, no more, no less
 
 
 def test_each_inference_route_is_documented_once(client: httpx.Client) -> None:

@@ -257,7 +257,13 @@ CASES: list[tuple[str, str, dict[str, Any], int, str]] = [
         "invalid request: query.ready",
     ),
     ("unknown route", "/v3/anything", {"method": "GET"}, 404, "Not Found"),
-    ("wrong method", "/v2/health/live", {"method": "DELETE"}, 405, "Method Not Allowed"),
+    (
+        "wrong method",
+        "/v2/health/live",
+        {"method": "DELETE"},
+        405,
+        "method DELETE is not allowed on /v2/health/live; it takes GET",
+    ),
     (
         "load without key",
         "/v2/repository/models/digits_cnn/load",
