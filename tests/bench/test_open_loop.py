@@ -30,6 +30,12 @@ def ol() -> Iterator[ModuleType]:
         sys.path.remove(str(ROOT / "bench"))
 
 
+@pytest.fixture(scope="module")
+def report(ol: ModuleType) -> ModuleType:
+    """bench/open_loop_report.py (importable while ``ol`` holds bench/ on the path)."""
+    return importlib.import_module("open_loop_report")
+
+
 @pytest.mark.parametrize(("rate", "seconds"), [(50.0, 20.0), (400.0, 10.0), (5000.0, 4.0)])
 def test_poisson_schedule_has_the_rate_and_exponential_gaps(
     ol: ModuleType, rate: float, seconds: float
@@ -49,18 +55,18 @@ def test_poisson_schedule_of_nothing(ol: ModuleType) -> None:
 
 
 def test_summary_counts_goodput_within_the_target_and_shares_of_the_scheduled(
-    ol: ModuleType,
+    report: ModuleType,
 ) -> None:
-    a = ol.SenderTally(scheduled=10, sent=9, sent_all=12, late=1, client_dropped=1)
+    a = report.SenderTally(scheduled=10, sent=9, sent_all=12, late=1, client_dropped=1)
     a.ok_s = [0.001, 0.002, 0.003, 0.004, 0.030]
     a.refused, a.expired, a.errors, a.first_error = 2, 1, 1, "HTTP 500"
     a.cpu_s, a.wall_s = 0.012, 4.0
-    b = ol.SenderTally(scheduled=10, sent=10, sent_all=8)
+    b = report.SenderTally(scheduled=10, sent=10, sent_all=8)
     b.ok_s = [0.005, 0.006, 0.007, 0.008, 0.009, 0.050]
     b.refused, b.expired = 3, 1
     b.cpu_s, b.wall_s = 0.008, 5.0
 
-    cell = ol.summarize(400.0, 2.0, [a, b], 0.010, {"queue_full": 5.0})
+    cell = report.summarize(400.0, 2.0, [a, b], 0.010, {"queue_full": 5.0})
 
     assert cell.offered == 400.0
     assert cell.sent_per_s == 19 / 2
@@ -76,9 +82,9 @@ def test_summary_counts_goodput_within_the_target_and_shares_of_the_scheduled(
     assert cell.server_dropped == {"queue_full": 5.0}
 
 
-def test_summary_without_a_target_counts_every_2xx(ol: ModuleType) -> None:
-    tally = ol.SenderTally(scheduled=3, sent=3, sent_all=3, ok_s=[0.5, 1.0, 2.0])
-    cell = ol.summarize(3.0, 1.0, [tally], None, None)
+def test_summary_without_a_target_counts_every_2xx(report: ModuleType) -> None:
+    tally = report.SenderTally(scheduled=3, sent=3, sent_all=3, ok_s=[0.5, 1.0, 2.0])
+    cell = report.summarize(3.0, 1.0, [tally], None, None)
     assert cell.goodput_per_s == cell.ok_per_s == 3.0
     assert cell.server_dropped is None
 
@@ -95,19 +101,19 @@ foldserve_requests_total{model="a",protocol="rest",code="200"} 99.0
 """
 
 
-def test_dropped_requests_are_summed_by_reason_for_the_model(ol: ModuleType) -> None:
-    assert ol.dropped_by_reason(METRICS, "a") == {"queue_full": 7.0, "expired": 1.0}
-    assert ol.dropped_by_reason(METRICS, "b") == {"queue_full": 4.0}
-    assert ol.dropped_by_reason(METRICS, "c") == {}
-    assert ol.dropped_by_reason("foldserve_requests_total 1.0\n", "a") is None
+def test_dropped_requests_are_summed_by_reason_for_the_model(report: ModuleType) -> None:
+    assert report.dropped_by_reason(METRICS, "a") == {"queue_full": 7.0, "expired": 1.0}
+    assert report.dropped_by_reason(METRICS, "b") == {"queue_full": 4.0}
+    assert report.dropped_by_reason(METRICS, "c") == {}
+    assert report.dropped_by_reason("foldserve_requests_total 1.0\n", "a") is None
 
 
-def test_delta_keeps_the_reasons_that_rose(ol: ModuleType) -> None:
+def test_delta_keeps_the_reasons_that_rose(report: ModuleType) -> None:
     before = {"queue_full": 7.0, "expired": 1.0}
     after = {"queue_full": 7.0, "expired": 4.0, "cancelled": 2.0}
-    assert ol.delta(before, after) == {"cancelled": 2.0, "expired": 3.0}
-    assert ol.delta(None, after) == after
-    assert ol.delta(before, None) is None
+    assert report.delta(before, after) == {"cancelled": 2.0, "expired": 3.0}
+    assert report.delta(None, after) == after
+    assert report.delta(before, None) is None
 
 
 @pytest.mark.parametrize("kind", ["json", "binary"])
