@@ -43,27 +43,33 @@ def take_batch(
     leaves time to run, at the run time measured for the size. A request that cannot
     make its deadline even alone is late; so is none whose model cannot serve it in
     time even unqueued (a target below the run time): that one runs, late. A later
-    request whose deadline the call would end past stays queued for the next.
+    request whose deadline the call would end past stays queued for the next. When late
+    requests were taken out, no call is taken this time: the request now oldest gets
+    its own hold (``max_queue_delay_us``) before it runs, as it would have had they
+    left by their timers.
     """
     late: list[tuple[W, float]] = []
     while queue:
-        head = queue.popleft()
+        head = queue[0]
         limit = max(max_batch_size, head.rows)
         ends = None  # when the call is predicted to end (None: no deadline or no measure)
         if head.deadline is not None:
             if head.deadline <= now:  # its timer is due this very turn
-                late.append((head, 0.0))
+                late.append((queue.popleft(), 0.0))
                 continue
             fits = times.largest_within(head.deadline - now, limit)
             if fits is not None and fits < head.rows:
                 alone = times.predicted(head.rows) or 0.0
                 if alone <= head.deadline - head.enqueued:  # late because it waited
-                    late.append((head, alone))
+                    late.append((queue.popleft(), alone))
                     continue
                 fits = head.rows
             limit = limit if fits is None else fits
             expected = times.predicted(limit)
             ends = None if expected is None else now + expected
+        if late:  # a new oldest request: it may be held for company first, as any other
+            return [], late
+        queue.popleft()
         batch, rows = [head], head.rows
         if head.key is not None and rows < limit:
             kept: deque[W] = deque()

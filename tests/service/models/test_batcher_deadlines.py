@@ -20,7 +20,7 @@ from service.dataplane.admission import AdmissionGate
 from service.dataplane.plane import _check_reachable
 from service.errors import DeadlineUnreachable, RequestTimeout
 from service.models.batcher import DynamicBatcher
-from tests.polling import until, until_clock
+from tests.polling import next_turn, until, until_clock
 from tests.service.models.gated_runner import (
     GatedRunner,
     make_batcher,
@@ -210,5 +210,37 @@ def test_a_held_batch_is_released_in_time_for_its_oldest_deadline() -> None:
         runner.release(1)
         np.testing.assert_array_equal((await task)["double"], x * 2)  # answered, not expired
         assert sample(metrics, "foldserve_requests_dropped_total", reason="expired") == 0
+
+    run(scenario)
+
+
+def test_after_a_late_request_leaves_the_next_oldest_is_held_as_any_other() -> None:
+    """A request held for company that expires takes only itself out: the request now
+    oldest is held for its own ``max_queue_delay_us``, not run at once in its stead."""
+
+    async def scenario() -> None:
+        runner = GatedRunner()
+        batcher, metrics = make_batcher(runner, max_batch_size=8, max_queue_delay_us=10_000_000)
+        start = time.perf_counter()
+        first = asyncio.create_task(
+            batcher.run({"x": rows_of(1, 0)}, ["double"], deadline=start + 0.05)
+        )
+        held = asyncio.create_task(
+            batcher.run({"x": rows_of(1, 10)}, ["double"], deadline=start + 20.0)
+        )
+        with pytest.raises(RequestTimeout):
+            await first
+        await next_turn(10)
+        assert runner.rows() == [] and batcher.depth == 1  # still held, not run
+        company = [
+            asyncio.create_task(batcher.run({"x": rows_of(1, 10 * i)}, ["double"]))
+            for i in range(2, 9)
+        ]
+        await runner.entered()  # a full batch of 8 ends the hold
+        runner.release(1)
+        for i, task in enumerate([held, *company], start=1):
+            np.testing.assert_array_equal((await task)["double"], rows_of(1, 10 * i) * 2)
+        assert runner.rows() == [8]
+        assert sample(metrics, "foldserve_requests_dropped_total", reason="expired") == 1
 
     run(scenario)
