@@ -46,6 +46,8 @@ from service.errors import QueueFull, RequestTimeout
 
 # Weight kept by the pace's past at each answer: about the last hundred answers count.
 PACE_DECAY = 0.99
+# How often the pending-requests gauge is sampled while requests are pending.
+PENDING_SAMPLE_S = 0.05
 # Refusals per answer over a second, and refusals in it, past which refusals are held for
 # their Retry-After (HOLD_S) before they are sent: a storm of clients that retry at once.
 STORM_RATIO = 10
@@ -119,8 +121,8 @@ class AdmissionGate:
         """Return once the request may go on (call :meth:`leave` when it is answered).
 
         Raises :class:`QueueFull` (503, Retry-After) when ``room`` requests are already
-        admitted or waiting, :class:`RequestTimeout` (504) when ``timeout_s`` passes in
-        the line; in both cases the request holds no slot.
+        admitted or waiting, :class:`RequestTimeout` (503, "Request timeout expired") when
+        ``timeout_s`` passes in the line; in both cases the request holds no slot.
         """
         if self.admitted < limit and not self.waiting:
             if not self.admitted:
@@ -177,11 +179,40 @@ def _expire(turn: asyncio.Future[None], gate: AdmissionGate) -> None:
 
 class AdmissionGates:
     """The entries of one worker's models, one per model name (created on first use), so
-    that requests in line go on to whichever version serves when their turn comes."""
+    that requests in line go on to whichever version serves when their turn comes.
 
-    def __init__(self, waiting: Gauge) -> None:
+    They also keep ``foldserve_pending_requests{model}`` (requests in progress or in line:
+    Triton's ``nv_inference_pending_request_count``, the signal to scale on), sampled
+    ``PENDING_SAMPLE_S`` after a request arrives and then as long as any are pending,
+    rather than written at each arrival and answer: a gauge update is a locked write to
+    the multiprocess values, which cost a small model's throughput per request
+    (docs/benchmarks.md, "Serving to a latency target"). Each worker sets its own value;
+    a scrape sums them over the workers.
+    """
+
+    def __init__(self, waiting: Gauge, pending: Gauge | None = None) -> None:
         self._waiting = waiting  # labelled by model
+        self._pending = pending  # labelled by model
         self._gates: dict[str, AdmissionGate] = {}
+        self._sampling = False
+
+    def arrived(self) -> None:
+        """A request came in: the pending gauge is sampled shortly (a timer, once)."""
+        if self._sampling or self._pending is None:
+            return
+        self._sampling = True
+        asyncio.get_running_loop().call_later(PENDING_SAMPLE_S, self._sample)
+
+    def _sample(self) -> None:
+        assert self._pending is not None
+        busy = False
+        for name, gate in self._gates.items():
+            count = gate.admitted + gate.waiting
+            self._pending.labels(name).set(count)
+            busy = busy or count > 0
+        self._sampling = busy  # sampled again until every model's count is back to 0
+        if busy:
+            asyncio.get_running_loop().call_later(PENDING_SAMPLE_S, self._sample)
 
     def __call__(self, name: str) -> AdmissionGate:
         found = self._gates.get(name)

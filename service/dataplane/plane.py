@@ -110,7 +110,7 @@ class DataPlane:
         self.sync = sync
         self.drain = drain
         self.max_request_bytes = max_request_bytes
-        self.admission = AdmissionGates(metrics.admission_waiting)
+        self.admission = AdmissionGates(metrics.admission_waiting, metrics.pending_requests)
 
     # -- health -----------------------------------------------------------------------
 
@@ -226,6 +226,7 @@ class DataPlane:
             served = repository.get(name, version)
             record.version = str(served.version)
             gate = self.admission(name)  # known models only: resolved just above
+            self.admission.arrived()
             arrived = time.perf_counter()
             batcher = served.batcher
             config = batcher.config

@@ -276,6 +276,15 @@ class ServiceMetrics:
             registry=self.registry,
             multiprocess_mode="max",
         )
+        self.pending_requests = Gauge(
+            "foldserve_pending_requests",
+            "Requests of a model in progress or waiting in line at its entry, all workers "
+            "(Triton's nv_inference_pending_request_count; sampled every 50 ms while any "
+            "are pending): the signal to scale on",
+            ["model"],
+            registry=self.registry,
+            multiprocess_mode="livesum",
+        )
         self.admission_waiting = Gauge(
             "foldserve_admission_waiting",
             "Requests waiting in line at a model's entry, body read, not decoded (all workers)",
