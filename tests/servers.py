@@ -41,6 +41,8 @@ from tests.polling import poll
 API_KEY = "test-key"
 MAX_REQUEST_BYTES = 1 << 20  # small, so 413 is cheap to provoke
 HOLD_US = 1_500_000  # a partial batch waits this long for company: requests stay queued
+# A hold no test outlasts: a partial batch leaves only by a deadline, a timeout or a full batch.
+ENDLESS_HOLD_US = 600_000_000
 
 
 @dataclass

@@ -17,9 +17,8 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from service.observability.metrics import PHASES
 from tests.polling import poll
-from tests.servers import Samples, parse_metrics, v2_body, value
+from tests.servers import ENDLESS_HOLD_US, Samples, parse_metrics, v2_body, value
 
-ENDLESS_HOLD_US = 600_000_000  # a partial batch waits for company until its deadline
 TARGET_MS = 150
 
 

@@ -13,9 +13,8 @@ import httpx
 import numpy as np
 
 from tests.polling import poll
-from tests.servers import parse_metrics, v2_body, value
+from tests.servers import ENDLESS_HOLD_US, parse_metrics, v2_body, value
 
-ENDLESS_HOLD_US = 600_000_000  # a partial batch waits for company until the timeout
 REQUESTS = 6
 
 

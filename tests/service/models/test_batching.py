@@ -27,12 +27,19 @@ from service.models.config import BatchingConfig, BatchingOverrides, read_model_
 from service.models.repository import ModelRepository
 from service.settings import Settings
 from tests.polling import poll
-from tests.servers import HOLD_US, parse_metrics, scrape, serving_options, v2_body, value
+from tests.servers import (
+    ENDLESS_HOLD_US,
+    HOLD_US,
+    parse_metrics,
+    scrape,
+    serving_options,
+    v2_body,
+    value,
+)
 
 SAMPLE = {"digits_cnn": (1, 8, 8), "breast_cancer_mlp": (30,), "linear": (4,)}
 INPUT = {"digits_cnn": "input", "breast_cancer_mlp": "input", "linear": "x"}
 # Longer than any test: a request that leaves the queue before it did so for its own reason.
-ENDLESS_HOLD_US = 600_000_000
 
 
 def batch_of(name: str, n: int, seed: int) -> np.ndarray:
