@@ -3,8 +3,10 @@
 A version is served only after it passed every check: ``metadata.json`` parses,
 the sha256 of the folded file matches, the ONNX Runtime session's inputs and
 outputs agree with the metadata, and the reference batch reproduces the
-expected outputs within ``reference.atol`` (that run is also the warm-up). A
-version that fails is kept as UNAVAILABLE with its reason; it never takes the
+expected outputs within ``reference.atol``; then it is warmed up at every batch
+size its batcher may form (``version_checks.warm_up``), before it is marked
+ready or swapped in, so the first requests are not the slow ones. A version
+that fails is kept as UNAVAILABLE with its reason; it never takes the
 server down and never replaces a version that is serving.
 
 Readers take no lock: each (re)scan builds new immutable entries and swaps the
@@ -35,7 +37,7 @@ from service.models.config import (
 )
 from service.models.derived import DerivedVersions, open_version
 from service.models.served_version import ServedVersion, ServingOptions, variant_bytes
-from service.models.version_checks import check_io, check_reference
+from service.models.version_checks import check_io, check_reference, warm_up
 from service.process.runtime_dir import RuntimeDir
 from service.protocol import ModelState
 
@@ -344,6 +346,7 @@ class ModelRepository:
             try:
                 check_io(model)
                 diff = check_reference(model)
+                warmed = warm_up(model)
             except BaseException:
                 model.close()
                 raise
@@ -356,7 +359,7 @@ class ModelRepository:
             return VersionStatus(number, "UNAVAILABLE", reason, None, fingerprint, variant)
         log.info(
             "model %s version %d ready: variant %s, provider %s, %d threads, io_binding %s, "
-            "reference max abs diff %.3g, files: %s",
+            "reference max abs diff %.3g, files: %s, warmed at batch sizes %s",
             name,
             number,
             variant,
@@ -365,6 +368,7 @@ class ModelRepository:
             model.io_binding,
             diff,
             opened.source,
+            ", ".join(f"{n} ({s * 1e3:.2f} ms)" for n, s in warmed.items()) or "none",
         )
         return VersionStatus(number, "READY", "", model, fingerprint, variant)
 

@@ -1,8 +1,11 @@
 """The checks a version passes before it serves: the served file's inputs and outputs agree
 with ``metadata.json``, and the reference batch reproduces its recorded outputs (the folded
-model's, or the INT8 file's own when that serves) within their atol."""
+model's, or the INT8 file's own when that serves) within their atol; then its warm-up at
+the batch sizes it will serve."""
 
 from __future__ import annotations
+
+import time
 
 import numpy as np
 
@@ -59,3 +62,38 @@ def check_reference(model: ServedVersion) -> float:
             )
         worst = max(worst, diff)
     return worst
+
+
+def warm_sizes(model: ServedVersion) -> list[int]:
+    """The batch sizes to warm: the powers of two up to the batcher's largest batch, and
+    that largest batch (none when the model takes no batch axis or batching is off: the
+    reference batch was its run)."""
+    config = model.batcher.config
+    if not (model.batcher.batchable and config.enabled):
+        return []
+    largest = config.max_batch_size
+    powers = [1 << k for k in range(largest.bit_length()) if 1 << k <= largest]
+    return sorted({*powers, largest})
+
+
+def warm_up(model: ServedVersion) -> dict[int, float]:
+    """Run each batch size the batcher may form twice, before the version serves; return
+    the second run's seconds per size.
+
+    ONNX Runtime's first run at a shape allocates its buffers (and on CUDA picks the
+    convolution algorithms): without this the first requests of each batch size after
+    readiness or a swap pay for it. The rows are the reference batch's, repeated.
+    """
+    ref = model.metadata.reference
+    arrays = {s.name: ref.inputs[s.name].array().astype(s.dtype) for s in model.inputs}
+    seconds: dict[int, float] = {}
+    for size in warm_sizes(model):
+        feeds = {
+            name: np.take(array, np.arange(size) % len(array), axis=0)
+            for name, array in arrays.items()
+        }
+        model.run(feeds)
+        started = time.perf_counter()
+        model.run(feeds)
+        seconds[size] = time.perf_counter() - started
+    return seconds

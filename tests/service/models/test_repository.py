@@ -337,3 +337,42 @@ def test_a_version_that_leaves_service_is_freed_at_once(
         poll(lambda: gone() is None, limit=10)
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize(
+    ("config", "sizes"),
+    [
+        ({}, [1, 2, 4, 8, 16, 32]),  # the server's max_batch_size, 32
+        ({"max_batch_size": 6}, [1, 2, 4, 6]),
+        ({"max_batch_size": 1}, [1]),
+        ({"dynamic_batching": False}, []),  # the reference batch was its run
+    ],
+)
+def test_a_version_is_warmed_at_every_batch_size_before_it_serves(
+    build: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    config: dict[str, Any],
+    sizes: list[int],
+) -> None:
+    """Each size the batcher may form runs twice, on the reference rows repeated, before
+    the version is published; nothing is published before its warm-up ends."""
+    from service.models.served_version import ServedVersion
+
+    build.write_version(tmp_path, "linear", 1, build.linear_model(4, 3))
+    (tmp_path / "linear" / "config.json").write_text(json.dumps(config))
+    runs: list[tuple[int, bool]] = []  # (rows, was the model published then)
+    repo = ModelRepository(tmp_path, serving_options())
+    original = ServedVersion.run
+
+    def recording(self: ServedVersion, feeds: Any, names: Any = None) -> Any:
+        published = "linear" in {e.name for e in repo.entries()}
+        runs.append((len(feeds["x"]), published))
+        return original(self, feeds, names)
+
+    monkeypatch.setattr(ServedVersion, "run", recording)
+    repo.load_all()
+    reference_rows = runs[0][0]
+    assert [rows for rows, _ in runs[1:]] == [n for n in sizes for _ in range(2)]
+    assert not any(published for _, published in runs), runs
+    assert reference_rows >= 1 and repo.get("linear").version == 1
