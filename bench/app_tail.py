@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def measure(args: argparse.Namespace) -> dict[str, float]:
     """One round in this process: latency percentiles, stalls, full collections."""
-    from service.app import create_app, load_and_poll
+    from service.app import create_app
     from service.observability.logs import configure_logging
     from service.process.worker_sync import WorkerSync
     from service.settings import Settings
@@ -89,7 +89,15 @@ def measure(args: argparse.Namespace) -> dict[str, float]:
         # As in a worker: the repository loads after start-up (and this checkout may then
         # freeze what start-up left), then the load runs.
         repository = app.state.repository
-        await load_and_poll(repository, WorkerSync(runtime, repository), 0.0)
+        sync = WorkerSync(runtime, repository)
+        try:  # checkouts before 2026-12-08 named it load_and_poll (and took an interval)
+            from service.app import first_scan
+        except ImportError:
+            from service.app import load_and_poll  # type: ignore[attr-defined]
+
+            await load_and_poll(repository, sync, 0.0)
+        else:
+            await first_scan(repository, sync)
         warm: list[float] = []
         await asyncio.gather(
             *(client(warm, time.perf_counter() + 1.0) for _ in range(args.clients))

@@ -16,18 +16,19 @@ import contextlib
 import importlib.util
 import logging
 import os
+import socket
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from pydantic import ValidationError
-from uvicorn.supervisors.multiprocess import Multiprocess
 
 from service.observability.logs import configure_logging
 from service.process.listeners import WorkerListeners, reserve_port, reuse_port_supported
 from service.process.machine import usable_cpus
 from service.process.runtime_dir import open_runtime_dir
+from service.process.supervisor import HealthPort, Supervisor
 from service.rest.connections import GuardedHttpProtocol
 from service.settings import Settings, describe_management, get_settings
 
@@ -47,6 +48,7 @@ FLAGS: dict[str, dict[str, Any]] = {
     "host": {},
     "port": {"type": int},
     "grpc_port": {"type": int},
+    "health_port": {"type": int},
     "providers": {"choices": ["auto", "cuda", "cpu"]},
     "threads": {"type": int},
     "io_binding": {"choices": ["auto", "on", "off"]},
@@ -175,12 +177,41 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m service") -> 
     # than joining that server's SO_REUSEPORT group. Held while the workers serve.
     with grpc_port_held(settings, prog):
         if workers == 1:
-            from service.app import create_app
-
-            log.info("serving with 1 worker, %s loop, %s parser", loop, http)
-            uvicorn.run(create_app(settings), **server)
+            serve_one(settings, server, loop, http, prog)
             return
         serve_workers(settings, flags, workers, server, loop, http, prog)
+
+
+def serve_one(settings: Settings, server: dict[str, Any], loop: str, http: str, prog: str) -> None:
+    """One worker, no supervisor: its port is held (bound) from the start, and listened on
+    once its models are loaded; its health port, if any, is its own (``service.app``)."""
+    from service.app import create_app
+
+    log.info("serving with 1 worker, %s loop, %s parser", loop, http)
+    config = uvicorn.Config(create_app(settings), **server)
+    if not reuse_port_supported():
+        uvicorn.Server(config).run()
+        return
+    with held_port(config, prog) as held:
+        uvicorn.Server(config).run(sockets=[held])
+
+
+def held_port(config: uvicorn.Config, prog: str) -> socket.socket:
+    """The serving port, bound and not listening (the command fails here when it is taken)."""
+    try:
+        return reserve_port(config.host, config.port)
+    except OSError as err:
+        raise SystemExit(f"{prog}: cannot listen on {config.host}:{config.port}: {err}") from err
+
+
+def health_port(settings: Settings, check: Callable[[], str | None], prog: str) -> HealthPort:
+    """The supervisor's liveness port (``service.process.supervisor``)."""
+    try:
+        return HealthPort(settings.host, settings.health_port, check)
+    except OSError as err:
+        raise SystemExit(
+            f"{prog}: cannot serve liveness on {settings.host}:{settings.health_port}: {err}"
+        ) from err
 
 
 def grpc_port_held(settings: Settings, prog: str) -> contextlib.AbstractContextManager[object]:
@@ -222,29 +253,37 @@ def serve_workers(
         loop,
         http,
     )
+    os.environ["FOLDSERVE_HEALTH_PORT"] = "0"  # the supervisor answers on it, not a worker
     config = uvicorn.Config("service.__main__:worker_app", factory=True, workers=workers, **server)
     if not reuse_port_supported():
         log.warning(
             "SO_REUSEPORT is not available here: the workers share one listening socket, "
-            "and connections may split unevenly between them"
+            "listened on before any model is loaded, and connections may split unevenly"
         )
-        Multiprocess(config, sockets=[config.bind_socket()]).run()
+        sockets: list[socket.socket] = [config.bind_socket()]
+        supervise(settings, Supervisor(config, sockets, settings.worker_start_timeout), prog)
         return
-    # Each worker listens with a socket of its own (service.process.listeners); this one holds the
-    # port while the supervisor runs.
-    try:
-        held = reserve_port(config.host, config.port)
-    except OSError as err:
-        raise SystemExit(f"{prog}: cannot listen on {config.host}:{config.port}: {err}") from err
-    with held:
+    # Each worker listens with a socket of its own once its models are loaded
+    # (service.process.listeners); this one holds the port while the supervisor runs.
+    with held_port(config, prog) as held:
         port = held.getsockname()[1]
         log.info(
-            "each worker listens on http://%s:%d with a socket of its own (SO_REUSEPORT: "
-            "the kernel spreads connections over them)",
+            "each worker listens on http://%s:%d with a socket of its own once its models "
+            "are loaded (SO_REUSEPORT: the kernel spreads connections over them)",
             config.host,
             port,
         )
-        Multiprocess(config, sockets=WorkerListeners(config.host, port, config.backlog)).run()
+        sockets = WorkerListeners(config.host, port)
+        supervise(settings, Supervisor(config, sockets, settings.worker_start_timeout), prog)
+
+
+def supervise(settings: Settings, supervisor: Supervisor, prog: str) -> None:
+    """Run the workers, with the health port answering beside them when one is set."""
+    if not settings.health_port:
+        supervisor.run()
+        return
+    with health_port(settings, supervisor.liveness, prog):
+        supervisor.run()
 
 
 if __name__ == "__main__":

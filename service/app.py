@@ -1,9 +1,12 @@
 """create_app(settings): the FastAPI application with every part wired in.
 
-The repository loads in the background after startup, so liveness answers at
-once and readiness turns true when every model has been loaded (or skipped
-with its reason); with ``poll_interval`` > 0 the repository is then rescanned
-periodically (hot reload without an explicit load call).
+The app's start-up (its lifespan) loads the repository before it ends, and
+uvicorn listens only after it, so a worker takes no connection before every
+model has been loaded (or skipped with its reason): no client is ever answered
+"still loading" (``service.process.listeners``; the supervisor's health port
+answers liveness meanwhile, ``service.process.supervisor``). With
+``poll_interval`` > 0 the repository is then rescanned periodically (hot
+reload without an explicit load call).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -29,6 +33,7 @@ from service.observability.logs import flush_logs
 from service.observability.metrics import ServiceMetrics, leave_multiprocess
 from service.process.drain import Drain
 from service.process.runtime_dir import RuntimeDir, open_runtime_dir
+from service.process.supervisor import HealthPort, event_loop_liveness
 from service.process.worker_sync import WorkerSync
 from service.rest.connections import (
     GUARD_STATE_KEY,
@@ -52,13 +57,18 @@ def build_repository(
     return ModelRepository(settings.repository, options, runtime)
 
 
-async def load_and_poll(repo: ModelRepository, sync: WorkerSync, interval: float) -> None:
-    """Load the repository once (this worker registered first, and applies the management
-    decisions recorded so far before it turns ready), then rescan every ``interval``
-    seconds (0: never)."""
+async def first_scan(repo: ModelRepository, sync: WorkerSync) -> None:
+    """Load the repository once: this worker registered first, and applies the management
+    decisions recorded so far before it turns ready."""
     sync.register()
+    started = time.perf_counter()
     await asyncio.to_thread(repo.load_all, sync.catch_up)
+    log.info("repository loaded in %.2f s: listening now", time.perf_counter() - started)
     freeze_startup_objects()
+
+
+async def poll(repo: ModelRepository, interval: float) -> None:
+    """Rescan the repository every ``interval`` seconds (0: never)."""
     while interval > 0:
         await asyncio.sleep(interval)
         try:
@@ -122,10 +132,18 @@ def create_app(settings: Settings | None = None, repo: ModelRepository | None = 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         drain.install()
-        tasks = [
-            asyncio.create_task(load_and_poll(repo, sync, settings.poll_interval)),
-            asyncio.create_task(sync.watch()),
-        ]
+        tasks = [asyncio.create_task(sync.watch())]
+        health = contextlib.ExitStack()  # a lone worker's liveness while it loads
+        if settings.health_port:
+            check = event_loop_liveness(asyncio.get_running_loop())
+            health.enter_context(HealthPort(settings.host, settings.health_port, check))
+        try:  # uvicorn listens when this start-up ends: every model is loaded by then
+            await first_scan(repo, sync)
+        except BaseException:
+            tasks[0].cancel()
+            health.close()
+            raise
+        tasks.append(asyncio.create_task(poll(repo, settings.poll_interval)))
         grpc_service = None
         if settings.grpc_port:  # created here: a grpc.aio server belongs to this event loop
             grpc_service = await start_grpc(app.state.dataplane, settings, server_version())
@@ -138,6 +156,7 @@ def create_app(settings: Settings | None = None, repo: ModelRepository | None = 
             task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.gather(*tasks)
+        health.close()
         flush_logs()  # every request has been answered: its access line is written now
 
     app = FastAPI(

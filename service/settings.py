@@ -37,6 +37,20 @@ class Settings(BaseSettings):
         description="gRPC port (Triton's GRPCInferenceService) on the same host, served by "
         "every worker (0: no gRPC)",
     )
+    health_port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="port that answers GET /v2/health/live from a thread of the supervising "
+        "process, also while every worker is still loading and none listens on the serving "
+        "port (0: off; liveness is then on the serving port only)",
+    )
+    worker_start_timeout: float = Field(
+        default=300.0,
+        gt=0.0,
+        description="seconds a replacement worker may take to load its models during a "
+        "rolling restart (SIGHUP to the supervisor) before the restart stops there",
+    )
     providers: ProviderChoice = Field(
         default="auto",
         description="ONNX Runtime provider: auto (CUDA when it really runs), cuda, cpu",

@@ -177,11 +177,17 @@ class ServerProcess:
 
 @contextmanager
 def server_process(
-    repository: Path, workers: int, *args: str, grpc: bool = False, **env: str
+    repository: Path,
+    workers: int,
+    *args: str,
+    grpc: bool = False,
+    ready: bool = True,
+    **env: str,
 ) -> Iterator[ServerProcess]:
     """``python -m service --workers N`` on 127.0.0.1 (CPU, one thread each, quiet), ready
     when every worker is; ``args`` are more flags, ``env`` more environment variables;
-    ``grpc``: gRPC on a free port too (off otherwise)."""
+    ``grpc``: gRPC on a free port too (off otherwise); ``ready=False``: at once, its
+    workers starting (the caller waits for what it needs)."""
     port = free_port()
     grpc_port = free_port() if grpc else 0
     runtime = repository.parent / f"runtime-{port}"
@@ -209,15 +215,16 @@ def server_process(
             return len(workers_scanned(runtime)) == workers
 
         def listening() -> bool:
-            # One worker runs without a supervisor: uvicorn binds only after the lifespan
-            # (the first scan) has finished, so the socket may still be missing here.
+            # A worker listens only once its first scan has finished (the lifespan): until
+            # one does, connections are refused.
             try:
                 return client.get("/v2/health/ready").json() == {"ready": True}
             except httpx.ConnectError:
                 return False
 
-        poll(started, limit=60)
-        poll(listening, limit=30)
+        if ready:
+            poll(started, limit=60)
+            poll(listening, limit=30)
         yield ServerProcess(url, runtime, process, client, grpc_port)
     finally:
         client.close()

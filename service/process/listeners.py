@@ -14,6 +14,15 @@ the socket list it is given into each worker process it starts, so
 :class:`WorkerListeners` is a list whose unpickling, in the new worker, binds
 that worker's own socket. The supervisor keeps a bound socket that never
 listens, which holds the port (and resolves port 0) while no worker listens.
+
+A worker's socket is bound but does not listen until uvicorn starts serving on
+it, which is after the app's lifespan has started, and the lifespan waits for
+the worker's first repository scan (``service.app``). The kernel spreads
+connections only over listening sockets, so a worker that is still loading,
+at start or after a crash, takes no connection: the workers already serving
+take them all, and with none serving yet a connection is refused (at once,
+which a client or a startup probe retries) rather than answered "still
+loading".
 """
 
 from __future__ import annotations
@@ -66,29 +75,29 @@ def reserve_port(host: str, port: int) -> socket.socket:
     return _reuse_port_socket(host, port)
 
 
-def worker_listener(host: str, port: int, backlog: int) -> socket.socket:
-    """This worker's own listening socket on the shared port."""
+def worker_socket(host: str, port: int) -> socket.socket:
+    """This worker's own socket on the shared port: bound, listening only once uvicorn
+    serves on it (its ``create_server`` calls ``listen``)."""
     sock = _reuse_port_socket(host, port)
-    sock.listen(backlog)
     sock.set_inheritable(True)
     return sock
 
 
 class WorkerListeners(list[socket.socket]):
     """The socket list uvicorn's supervisor hands each worker: empty in the supervisor,
-    and in each worker (unpickled there) that worker's own listener."""
+    and in each worker (unpickled there) that worker's own socket."""
 
-    def __init__(self, host: str, port: int, backlog: int) -> None:
+    def __init__(self, host: str, port: int) -> None:
         super().__init__()
-        self.address = (host, port, backlog)
+        self.address = (host, port)
 
     def __reduce__(self) -> tuple[Any, ...]:
         return _listen_in_worker, self.address
 
 
-def _listen_in_worker(host: str, port: int, backlog: int) -> list[socket.socket]:
+def _listen_in_worker(host: str, port: int) -> list[socket.socket]:
     try:
-        return [worker_listener(host, port, backlog)]
+        return [worker_socket(host, port)]
     except OSError as err:  # the worker cannot serve: say why, and fail its start-up
         log.error("worker cannot listen on %s:%d: %s", host, port, err)
         sys.exit(STARTUP_FAILURE)  # the supervisor stops instead of restarting it
