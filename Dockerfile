@@ -53,11 +53,12 @@ RUN python3.12 -m venv /opt/venv \
  && useradd --uid 10001 --create-home --shell /usr/sbin/nologin foldserve
 USER 10001:10001
 WORKDIR /home/foldserve
-ENV FOLDSERVE_REPOSITORY=/models FOLDSERVE_HOST=0.0.0.0 FOLDSERVE_PORT=8000 FOLDSERVE_GRPC_PORT=8001 FOLDSERVE_PROVIDERS=cuda
-EXPOSE 8000 8001
+ENV FOLDSERVE_REPOSITORY=/models FOLDSERVE_HOST=0.0.0.0 FOLDSERVE_PORT=8000 FOLDSERVE_GRPC_PORT=8001 FOLDSERVE_PROVIDERS=cuda \
+    FOLDSERVE_HEALTH_PORT=8002
+EXPOSE 8000 8001 8002
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
-  CMD ["python", "-c", "import os, urllib.request as r; r.urlopen('http://127.0.0.1:' + os.environ['FOLDSERVE_PORT'] + '/v2/health/live', timeout=4)"]
+  CMD ["python", "-c", "import os, urllib.request as r; p = os.environ.get('FOLDSERVE_HEALTH_PORT', '0'); r.urlopen('http://127.0.0.1:' + (p if p != '0' else os.environ['FOLDSERVE_PORT']) + '/v2/health/live', timeout=4)"]
 CMD ["python", "-m", "service"]
 
 FROM ${BASE} AS serve
@@ -74,9 +75,10 @@ RUN python3 -m venv /opt/venv \
  && useradd --uid 10001 --create-home --shell /usr/sbin/nologin foldserve
 USER 10001:10001
 WORKDIR /home/foldserve
-ENV FOLDSERVE_REPOSITORY=/models FOLDSERVE_HOST=0.0.0.0 FOLDSERVE_PORT=8000 FOLDSERVE_GRPC_PORT=8001 FOLDSERVE_PROVIDERS=cpu
-EXPOSE 8000 8001
+ENV FOLDSERVE_REPOSITORY=/models FOLDSERVE_HOST=0.0.0.0 FOLDSERVE_PORT=8000 FOLDSERVE_GRPC_PORT=8001 FOLDSERVE_PROVIDERS=cpu \
+    FOLDSERVE_HEALTH_PORT=8002
+EXPOSE 8000 8001 8002
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
-  CMD ["python", "-c", "import os, urllib.request as r; r.urlopen('http://127.0.0.1:' + os.environ['FOLDSERVE_PORT'] + '/v2/health/live', timeout=4)"]
+  CMD ["python", "-c", "import os, urllib.request as r; p = os.environ.get('FOLDSERVE_HEALTH_PORT', '0'); r.urlopen('http://127.0.0.1:' + (p if p != '0' else os.environ['FOLDSERVE_PORT']) + '/v2/health/live', timeout=4)"]
 CMD ["python", "-m", "service"]

@@ -70,8 +70,10 @@ def test_serving_stages_install_no_torch_and_run_the_same_way(routes: set[str]):
         assert path and path[1] == "/v2/health/live" in routes
         # HTTP and gRPC, both set explicitly; gRPC on the service's own default port.
         assert pairs["FOLDSERVE_GRPC_PORT"] == str(GRPC_PORT)
-        expose = f"EXPOSE {pairs['FOLDSERVE_PORT']} {pairs['FOLDSERVE_GRPC_PORT']}"
-        assert expose in stages[stage]
+        # The supervisor's liveness port, which the health check asks when it is set.
+        assert int(pairs["FOLDSERVE_HEALTH_PORT"]) > 0 and "FOLDSERVE_HEALTH_PORT" in health
+        ports = ("FOLDSERVE_PORT", "FOLDSERVE_GRPC_PORT", "FOLDSERVE_HEALTH_PORT")
+        assert f"EXPOSE {' '.join(pairs[p] for p in ports)}" in stages[stage]
     assert "torch" in "\n".join(stages["train"])
 
 
