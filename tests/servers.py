@@ -31,7 +31,7 @@ import uvicorn
 from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.processes import free_port, server_worker_pids, workers_scanned
+from bench.processes import free_port, listening_sockets, server_worker_pids, workers_scanned
 from service.app import create_app
 from service.models.served_version import ServingOptions
 from service.observability.metrics import ServiceMetrics
@@ -225,6 +225,7 @@ def server_process(
         if ready:
             poll(started, limit=60)
             poll(listening, limit=30)
+            poll(lambda: listening_sockets(port) == workers)  # each worker has its socket
         yield ServerProcess(url, runtime, process, client, grpc_port)
     finally:
         client.close()

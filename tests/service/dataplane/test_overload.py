@@ -22,7 +22,7 @@ import httpx
 import numpy as np
 import pytest
 
-from bench.processes import process_tree_cpu_seconds
+from bench.processes import listening_sockets, process_tree_cpu_seconds
 from tests import ROOT
 from tests.polling import poll
 from tests.servers import HOLD_US, read_response, scrape, v2_body, value
@@ -64,19 +64,6 @@ def test_a_refusal_comes_before_the_body_is_read(fresh_server: Any) -> None:
 # -- real processes ------------------------------------------------------------------------
 
 
-def listeners(port: int) -> int:
-    """Sockets in LISTEN state on ``port`` (all processes), from /proc/net/tcp."""
-    count = 0
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        if not os.path.exists(table):
-            continue
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":
-                count += 1
-    return count
-
-
 def worker_of(url: str) -> str:
     """The worker that answers a request on a new connection (its request-id prefix)."""
     with httpx.Client(base_url=url, timeout=30.0) as fresh:
@@ -89,7 +76,7 @@ def test_each_worker_listens_on_its_own_socket_and_a_restarted_one_rejoins(
     repo = model_store.copy_to(tmp_path / "models")
     with serve_process(repo, 2) as live:
         port = int(live.url.rsplit(":", 1)[1])
-        assert listeners(port) == 2  # one per worker (a shared socket shows as one)
+        assert listening_sockets(port) == 2  # one per worker (a shared socket shows as one)
         shares = Counter(worker_of(live.url) for _ in range(64))
         assert len(shares) == 2 and max(shares.values()) <= 52, shares  # the kernel's hash
         old = set(shares)
@@ -104,7 +91,7 @@ def test_each_worker_listens_on_its_own_socket_and_a_restarted_one_rejoins(
             return bool(seen - old)
 
         poll(a_new_worker_answers, limit=90)
-        poll(lambda: listeners(port) == 2)
+        poll(lambda: listening_sockets(port) == 2)
 
 
 def run_wrk(url: str, body: Path, clients: int, seconds: int, server: int) -> dict[str, float]:
