@@ -41,6 +41,7 @@ CATEGORIES = [
     ("metrics", ("RequestTracker", "count_request", "prometheus_client")),
     ("protobuf", ("google/protobuf", "message.py")),
     ("data plane", ("dataplane/plane.py",)),
+    # gate.py: the call gate of checkouts before 2026-12-08 (a --baseline may be one)
     ("gRPC servicer", ("service/grpc/servicer.py", "service/grpc/gate.py")),
     ("hand-off to a thread (executor submit)", ("ThreadPoolExecutor.submit",)),
     ("grpc.aio Python layer", ("grpc/aio", "grpc/_")),

@@ -112,12 +112,6 @@ class WorkersOutOfStep(ServiceError):
     status_code = 503
 
 
-class ShuttingDown(ServiceError):
-    """The server is stopping: calls in flight finish, new ones go elsewhere."""
-
-    status_code = 503
-
-
 class QueueFull(ServiceError):
     """The model version's queue holds ``max_queue_size`` requests: retry later."""
 

@@ -28,7 +28,6 @@ from service.dataplane.plane import DataPlane, Inferred
 from service.dataplane.tensors import DecodedRequest
 from service.errors import BadRequest, ModelNotFound, ServiceError
 from service.grpc.codec import decode_grpc_request, encode_grpc_response
-from service.grpc.gate import CallGate
 from service.grpc.status import grpc_status
 from service.models.served_version import ServedVersion
 from service.protocol import PLATFORM, SERVER_EXTENSIONS
@@ -49,10 +48,8 @@ def rpc(method: Method) -> Method:
 
     @functools.wraps(method)
     async def call(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        calls: CallGate = self.calls
         try:
-            with calls.held():
-                return await method(self, request, context)
+            return await method(self, request, context)
         except ServiceError as err:
             await context.abort(grpc_status(err), err.message)
         except grpc.aio.AbortError:
@@ -103,13 +100,10 @@ def _version(given: str) -> str | None:
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
     """Triton's GRPCInferenceService, each RPC a thin transport over the data plane."""
 
-    def __init__(
-        self, dataplane: DataPlane, settings: Settings, version: str, calls: CallGate
-    ) -> None:
+    def __init__(self, dataplane: DataPlane, settings: Settings, version: str) -> None:
         self.dataplane = dataplane
         self.settings = settings
         self.version = version
-        self.calls = calls
 
     # -- health and metadata ------------------------------------------------------------
 
@@ -200,18 +194,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
             finally:
                 answers.put_nowait(None)
 
-        if self.calls.stopping:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
-        with self.calls.held():
-            reader = asyncio.create_task(read_all())
-            try:
-                while (reply := await answers.get()) is not None:
-                    yield reply
-                await reader  # its own error, if any, ends the call
-            finally:
-                reader.cancel()
-                for task in list(running):
-                    task.cancel()
+        reader = asyncio.create_task(read_all())
+        try:
+            while (reply := await answers.get()) is not None:
+                yield reply
+            await reader  # its own error, if any, ends the call
+        finally:
+            reader.cancel()
+            for task in list(running):
+                task.cancel()
 
     # -- repository -----------------------------------------------------------------------
 
