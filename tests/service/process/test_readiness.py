@@ -195,7 +195,7 @@ def test_a_killed_workers_replacement_takes_no_connection_until_it_has_loaded(
     """SIGKILL a worker under load on new connections: its replacement, held in its load,
     does not listen; the other worker answers every request meanwhile (no 503 "still
     loading", as a worker listening before its load gave). Only the requests open on the
-    killed worker at that moment fail, and none after its replacement has started."""
+    killed worker as it died fail, and none after its replacement has started."""
     build.write_version(tmp_path / "repo", "linear", 1, build.linear_model(4, 5))
     gate.open()
     with serve_process(tmp_path / "repo", 2, **held_env(gate)) as server:
@@ -215,8 +215,11 @@ def test_a_killed_workers_replacement_takes_no_connection_until_it_has_loaded(
             back = time.monotonic()
             poll(lambda: load.answered_since(back) >= 100)
         assert load.statuses() == {200}, sorted(load.statuses())
-        assert len(load.failures) <= CLIENTS, load.failures
-        assert all(t < replaced for t, _ in load.failures), (load.failures, replaced)
+        # Lost with the killed worker: requests in flight on it, and connections in its
+        # socket's queue while it died (a client may lose more than one in that moment).
+        moments = [t for t, _ in load.failures]
+        assert not moments or max(moments) - min(moments) < 1.0, load.failures
+        assert all(t < replaced for t in moments), (load.failures, replaced)
 
 
 def test_sighup_replaces_the_workers_one_at_a_time_without_a_failure(
