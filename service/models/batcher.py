@@ -48,7 +48,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Hashable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -63,6 +63,8 @@ from service.models.batch_policy import hold_until, take_batch
 from service.models.config import BatchingConfig
 from service.models.run_times import SMOOTHING, RunTimes
 from service.observability.metrics import BatcherMetrics, RequestRecord
+
+T = TypeVar("T")
 
 Receive = Callable[[], Awaitable[Mapping[str, Any]]]
 WATCH_AFTER_S = 0.05  # a queued request's connection is watched once it has waited this long
@@ -144,6 +146,12 @@ class DynamicBatcher:
         # (large bodies decoded off the loop) while the model idles. The thread ends with
         # the batcher.
         self._runner = ThreadPoolExecutor(1, thread_name_prefix="foldserve-ort")
+
+    def in_thread(self, work: Callable[[], T]) -> T:
+        """Run ``work`` in this batcher's ONNX Runtime thread, and wait (the warm-up, before
+        the version serves): the thread starts now, not on the first request (a thread's
+        start was most of a first request's 4 ms against 0.7 ms after)."""
+        return self._runner.submit(work).result()
 
     @property
     def closed(self) -> bool:

@@ -15,6 +15,7 @@ whole name -> entry mapping in one assignment. Scans are serialized by a lock.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Callable
@@ -346,7 +347,7 @@ class ModelRepository:
             try:
                 check_io(model)
                 diff = check_reference(model)
-                warmed = warm_up(model)
+                warmed = model.batcher.in_thread(functools.partial(warm_up, model))
             except BaseException:
                 model.close()
                 raise

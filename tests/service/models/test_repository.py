@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import shutil
+import threading
 import weakref
 from pathlib import Path
 from typing import Any
@@ -361,18 +362,20 @@ def test_a_version_is_warmed_at_every_batch_size_before_it_serves(
 
     build.write_version(tmp_path, "linear", 1, build.linear_model(4, 3))
     (tmp_path / "linear" / "config.json").write_text(json.dumps(config))
-    runs: list[tuple[int, bool]] = []  # (rows, was the model published then)
+    runs: list[tuple[int, bool, str]] = []  # (rows, was the model published then, thread)
     repo = ModelRepository(tmp_path, serving_options())
     original = ServedVersion.run
 
     def recording(self: ServedVersion, feeds: Any, names: Any = None) -> Any:
         published = "linear" in {e.name for e in repo.entries()}
-        runs.append((len(feeds["x"]), published))
+        runs.append((len(feeds["x"]), published, threading.current_thread().name))
         return original(self, feeds, names)
 
     monkeypatch.setattr(ServedVersion, "run", recording)
     repo.load_all()
     reference_rows = runs[0][0]
-    assert [rows for rows, _ in runs[1:]] == [n for n in sizes for _ in range(2)]
-    assert not any(published for _, published in runs), runs
+    assert [rows for rows, _, _ in runs[1:]] == [n for n in sizes for _ in range(2)]
+    assert not any(published for _, published, _ in runs), runs
     assert reference_rows >= 1 and repo.get("linear").version == 1
+    # In the batcher's own ONNX Runtime thread, which so starts before the first request.
+    assert all(thread.startswith("foldserve-ort") for _, _, thread in runs[1:]), runs
