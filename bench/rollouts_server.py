@@ -1,12 +1,14 @@
 """The server bench/rollouts.py rolls: its repository and model versions, its start from a
 checkout (``--root``), its management calls, and its listening sockets watched from outside.
 
-Two models, both the repository's breast_cancer MLP (``models/``): the one the load goes to,
-and another, unloaded under load. Version v of the first is that network with its last bias
-moved by ``(v - 1) * BIAS_STEP`` (bench/reliability.py's step), written by the import path
-(``training.import_onnx``, no torch) into a staging directory and renamed into the
-repository when its load event comes, so that every answer can be checked against the
-outputs ONNX Runtime computes here from the version it names.
+Two models, both the repository's breast_cancer MLP (``models/``, as ``make run`` trains
+it; where it is not there, a clean clone's case, an MLP of the same shape with fixed random
+weights): the one the load goes to, and another, unloaded under load. Version v of the
+first is that network with its last bias moved by ``(v - 1) * BIAS_STEP``
+(bench/reliability.py's step), written by the import path (``training.import_onnx``, no
+torch) into a staging directory and renamed into the repository when its load event
+comes, so that every answer can be checked against the outputs ONNX Runtime computes here
+from the version it names.
 """
 
 from __future__ import annotations
@@ -52,13 +54,15 @@ class Repository:
 
     root: Path
     staging: Path
+    source: Path  # MODEL's version 1, which every version is made from
     x: np.ndarray  # (1, 30): a real sample, from version 1's reference batch
     expected: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
     latest: int = 1  # of MODEL, in the repository
 
     def stage(self, version: int) -> None:
         """Write ``version`` of MODEL into the staging directory (not yet served)."""
-        shifted(SOURCE / FOLDED_FILE, self.staging, MODEL, version, (version - 1) * BIAS_STEP)
+        shift = (version - 1) * BIAS_STEP
+        shifted(self.source / FOLDED_FILE, self.staging, MODEL, version, shift)
         path = self.staging / MODEL / str(version)
         self.expected[(MODEL, str(version))] = onnx_outputs(path, self.x)
 
@@ -87,14 +91,48 @@ def shifted(source: Path, repository: Path, name: str, version: int, offset: flo
         import_onnx(path, repository, name, version=version)
 
 
+def source_version(workdir: Path) -> Path:
+    """MODEL's version 1: the repository's own, or where it has not been trained, an MLP of
+    its shape (30 -> 16 -> 2, Gemm, Relu, Gemm) with fixed random weights, imported."""
+    if SOURCE.is_dir():
+        return SOURCE
+    rng = np.random.default_rng(0)
+    weights: dict[str, np.ndarray] = {
+        "w1": rng.normal(size=(30, 16)).astype(np.float32) / 5,
+        "b1": rng.normal(size=16).astype(np.float32),
+        "w2": rng.normal(size=(16, 2)).astype(np.float32) / 4,
+        "b2": rng.normal(size=2).astype(np.float32),
+    }
+    graph = onnx.helper.make_graph(
+        [
+            onnx.helper.make_node("Gemm", ["input", "w1", "b1"], ["hidden"]),
+            onnx.helper.make_node("Relu", ["hidden"], ["relu"]),
+            onnx.helper.make_node("Gemm", ["relu", "w2", "b2"], ["logits"]),
+        ],
+        MODEL,
+        [onnx.helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, ["N", 30])],
+        [onnx.helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["N", 2])],
+        [numpy_helper.from_array(array, name) for name, array in weights.items()],
+    )
+    model = onnx.helper.make_model(
+        graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=9
+    )  # ir_version: what this ONNX Runtime reads (onnx writes a newer one by default)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        onnx.save(model, path)
+        import_onnx(path, workdir / "source", MODEL, version=1)
+    return workdir / "source" / MODEL / "1"
+
+
 def prepare_repository(workdir: Path, versions: int) -> Repository:
     """MODEL's version 1 (the repository's own files), OTHER, and ``versions`` more versions
     of MODEL staged (each load event publishes the next; more are staged on demand)."""
     root, staging = workdir / "models", workdir / "staging"
-    shutil.copytree(SOURCE, root / MODEL / "1")
-    shifted(SOURCE / FOLDED_FILE, root, OTHER, 1, OTHER_SHIFT)
-    x = VersionMetadata.read(SOURCE).reference.inputs["input"].array()[:1]
-    repo = Repository(root, staging, x.astype(np.float32))
+    source = source_version(workdir)
+    shutil.copytree(source, root / MODEL / "1")
+    shifted(source / FOLDED_FILE, root, OTHER, 1, OTHER_SHIFT)
+    x = VersionMetadata.read(source).reference.inputs["input"].array()[:1]
+    repo = Repository(root, staging, source, x.astype(np.float32))
     repo.expected[(MODEL, "1")] = onnx_outputs(root / MODEL / "1", repo.x)
     repo.expected[(OTHER, "1")] = onnx_outputs(root / OTHER / "1", repo.x)
     for version in range(2, 2 + versions):
