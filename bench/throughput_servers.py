@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from processes import free_port, process_tree_cpu_seconds
+from processes import free_port, listening_sockets, process_tree_cpu_seconds, server_worker_pids
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -174,8 +174,9 @@ def wait_ready(
     pause: float = 0.3,
 ) -> None:
     """Until ``path`` answers 200 to ``READY_IN_A_ROW`` real requests in a row, each on a
-    new connection (every worker has loaded the models: each worker listens on its own
-    socket, and one that is still loading answers 503); ``body=None``: GET requests;
+    new connection, and, for FoldServe, until each of its workers listens (a worker listens
+    only once its models are loaded, so the first to load answers alone meanwhile; before
+    2026-12-08 one still loading listened and answered 503); ``body=None``: GET requests;
     ``pause``: the wait after a refusal."""
     deadline = time.monotonic() + limit
     answered = 0
@@ -189,6 +190,7 @@ def wait_ready(
             post(server.url + path, body, headers, timeout=10.0)
             answered += 1
             if answered == READY_IN_A_ROW:
+                every_worker_listening(server, deadline)
                 return
             continue
         except (urllib.error.URLError, ConnectionError, TimeoutError):
@@ -198,6 +200,17 @@ def wait_ready(
                     f"{server.spec.label} not ready; log: {server.log_path}"
                 ) from None
             time.sleep(pause)
+
+
+def every_worker_listening(server: RunningServer, deadline: float) -> None:
+    """FoldServe's workers (the supervisor's children; none with one worker) each listen."""
+    if not server.spec.key.startswith("fold"):
+        return
+    workers = len(server_worker_pids(server.process.pid))
+    while listening_sockets(server.port) < workers:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{server.spec.label}: not every worker listens; {server.log_path}")
+        time.sleep(0.02)  # a poll of the server's state
 
 
 def json_outputs(answer: bytes) -> dict[str, Any]:
