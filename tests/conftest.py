@@ -42,6 +42,8 @@ LONGEST_FIRST = (
     "tests/training/test_distributed.py",
     "tests/training/test_experiments.py",
     "tests/service/dataplane/test_overload.py",
+    "tests/service/process/test_readiness.py",
+    "tests/bench/test_rollouts.py",
     "tests/training/test_export.py",
     "tests/service/rest/test_connections.py",
     "tests/training/test_retrain.py",

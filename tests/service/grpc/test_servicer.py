@@ -5,14 +5,12 @@ REST's answer or with ONNX Runtime run directly on the served file; the error co
 are Triton's; a stream survives a bad request; a request and an answer over gRPC's
 default 4 MiB pass; concurrent calls and a stream's requests batch; load and unload reach
 every worker (each check opens a new channel, a new connection that the kernel may give
-to either worker); SIGTERM drains.
+to either worker). How gRPC stops: tests/service/grpc/test_stop.py.
 """
 
 from __future__ import annotations
 
 import queue
-import signal
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,9 +24,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from tritonclient.utils import InferenceServerException
-
-from bench.processes import listening_sockets
-from tests.polling import poll
 
 KEY = "grpc-test-key"
 AUTH = {"authorization": f"Bearer {KEY}"}
@@ -325,88 +320,3 @@ def test_concurrent_calls_batch_over_grpc(server: Any, client: Any, stream: bool
     assert inferences == calls
     most = calls // 2 if stream else calls - 1
     assert executions <= most, f"{calls} calls ran as {executions} ONNX Runtime calls"
-
-
-class GrpcCallers:
-    """Threads that call without pause, each over a channel of its own (one connection, so
-    one worker at a time), recording each outcome; ``keep_on``: go on after a failure."""
-
-    def __init__(self, url: str, count: int, keep_on: bool) -> None:
-        self.outcomes: list[str] = []
-        self.stop = threading.Event()
-        self._lock = threading.Lock()
-        self._x = infer_input("x", np.ones((1, 4), np.float32))
-        self._threads = [
-            threading.Thread(target=self._call, args=(url, keep_on)) for _ in range(count)
-        ]
-
-    def _call(self, url: str, keep_on: bool) -> None:
-        with triton.InferenceServerClient(url) as client:
-            while not self.stop.is_set():
-                try:
-                    client.infer("linear", [self._x], client_timeout=30)
-                    kind = "answered"
-                except InferenceServerException as err:
-                    kind = str(err.status())
-                with self._lock:
-                    self.outcomes.append(kind)
-                if kind != "answered" and not keep_on:
-                    return  # the server is going: this client is done
-
-    def __enter__(self) -> GrpcCallers:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for thread in self._threads:
-            thread.join(30)
-
-    def answered(self) -> int:
-        return self.outcomes.count("answered")
-
-
-def test_sigterm_drains_grpc(model_store: Any, tmp_path: Path, serve_process: Any) -> None:
-    repo = model_store.copy_to(tmp_path / "models")
-    with serve_process(repo, 2, "--drain-seconds", "1", grpc=True) as live:
-        with GrpcCallers(live.grpc_url, 4, keep_on=False) as callers:
-            poll(lambda: callers.answered() >= 20)  # under load
-            live.process.send_signal(signal.SIGTERM)
-            with grpc.insecure_channel(live.grpc_url) as channel:
-                health = health_pb2_grpc.HealthStub(channel)
-                request = health_pb2.HealthCheckRequest()
-                serving = health_pb2.HealthCheckResponse.SERVING
-                poll(lambda: health.Check(request, timeout=10).status != serving)  # draining
-            draining = callers.answered()
-            poll(lambda: callers.answered() >= draining + 20)  # still serving meanwhile
-            assert live.process.wait(timeout=30) == 0
-    kinds = set(callers.outcomes)
-    # Calls in flight finish; then each connection gets a GOAWAY and the next call finds no
-    # server (UNAVAILABLE), or grpcio cancels one it had taken but not handed on (CANCELLED).
-    assert kinds <= {"answered", "StatusCode.UNAVAILABLE", "StatusCode.CANCELLED"}, kinds
-
-
-def test_a_rolling_restart_moves_grpc_callers_without_refusing_a_call(
-    model_store: Any, tmp_path: Path, serve_process: Any
-) -> None:
-    """SIGHUP: each old worker drains, then its gRPC connections get a GOAWAY and the
-    callers' next calls go, on new connections, to the workers listening. None is refused
-    (the old stop answered UNAVAILABLE to every call sent on a draining worker's
-    connections); grpcio may cancel the calls it had taken but not handed on as the stop
-    began."""
-    repo = model_store.copy_to(tmp_path / "models")
-    with serve_process(repo, 2, "--drain-seconds", "0.5", grpc=True) as live:
-        first = set(live.worker_pids())
-        with GrpcCallers(live.grpc_url, 4, keep_on=True) as callers:
-            poll(lambda: callers.answered() >= 50)
-            live.process.send_signal(signal.SIGHUP)
-            poll(lambda: not first & set(live.worker_pids()), limit=60)
-            poll(lambda: listening_sockets(live.grpc_port) == 2)
-            replaced = callers.answered()
-            poll(lambda: callers.answered() >= replaced + 50)
-    failed = [kind for kind in callers.outcomes if kind != "answered"]
-    assert set(failed) <= {"StatusCode.CANCELLED"}, failed
-    # A few per worker stopped (a caller may send again on the old connection before its
-    # GOAWAY arrives); the refusals of the old stop were hundreds.
-    assert len(failed) <= 0.02 * len(callers.outcomes), (len(failed), len(callers.outcomes))
