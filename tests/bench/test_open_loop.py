@@ -11,23 +11,19 @@ from __future__ import annotations
 import asyncio
 import importlib
 import math
-import sys
 from collections.abc import Iterator
 from types import ModuleType
 
 import numpy as np
 import pytest
 
-from tests import ROOT
+from tests.bench.scripts import bench_module
 
 
 @pytest.fixture(scope="module")
 def ol() -> Iterator[ModuleType]:
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        yield importlib.import_module("open_loop")
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
+    with bench_module("open_loop") as module:
+        yield module
 
 
 @pytest.fixture(scope="module")

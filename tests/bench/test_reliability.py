@@ -11,30 +11,17 @@ docs/benchmarks.md.)
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-from tests import ROOT
+from tests.bench.scripts import run_script
 
 
 def test_short_reliability_run_meets_its_goals(tmp_path: Path) -> None:
     out = tmp_path / "reliability.json"
-    command = [sys.executable, str(ROOT / "bench" / "reliability.py")]
-    command += ["--versions", "2", "--cycles", "10"]
-    command += ["--json", str(out), "--workdir", str(tmp_path / "work")]
-    # The checkout under test, not whichever copy of the packages is installed.
-    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    done = subprocess.run(
-        command,
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": path},
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
+    run_script(
+        "reliability.py", "--versions", "2", "--cycles", "10",
+        "--json", str(out), "--workdir", str(tmp_path / "work"),
+    )  # fmt: skip
     figures = json.loads(out.read_text())
 
     assert figures["requests"] >= 100

@@ -10,19 +10,15 @@ up for them: which failures met the closing socket, and when capacity was back.
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
 
 import pytest
 
-from tests import ROOT
+from tests.bench.scripts import bench_module, run_script
 
 EVENTS = ["kill", "load"]
 FIELDS = {
@@ -37,20 +33,10 @@ FIELDS = {
 def figures(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     tmp = tmp_path_factory.mktemp("rollouts")
     out = tmp / "rollouts.json"
-    command = [sys.executable, str(ROOT / "bench" / "rollouts.py"), "--quick"]
-    command += ["--events", ",".join(EVENTS), "--transport", "rest-new"]
-    command += ["--json", str(out), "--workdir", str(tmp / "work")]
-    # The checkout under test, not whichever copy of the packages is installed.
-    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    done = subprocess.run(
-        command,
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": path},
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
+    done = run_script(
+        "rollouts.py", "--quick", "--events", ",".join(EVENTS), "--transport", "rest-new",
+        "--json", str(out), "--workdir", str(tmp / "work"),
+    )  # fmt: skip
     assert "| rest-new | kill |" in done.stdout and "| rest-new | load |" in done.stdout
     result: dict[str, Any] = json.loads(out.read_text())
     return result
@@ -96,11 +82,8 @@ def test_the_load_answered_and_the_kill_was_seen(figures: dict[str, Any]) -> Non
 @pytest.fixture(scope="module")
 def report() -> Iterator[ModuleType]:
     """bench/rollouts_report.py, imported by its bare name as the script imports it."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        yield importlib.import_module("rollouts_report")
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
+    with bench_module("rollouts_report") as module:
+        yield module
 
 
 NAN = math.nan
