@@ -72,7 +72,7 @@ def warm_sizes(model: ServedVersion) -> list[int]:
     if not (model.batcher.batchable and config.enabled):
         return []
     largest = config.max_batch_size
-    powers = [1 << k for k in range(largest.bit_length()) if 1 << k <= largest]
+    powers = [1 << k for k in range(largest.bit_length())]  # each at most largest
     return sorted({*powers, largest})
 
 
